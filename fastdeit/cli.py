@@ -1,0 +1,193 @@
+"""The `fastdeit` command: parses, builds a TrainConfig, launches. No training logic here.
+
+Bad input is one line on stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from fastdeit.config import TrainConfig, apply_overrides, recipe, validate, with_section
+from fastdeit.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train DeiT students, with distillation through the distillation token, fast.")
+err = Console(stderr=True, soft_wrap=True)  # log lines stay whole (paths are greppable)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except UserError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def cache_dir() -> Path:
+    """Where `fastdeit demo` keeps its generated data: $FASTDEIT_CACHE, else the XDG cache."""
+    if os.environ.get("FASTDEIT_CACHE"):
+        return Path(os.environ["FASTDEIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastdeit"
+
+
+@app.command("make-data")
+def make_data(
+    out: Path = typer.Argument(..., help="Folder to write train/ and val/ into."),
+    classes: int = typer.Option(10, help="Number of classes (2-10)."),
+    train_per_class: int = typer.Option(300, help="Training images per class."),
+    val_per_class: int = typer.Option(50, help="Validation images per class."),
+    seed: int = typer.Option(0, help="Same seed, byte-identical files."),
+) -> None:
+    """Write the embedded synthetic data set (JPEG files in an ImageFolder tree)."""
+    from fastdeit.data.synthetic import SyntheticSpec, write_synthetic
+
+    def go() -> None:
+        spec = SyntheticSpec(classes=classes, train_per_class=train_per_class,
+                             val_per_class=val_per_class, seed=seed)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out} exists and is not a folder")
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("writing images", total=None)
+            try:
+                write_synthetic(out, spec, progress=lambda d, t: bar.update(task, completed=d, total=t))
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        err.print(f"wrote {classes * (train_per_class + val_per_class)} images to {out}")
+
+    _guard(go)
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(None, help="ImageFolder root holding train/ and val/."),
+    model: str = typer.Option(None, help="deit_tiny/small/base[_distilled] or any timm classifier."),
+    out: Path = typer.Option(None, help="Run folder (config.json, metrics.jsonl, checkpoints, summary.json)."),
+    recipe_name: str = typer.Option("deit", "--recipe", help="deit (the paper's ImageNet recipe) or demo."),
+    epochs: int = typer.Option(None, help="Training epochs."),
+    batch_size: int = typer.Option(None, help="Global batch size (split across ranks)."),
+    img_size: int = typer.Option(None, help="Training and eval resolution."),
+    lr: float = typer.Option(None, help="Learning rate at batch 512; scaled by batch_size/512."),
+    distill: str = typer.Option(None, help="none | soft | hard."),
+    alpha: float = typer.Option(None, help="Weight of the distillation loss."),
+    tau: float = typer.Option(None, help="Temperature of soft distillation."),
+    teacher: str = typer.Option(None, help="Teacher model name (timm)."),
+    teacher_ckpt: Path = typer.Option(None, help="Teacher weights: a fastdeit checkpoint or a state_dict."),
+    device: str = typer.Option(None, help="auto | cpu | cuda."),
+    seed: int = typer.Option(None, help="Seed of the augmentation plan and the initialisation."),
+    resume: str = typer.Option(None, help="Resume from this checkpoint; `--resume` alone: OUT/checkpoint-last.pt."),
+    overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)."),
+) -> None:
+    """Train a model; distill from a teacher with --distill soft|hard."""
+
+    def go() -> None:
+        from fastdeit.trainer import Trainer
+
+        cfg = build_train_config(recipe_name, data=data, model=model, out=out, epochs=epochs,
+                                 batch_size=batch_size, img_size=img_size, lr=lr, distill=distill, alpha=alpha,
+                                 tau=tau, teacher=teacher, teacher_ckpt=teacher_ckpt, device=device, seed=seed,
+                                 overrides=overrides)
+        path = None
+        if resume:
+            path = Path(cfg.run.out) / "checkpoint-last.pt" if resume == "auto" else Path(resume)
+        summary = Trainer(cfg, err).fit(resume=path)
+        print(json.dumps({k: summary[k] for k in ("top1", "top5", "train_img_s", "wall_s")}))
+
+    _guard(go)
+
+
+def build_train_config(recipe_name: str, *, data: Path | None, model: str | None, out: Path | None,
+                       overrides: list[str], **flags: Any) -> TrainConfig:
+    """Recipe, then flags, then --set overrides; validated."""
+    cfg = recipe(recipe_name)
+    cfg = with_section(cfg, "data", path=str(data) if data else None, img_size=flags["img_size"])
+    cfg = with_section(cfg, "model", name=model)
+    cfg = with_section(cfg, "sched", epochs=flags["epochs"])
+    cfg = with_section(cfg, "optim", lr=flags["lr"])
+    cfg = with_section(cfg, "distill", mode=flags["distill"], alpha=flags["alpha"], tau=flags["tau"],
+                       teacher=flags["teacher"],
+                       teacher_ckpt=str(flags["teacher_ckpt"]) if flags["teacher_ckpt"] else None)
+    cfg = with_section(cfg, "run", out=str(out) if out else None, batch_size=flags["batch_size"],
+                       device=flags["device"], seed=flags["seed"])
+    cfg = apply_overrides(cfg, overrides)
+    if not cfg.data.path:
+        raise UserError("--data DIR is required (make one with: fastdeit make-data DIR)")
+    if not cfg.run.out:
+        raise UserError("--out RUN is required: the run folder to write")
+    validate(cfg)
+    return cfg
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Path = typer.Option(..., help="ImageFolder root; its val/ split is evaluated."),
+    ckpt: Path = typer.Option(..., help="A fastdeit checkpoint (checkpoint-best.pt or -last.pt)."),
+    head: str = typer.Option("joint", help="joint | cls | dist (distilled models have all three)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    batch_size: int = typer.Option(256, help="Eval batch size."),
+    workers: int = typer.Option(2, help="Loader processes."),
+    ema: bool = typer.Option(False, help="Evaluate the EMA weights."),
+) -> None:
+    """Top-1 / top-5 on the val split, plus img/s."""
+
+    def go() -> None:
+        from fastdeit.trainer import evaluate_checkpoint
+
+        if head not in ("joint", "cls", "dist"):
+            raise UserError(f"--head must be joint, cls or dist, got {head!r}")
+        res = evaluate_checkpoint(ckpt, data, device, batch_size, workers, ema)
+        if head not in res.heads:
+            raise UserError(f"--head {head}: this model has only the joint head (not distilled)")
+        table = Table(title=f"{ckpt}")
+        for col in ("head", "top-1", "top-5", "images", "img/s"):
+            table.add_column(col)
+        table.add_row(head, f"{res.top1(head):.2f}", f"{res.top5(head):.2f}", str(res.n), f"{res.img_s:.0f}")
+        Console(stderr=True).print(table)
+        if res.bad:
+            err.print(f"[yellow]warning:[/] {res.bad} unreadable val images were left out")
+        print(json.dumps({"head": head, "top1": res.top1(head), "top5": res.top5(head), "images": res.n,
+                          "img_s": res.img_s, "unreadable": res.bad}))
+
+    _guard(go)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Folder for the three runs and summary.json."),
+    data: Path = typer.Option(None, help="Where the synthetic data lives (default: the fastdeit cache)."),
+) -> None:
+    """Generate the synthetic data, train a teacher, a DeiT-tiny and a distilled DeiT-tiny."""
+
+    def go() -> None:
+        from fastdeit.demo import run_demo
+
+        run_demo(out, data or cache_dir() / "synthetic-v1", err)
+
+    _guard(go)
+
+
+def optional_values(argv: list[str]) -> list[str]:
+    """`--resume` may stand alone (resume from the run folder's last checkpoint): give it the
+    value `auto` when no value follows."""
+    out = []
+    for i, arg in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        out.append("--resume=auto" if arg == "--resume" and (nxt is None or nxt.startswith("-")) else arg)
+    return out
+
+
+def main() -> None:
+    app(args=optional_values(sys.argv[1:]), prog_name="fastdeit")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Typed configuration: frozen dataclasses per section, recipes, overrides, validation.
+
+Config flows down: the CLI builds a TrainConfig from a recipe plus flags and `--set
+section.key=value` overrides, the trainer writes the resolved config.json, and each
+component receives only its own section. Derived values (scaled lr, per-rank batch,
+steps per epoch) are functions of (config, world), never stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from fastdeit.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""
+    img_size: int = 224
+    crop_pct: float = 0.875  # eval: resize the shorter side to img_size / crop_pct, then centre-crop
+    workers: int = 4  # loader processes for the reference pipeline (0 = in the main process)
+    eval_batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "deit_small_distilled"
+    patch_size: int = 16  # ViT students only
+    drop_path: float = 0.1
+    depth: int = 0  # 0 keeps the architecture's own value; set for tiny test models
+    embed_dim: int = 0
+    num_heads: int = 0
+    width: float = 1.0  # channel multiplier of timm ResNets (the demo's teacher is a half-width resnet18)
+    init: str = ""  # weights to start from: an official DeiT .pth or a fastdeit checkpoint
+    ema: bool = False
+    ema_decay: float = 0.99996
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    opt: str = "adamw"  # any timm optimizer name
+    lr: float = 5e-4  # at base_batch; the run uses lr * batch_size / base_batch
+    base_batch: int = 512
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 0.0  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    epochs: int = 300
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    """The recipe of the augmentation plan (plan.py): every random decision of a batch."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm's grammar; "" disables
+    interpolation: str = "bicubic"
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    switch_prob: float = 0.5
+    mix_group: int = 64  # mixup/cutmix draw one λ and pair partners within each group
+    smoothing: float = 0.1
+    repeated_aug: int = 3  # each image this many times per epoch (1 = off)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    mode: str = "none"  # none | soft | hard
+    alpha: float = 0.5
+    tau: float = 1.0
+    teacher: str = ""  # a timm model name; may be read from a fastdeit teacher checkpoint
+    teacher_ckpt: str = ""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = ""
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = 1024  # the global batch: the same samples are seen whatever the world size
+    amp: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32
+    log_every: int = 20  # steps between metrics.jsonl step records
+    ckpt_every: int = 0  # steps between mid-epoch checkpoints (0 = epoch ends only)
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UserError(f"unknown config section {sorted(unknown)[0]!r}; sections: {section_names()}")
+        sections = {}
+        for f in fields(cls):
+            sec_cls = _section_type(f.name)
+            values = d.get(f.name, {})
+            bad = set(values) - {g.name for g in fields(sec_cls)}
+            if bad:
+                raise UserError(f"unknown config key {f.name}.{sorted(bad)[0]}; {f.name} has: {_keys(sec_cls)}")
+            sections[f.name] = sec_cls(**{k: _coerce(f"{f.name}.{k}", v, _field_type(sec_cls, k))
+                                          for k, v in values.items()})
+        return cls(**sections)
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """A parsed timm RandAugment string such as rand-m9-mstd0.5-inc1."""
+
+    magnitude: float = 10.0
+    num_layers: int = 2
+    prob: float = 0.5
+    magnitude_std: float = 0.0
+    magnitude_max: float = 10.0
+    increasing: bool = False
+
+
+def parse_rand_augment(text: str) -> RandAugmentSpec:
+    """Parse timm's RandAugment grammar (m, n, p, mstd, mmax, inc); weighted sets are not supported."""
+    parts = text.split("-")
+    if parts[0] != "rand":
+        raise UserError(f"aug.rand_augment must start with 'rand-', got {text!r}")
+    spec: dict[str, Any] = {}
+    names = {"m": "magnitude", "n": "num_layers", "p": "prob", "mstd": "magnitude_std",
+             "mmax": "magnitude_max", "inc": "increasing"}
+    for part in parts[1:]:
+        key = part.rstrip("0123456789.")
+        num = part[len(key):]
+        if key not in names or not num:
+            raise UserError(f"aug.rand_augment: cannot read {part!r} in {text!r} (known: m, n, p, mstd, mmax, inc)")
+        try:
+            val = float(num)
+        except ValueError:
+            raise UserError(f"aug.rand_augment: {part!r} in {text!r} is not a number") from None
+        if key == "mstd" and val > 100:
+            val = float("inf")  # timm: mstd > 100 means uniform sampling in [0, m]
+        spec[names[key]] = int(val) if key == "n" else bool(int(val)) if key == "inc" else val
+    out = RandAugmentSpec(**spec)
+    if out.num_layers < 0 or not 0 <= out.prob <= 1 or out.magnitude < 0:
+        raise UserError(f"aug.rand_augment {text!r}: n must be >= 0, p in [0, 1], m >= 0")
+    return out
+
+
+# --- recipes ------------------------------------------------------------------------------
+
+def _deit() -> TrainConfig:
+    """The paper's ImageNet recipe (Touvron et al. 2021, Table 9), as the defaults above."""
+    return TrainConfig()
+
+
+def _demo() -> TrainConfig:
+    """Small images and a short schedule for the embedded synthetic data on a CPU."""
+    return TrainConfig(
+        data=DataConfig(img_size=32, workers=2, eval_batch_size=250),
+        model=ModelConfig(name="deit_tiny_distilled", patch_size=4, drop_path=0.0),
+        optim=OptimConfig(lr=2e-3, base_batch=512, weight_decay=0.05),
+        sched=SchedConfig(epochs=12, warmup_epochs=1.0, warmup_lr=1e-5, min_lr=1e-5),
+        aug=AugConfig(scale=(0.35, 1.0), rand_augment="rand-m5-mstd0.5-inc1", reprob=0.0, mixup=0.0,
+                      cutmix=0.0, mix_group=16, repeated_aug=1),
+        run=RunConfig(batch_size=64, log_every=10),
+    )
+
+
+RECIPES = {"deit": _deit, "demo": _demo}
+
+
+def recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    return RECIPES[name]()
+
+
+# --- overrides ----------------------------------------------------------------------------
+
+def section_names() -> str:
+    return ", ".join(f.name for f in fields(TrainConfig))
+
+
+def _section_type(name: str) -> type:
+    return typing.get_type_hints(TrainConfig)[name]
+
+
+def _keys(sec_cls: type) -> str:
+    return ", ".join(g.name for g in fields(sec_cls))
+
+
+def _field_type(sec_cls: type, key: str) -> Any:
+    return typing.get_type_hints(sec_cls)[key]
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a JSON value or a --set string to the field's declared type, or fail clearly."""
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if origin is tuple:
+            parts = value.split(",") if isinstance(value, str) else list(value)
+            args = typing.get_args(typ)
+            if len(parts) != len(args):
+                raise ValueError
+            return tuple(_coerce(key, p, a) for p, a in zip(parts, args))
+        if origin in (typing.Union, types.UnionType):
+            raise ValueError
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise UserError(f"{key} must be {_type_name(typ)}, got {value!r}")
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is tuple:
+        return "a comma-separated pair like 0.1,1.0"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply `section.key=value` strings, each converted to the field's type."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UserError(f"--set takes section.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        if section not in {f.name for f in fields(TrainConfig)}:
+            raise UserError(f"unknown config section {section!r} in --set {item}; sections: {section_names()}")
+        sec = getattr(cfg, section)
+        if name not in {f.name for f in fields(sec)}:
+            raise UserError(f"unknown config key {key!r}; {section} has: {_keys(type(sec))}")
+        new = _coerce(key, value, _field_type(type(sec), name))
+        cfg = replace(cfg, **{section: replace(sec, **{name: new})})
+    return cfg
+
+
+def with_section(cfg: TrainConfig, section: str, **values: Any) -> TrainConfig:
+    """Set typed fields of one section (values that are None are left as they are)."""
+    values = {k: v for k, v in values.items() if v is not None}
+    return replace(cfg, **{section: replace(getattr(cfg, section), **values)})
+
+
+# --- validation and derived values ---------------------------------------------------------
+
+def validate(cfg: TrainConfig) -> None:
+    """Every check that needs only the config, before any work starts."""
+    d, m, o, s, a, k, r = cfg.data, cfg.model, cfg.optim, cfg.sched, cfg.aug, cfg.distill, cfg.run
+    checks: list[tuple[bool, str]] = [
+        (d.img_size >= 8, f"data.img_size must be at least 8, got {d.img_size}"),
+        (0.1 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0.1, 1], got {d.crop_pct}"),
+        (d.workers >= 0, "data.workers must be >= 0"),
+        (d.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
+        (m.patch_size >= 1, "model.patch_size must be >= 1"),
+        (0.0 <= m.drop_path < 1.0, "model.drop_path must be in [0, 1)"),
+        (0.0 < m.ema_decay < 1.0, "model.ema_decay must be in (0, 1)"),
+        (0.0 < m.width <= 4.0, f"model.width must be in (0, 4], got {m.width}"),
+        (o.lr > 0 and o.base_batch > 0, "optim.lr and optim.base_batch must be positive"),
+        (o.weight_decay >= 0 and o.clip_grad >= 0, "optim.weight_decay and optim.clip_grad must be >= 0"),
+        (s.epochs >= 1, f"sched.epochs must be >= 1, got {s.epochs}"),
+        (0 <= s.warmup_epochs <= s.epochs, "sched.warmup_epochs must be between 0 and sched.epochs"),
+        (0 < a.scale[0] <= a.scale[1] <= 1.0, f"aug.scale must satisfy 0 < lo <= hi <= 1, got {a.scale}"),
+        (0 < a.ratio[0] <= a.ratio[1], f"aug.ratio must satisfy 0 < lo <= hi, got {a.ratio}"),
+        (a.interpolation in ("bicubic", "bilinear"), "aug.interpolation must be bicubic or bilinear"),
+        (all(0 <= p <= 1 for p in (a.hflip, a.reprob, a.switch_prob)),
+         "aug.hflip, aug.reprob and aug.switch_prob are probabilities in [0, 1]"),
+        (a.mixup >= 0 and a.cutmix >= 0, "aug.mixup and aug.cutmix are Beta parameters, >= 0"),
+        (0 <= a.smoothing < 1, "aug.smoothing must be in [0, 1)"),
+        (a.repeated_aug >= 1, "aug.repeated_aug must be >= 1 (1 = off)"),
+        (a.mix_group >= 1, "aug.mix_group must be >= 1"),
+        (k.mode in ("none", "soft", "hard"), f"--distill must be none, soft or hard, got {k.mode!r}"),
+        (0 <= k.alpha <= 1, f"--alpha must be in [0, 1], got {k.alpha}"),
+        (k.tau > 0, f"--tau must be positive, got {k.tau}"),
+        (k.mode == "none" or bool(k.teacher or k.teacher_ckpt),
+         f"--distill {k.mode} needs a teacher: pass --teacher NAME and/or --teacher-ckpt PATH"),
+        (r.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {r.device!r}"),
+        (r.amp in ("auto", "bf16", "fp16", "fp32"), "run.amp must be auto, bf16, fp16 or fp32"),
+        (r.batch_size >= 1, f"--batch-size must be >= 1, got {r.batch_size}"),
+        (r.log_every >= 1 and r.ckpt_every >= 0 and r.eval_every >= 1,
+         "run.log_every and run.eval_every must be >= 1, run.ckpt_every >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    mixing = a.mixup > 0 or a.cutmix > 0
+    if mixing and a.mix_group % 2:
+        raise UserError(f"aug.mix_group must be even when mixup/cutmix is on (partners pair up), "
+                        f"got {a.mix_group}")
+    if r.batch_size % a.mix_group:
+        raise UserError(f"--batch-size {r.batch_size} is not a multiple of aug.mix_group {a.mix_group}: "
+                        f"mixup/cutmix pairs samples within groups of {a.mix_group}")
+    if a.rand_augment:
+        parse_rand_augment(a.rand_augment)
+
+
+def scaled_lr(cfg: TrainConfig) -> float:
+    """The DeiT rule: lr scales linearly with the global batch."""
+    return cfg.optim.lr * cfg.run.batch_size / cfg.optim.base_batch
+
+
+def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
+    b, g = cfg.run.batch_size, cfg.aug.mix_group
+    if b % world_size or (b // world_size) % g:
+        raise UserError(f"--batch-size {b} does not split into {world_size} ranks of whole mix groups "
+                        f"of {g}: make it a multiple of {world_size * g}")
+    return b // world_size
+
+
+def save_json(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def load_json(path: Path) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read config {path}: {e}") from None

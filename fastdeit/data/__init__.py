@@ -1,0 +1,1 @@
+"""Data sets: ImageFolder indexing and the embedded synthetic data set."""

@@ -1,0 +1,106 @@
+"""ImageFolder data sets (`train/<class>/*`, `val/<class>/*`): scanning, checks, image sizes.
+
+The index holds what the plan needs (every source image's width and height, read from the
+file header only) and what a cache fingerprint needs (sorted relative paths and byte sizes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fastdeit.errors import UserError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    """One split of an ImageFolder tree. Paths are relative to `root`."""
+
+    root: Path
+    classes: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: np.ndarray  # int64 [n]
+    sizes: np.ndarray  # int32 [n, 2]: (width, height); (0, 0) where the header is unreadable
+    nbytes: np.ndarray  # int64 [n]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def unreadable(self) -> list[str]:
+        return [p for p, s in zip(self.paths, self.sizes) if s[0] == 0]
+
+    def fingerprint(self) -> str:
+        """sha256 of the sorted relative file list, byte sizes and class list."""
+        h = hashlib.sha256()
+        h.update("\n".join(self.classes).encode())
+        for p, n in zip(self.paths, self.nbytes):
+            h.update(f"\n{p}\t{int(n)}".encode())
+        return h.hexdigest()
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError):  # unreadable header: the pipeline will substitute it
+        return (0, 0)
+
+
+def scan_split(
+    root: Path, split: str, progress: Callable[[int, int], None] | None = None
+) -> ImageIndex:
+    """Index `root/split`, checking that it exists, has classes and each class has images."""
+    base = Path(root) / split
+    if not base.is_dir():
+        raise UserError(f"data folder {base} does not exist: expected {split}/<class>/<images> "
+                        f"(make one with: fastdeit make-data DIR)")
+    classes = sorted(d.name for d in os.scandir(base) if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"{base} has no class folders: expected {split}/<class>/<images>")
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        files = sorted(f.name for f in os.scandir(base / cls)
+                       if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS))
+        if not files:
+            raise UserError(f"class folder {base / cls} has no images ({', '.join(IMG_EXTENSIONS)})")
+        paths.extend(f"{cls}/{f}" for f in files)
+        labels.extend([label] * len(files))
+    full = [base / p for p in paths]
+    sizes = np.zeros((len(paths), 2), np.int32)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for i, wh in enumerate(pool.map(_header_size, full, chunksize=64)):
+            sizes[i] = wh
+            if progress is not None and (i % 256 == 0 or i == len(full) - 1):
+                progress(i + 1, len(full))
+    nbytes = np.array([p.stat().st_size for p in full], np.int64)
+    return ImageIndex(root=base, classes=tuple(classes), paths=tuple(paths),
+                      labels=np.array(labels, np.int64), sizes=sizes, nbytes=nbytes)
+
+
+def load_dataset(
+    root: Path | str, progress: Callable[[int, int], None] | None = None
+) -> tuple[ImageIndex, ImageIndex]:
+    """The train and val splits of `root`, with their class sets checked against each other."""
+    root = Path(root)
+    if not str(root) or not root.is_dir():
+        raise UserError(f"data folder {str(root) or '(none given)'} does not exist: pass --data DIR "
+                        f"(make one with: fastdeit make-data DIR)")
+    train = scan_split(root, "train", progress)
+    val = scan_split(root, "val")
+    if train.classes != val.classes:
+        only_t = sorted(set(train.classes) - set(val.classes))
+        only_v = sorted(set(val.classes) - set(train.classes))
+        raise UserError(f"train and val class folders differ (only in train: {only_t or '-'}; "
+                        f"only in val: {only_v or '-'})")
+    return train, val

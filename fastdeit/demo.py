@@ -1,0 +1,119 @@
+"""`fastdeit demo`: the whole story on the embedded synthetic data, on a CPU in minutes.
+
+1. generate the data set (once; it is reused from the cache folder afterwards),
+2. train a small convnet teacher from scratch,
+3. train a DeiT-tiny student without distillation, and a distilled DeiT-tiny with hard-label
+   distillation from that teacher through the distillation token,
+4. print one table of every head of every model and write it to summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from fastdeit.config import TrainConfig, recipe, validate, with_section
+from fastdeit.data.synthetic import SyntheticSpec, is_complete, write_synthetic
+from fastdeit.errors import UserError
+from fastdeit.trainer import Trainer, atomic_write_text, git_commit
+
+TEACHER = "regnety_002"
+RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint-last.pt", "checkpoint-best.pt", "summary.json"}
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    folder: str
+    model: str
+    distill: str = "none"
+    epochs: int | None = None
+    lr: float | None = None
+
+
+def demo_runs() -> list[DemoRun]:
+    return [
+        DemoRun("teacher", TEACHER, epochs=8, lr=4e-3),
+        DemoRun("deit_tiny", "deit_tiny"),
+        DemoRun("deit_tiny_distilled", "deit_tiny_distilled", distill="hard"),
+    ]
+
+
+def ensure_data(root: Path, console: Console, spec: SyntheticSpec | None = None) -> Path:
+    spec = spec or SyntheticSpec()
+    if is_complete(root, spec):
+        console.print(f"data: reusing {root}")
+        return root
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("generating synthetic data", total=None)
+        write_synthetic(root, spec, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(f"data: wrote {root}")
+    return root
+
+
+def _fresh(folder: Path, console: Console) -> None:
+    """A demo run starts from scratch; an earlier demo run in the same folder is replaced,
+    but a folder holding anything else is never touched."""
+    if not folder.exists():
+        return
+    others = [p.name for p in folder.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp")]
+    if others:
+        raise UserError(f"{folder} holds files that are not a fastdeit run ({others[0]}): pick another --out")
+    console.print(f"replacing the earlier demo run in {folder}")
+    shutil.rmtree(folder)
+
+
+def run_config(base: TrainConfig, run: DemoRun, data: Path, out: Path) -> TrainConfig:
+    cfg = with_section(base, "data", path=str(data))
+    cfg = with_section(cfg, "model", name=run.model)
+    cfg = with_section(cfg, "sched", epochs=run.epochs)
+    cfg = with_section(cfg, "optim", lr=run.lr)
+    cfg = with_section(cfg, "run", out=str(out / run.folder))
+    if run.distill != "none":
+        cfg = with_section(cfg, "distill", mode=run.distill, teacher_ckpt=str(out / "teacher" / "checkpoint-last.pt"))
+    validate(cfg)
+    return cfg
+
+
+def run_demo(out: Path, data_root: Path, console: Console, base: TrainConfig | None = None,
+             runs: list[DemoRun] | None = None) -> list[dict[str, Any]]:
+    start = time.perf_counter()
+    data = ensure_data(data_root, console)
+    base = base or recipe("demo")
+    rows: list[dict[str, Any]] = []
+    summaries = {}
+    for run in runs or demo_runs():
+        cfg = run_config(base, run, data, out)
+        _fresh(Path(cfg.run.out), console)
+        console.rule(f"{run.folder}: {run.model}, distill {run.distill}")
+        summary = Trainer(cfg, console).fit()
+        summaries[run.folder] = summary
+        heads = [h for h in ("cls", "dist") if f"top1_{h}" in summary] + ["joint"]
+        for head in heads:
+            rows.append({
+                "run": run.folder, "model": run.model, "distill": run.distill, "head": head,
+                "top1": summary[f"top1_{head}"] if head != "joint" else summary["top1"],
+                "top5": summary["top5"] if head == "joint" else None,
+                "train_img_s": summary["train_img_s"], "eval_img_s": summary["eval_img_s"],
+                "wall_s": summary["wall_s"],
+            })
+    table = Table(title="fastdeit demo: synthetic data, val split")
+    for col in ("model", "distill", "head", "top-1", "top-5", "train img/s", "eval img/s", "wall time"):
+        table.add_column(col, justify="left" if col in ("model", "distill", "head") else "right")
+    for r in rows:
+        table.add_row(r["model"], r["distill"], r["head"], f"{r['top1']:.1f}",
+                      "" if r["top5"] is None else f"{r['top5']:.1f}", f"{r['train_img_s']:.0f}",
+                      f"{r['eval_img_s']:.0f}", f"{r['wall_s']:.0f} s")
+    Console().print(table)
+    total = time.perf_counter() - start
+    atomic_write_text(json.dumps({"rows": rows, "runs": summaries, "total_wall_s": total,
+                                  "git_commit": git_commit()}, indent=2), out / "summary.json")
+    console.print(f"demo done in {total:.0f} s; table and run summaries in {out / 'summary.json'}")
+    return rows

@@ -1,0 +1,367 @@
+"""The training loop: the one place that touches the run folder.
+
+A run folder holds config.json (the resolved config), metrics.jsonl (one JSON object per
+logged step and per epoch), checkpoint-last.pt, checkpoint-best.pt and summary.json.
+Checkpoints are written to a temporary name and renamed, so a crash never leaves a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+
+from fastdeit.config import ModelConfig, TrainConfig, per_rank_batch, save_json, scaled_lr
+from fastdeit.data.folder import ImageIndex, load_dataset
+from fastdeit.dist import SINGLE, World
+from fastdeit.distill import DistillationLoss
+from fastdeit.engine import EvalResult, Stepper, evaluate
+from fastdeit.errors import UserError
+from fastdeit.models import build_model, is_distilled, load_teacher, read_checkpoint
+from fastdeit.pipelines.tail import apply_tail
+from fastdeit.pipelines.torch import eval_loader, train_loader
+from fastdeit.plan import PlanSpec, steps_per_epoch
+from fastdeit.progress import TrainProgress
+from fastdeit.targets import LiveTeacher, TargetSource
+
+CKPT_FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def git_commit() -> str | None:
+    """The commit of the fastdeit source tree, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunState:
+    """Where the run stands: the plan position and what has been measured so far."""
+
+    epoch: int = 0  # the epoch to run next (or being run)
+    step: int = 0  # the step within `epoch` to run next
+    updates: int = 0  # optimizer steps taken
+    best_top1: float = -1.0
+    elapsed: float = 0.0  # training seconds over all invocations
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, console: Console | None = None, world: World = SINGLE) -> None:
+        self.cfg, self.world = cfg, world
+        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.out = Path(cfg.run.out)
+        self.device = resolve_device(cfg.run.device)
+        self.amp = amp_dtype(cfg.run.amp, self.device)
+        self.train_index, self.val_index = load_dataset(cfg.data.path)
+        self.classes = self.train_index.classes
+        self.spec = PlanSpec.from_config(cfg)
+        self.steps = steps_per_epoch(self.spec, len(self.train_index))
+        self.rank_batch = per_rank_batch(cfg, world.size)
+        torch.manual_seed(cfg.run.seed)
+        self.model = build_model(cfg.model, len(self.classes), cfg.data.img_size).to(self.device)
+        self.targets = self._targets()
+        lr = scaled_lr(cfg)
+        self.optimizer = create_optimizer_v2(
+            self.model, opt=cfg.optim.opt, lr=lr, weight_decay=cfg.optim.weight_decay,
+            betas=cfg.optim.betas, eps=cfg.optim.eps,
+            **({"fused": True} if self.device.type == "cuda" and cfg.optim.opt == "adamw" else {}))
+        # Per-update cosine with warm-up; at epoch boundaries it equals DeiT's per-epoch values.
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=cfg.sched.epochs * self.steps, lr_min=cfg.sched.min_lr,
+            warmup_t=round(cfg.sched.warmup_epochs * self.steps), warmup_lr_init=cfg.sched.warmup_lr,
+            t_in_epochs=False)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
+        self.ema = ModelEmaV3(self.model, decay=cfg.model.ema_decay) if cfg.model.ema else None
+        self.stepper = Stepper(self.model, self.optimizer,
+                               DistillationLoss(cfg.distill.mode, cfg.distill.alpha, cfg.distill.tau),
+                               self.amp, self.scaler, cfg.optim.clip_grad, self.ema)
+        self.state = RunState()
+        self.bad_seen: set[str] = set()
+
+    def _targets(self) -> TargetSource | None:
+        d = self.cfg.distill
+        if d.mode == "none":
+            return None
+        if not is_distilled(self.model):
+            raise UserError(f"--distill {d.mode} needs a student with a distillation token: "
+                            f"use {self.cfg.model.name}_distilled (or another deit_*_distilled)")
+        teacher = load_teacher(d, len(self.classes), self.cfg.data.img_size, self.device)
+        return LiveTeacher(teacher, self.amp)
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {"model": {"name": m.name, "patch_size": m.patch_size, "depth": m.depth,
+                          "embed_dim": m.embed_dim, "num_heads": m.num_heads, "width": m.width},
+                "img_size": self.cfg.data.img_size, "num_classes": len(self.classes),
+                "classes": list(self.classes), "crop_pct": self.cfg.data.crop_pct}
+
+    def checkpoint(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "format": CKPT_FORMAT, "meta": self.meta(), "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "ema": self.ema.state_dict() if self.ema else {},
+            "state": {"epoch": s.epoch, "step": s.step, "updates": s.updates, "best_top1": s.best_top1,
+                      "elapsed": s.elapsed, "last_eval": s.last_eval},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+        }
+
+    def save(self, best: bool = False) -> None:
+        if not self.world.is_main:
+            return
+        last = self.out / "checkpoint-last.pt"
+        atomic_save(self.checkpoint(), last)
+        if best:
+            tmp = self.out / "checkpoint-best.pt.tmp"
+            shutil.copyfile(last, tmp)
+            os.replace(tmp, self.out / "checkpoint-best.pt")
+
+    def resume(self, path: Path) -> None:
+        if not path.is_file():
+            raise UserError(f"--resume: no checkpoint at {path}")
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+            raise UserError(f"--resume: {path} is not a fastdeit training checkpoint")
+        theirs = ck["meta"]["model"]
+        ours = self.meta()["model"]
+        if theirs != ours:
+            raise UserError(f"--resume: {path} is a checkpoint of {theirs['name']} {theirs}, "
+                            f"not of this run's {ours['name']} {ours}")
+        old = PlanSpec.from_config(TrainConfig.from_dict(ck["config"])).to_json()
+        if old != self.spec.to_json():
+            keys = [k for k in old if old[k] != self.spec.to_json()[k]]
+            raise UserError(f"--resume: the checkpoint's augmentation plan differs in {keys}; "
+                            f"resume with the same seed, batch size, image size and aug settings")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        if self.scaler and ck["scaler"]:
+            self.scaler.load_state_dict(ck["scaler"])
+        if self.ema and ck["ema"]:
+            self.ema.load_state_dict(ck["ema"])
+        st = ck["state"]
+        self.state = RunState(epoch=st["epoch"], step=st["step"], updates=st["updates"],
+                              best_top1=st["best_top1"], elapsed=st["elapsed"], last_eval=st["last_eval"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if self.device.type == "cuda" and ck["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+
+    # --- metrics ---------------------------------------------------------------------------
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.world.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def fit(self, resume: Path | None = None) -> dict[str, Any]:
+        """Train to the last epoch (from `resume` if given), evaluate, write summary.json."""
+        start = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume is not None:
+            self.resume(resume)
+            self.log({"kind": "resume", "epoch": self.state.epoch, "step": self.state.step,
+                      "from": str(resume)})
+        atomic_write_text(save_json(self.cfg), self.out / "config.json")
+        self.console.print(f"[bold]{self.cfg.model.name}[/] on {len(self.train_index)} images, "
+                           f"{len(self.classes)} classes, {self.device}, batch {self.cfg.run.batch_size}, "
+                           f"{self.steps} steps/epoch, lr {scaled_lr(self.cfg):.2e}, distill {self.cfg.distill.mode}")
+        images, seconds = 0, 0.0
+        epochs = self.cfg.sched.epochs
+        with TrainProgress(self.console, enabled=self.cfg.run.progress and self.world.is_main) as bar:
+            try:
+                while self.state.epoch < epochs:
+                    n, sec = self.train_epoch(bar)
+                    images, seconds = images + n, seconds + sec
+                    e = self.state.epoch
+                    self.state.epoch, self.state.step = e + 1, 0
+                    self.end_epoch(e, evaluate_now=(e + 1) % self.cfg.run.eval_every == 0 or e + 1 == epochs)
+            except KeyboardInterrupt:
+                self.save()
+                raise UserError(f"interrupted at epoch {self.state.epoch} step {self.state.step}; "
+                                f"saved {self.out / 'checkpoint-last.pt'}: continue with --resume") from None
+        return self.summarize(images, seconds, time.perf_counter() - start)
+
+    def train_epoch(self, bar: TrainProgress) -> tuple[int, float]:
+        cfg, st = self.cfg, self.state
+        epoch = st.epoch
+        loader = train_loader(self.train_index, self.spec, epoch, st.step, cfg.data.workers,
+                              self.world.rank, self.world.size)
+        bar.start_epoch(epoch, cfg.sched.epochs, self.steps, st.step)
+        t0 = tick = time.perf_counter()
+        wait = images = 0.0
+        window = {"t": tick, "n": 0, "wait": 0.0}
+        for batch in loader:
+            now = time.perf_counter()
+            wait += now - tick
+            window["wait"] += now - tick
+            self.note_bad(batch.bad)
+            x = batch.images.to(self.device, non_blocking=True)
+            tail = apply_tail(x, batch.labels, batch.plan, len(self.classes), cfg.aug.smoothing,
+                              self.amp or torch.float32)
+            teacher = self.targets(tail.images, batch.plan) if self.targets else None
+            parts = self.stepper.step(tail.images, tail.targets, teacher, st.updates + 1)
+            st.updates += 1
+            st.step += 1
+            self.scheduler.step_update(st.updates)
+            images += len(batch.labels)
+            window["n"] += len(batch.labels)
+            tick = time.perf_counter()
+            if st.updates % cfg.run.log_every == 0 or st.step == self.steps:
+                rec = self.step_record(parts, window, tick, len(batch.bad))
+                bar.update(st.step, rec["loss"], rec["img_s"])
+                window = {"t": tick, "n": 0, "wait": 0.0}
+            else:
+                bar.update(st.step)
+            if cfg.run.ckpt_every and st.updates % cfg.run.ckpt_every == 0 and st.step < self.steps:
+                st.elapsed += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self.save()
+                tick = time.perf_counter()
+        seconds = time.perf_counter() - t0
+        st.elapsed += seconds
+        self.epoch_stats = {"train_img_s": images / max(seconds, 1e-9), "data_wait": wait / max(seconds, 1e-9)}
+        return int(images), seconds
+
+    def step_record(self, parts: dict[str, torch.Tensor], window: dict, now: float, bad: int) -> dict[str, Any]:
+        st = self.state
+        vals = {k: float(v) for k, v in parts.items()}  # the one device sync per logged step
+        if not math.isfinite(vals["loss"]):
+            self.save()
+            raise UserError(f"the loss became {vals['loss']} at epoch {st.epoch} step {st.step - 1}: "
+                            f"lower --lr (checkpoint saved for inspection)")
+        dt = max(now - window["t"], 1e-9)
+        rec = {"kind": "step", "epoch": st.epoch, "step": st.step - 1, "updates": st.updates, **vals,
+               "lr": self.optimizer.param_groups[0]["lr"], "img_s": window["n"] / dt,
+               "data_wait": window["wait"] / dt}
+        if bad:
+            rec["bad_files"] = bad
+        self.log(rec)
+        return rec
+
+    def note_bad(self, bad: tuple[str, ...]) -> None:
+        for path in bad:
+            if path not in self.bad_seen:
+                self.bad_seen.add(path)
+                self.console.print(f"[yellow]warning:[/] skipped unreadable image {self.train_index.root / path}")
+
+    def end_epoch(self, epoch: int, evaluate_now: bool) -> None:
+        rec: dict[str, Any] = {"kind": "epoch", "epoch": epoch, **self.epoch_stats,
+                               "lr": self.optimizer.param_groups[0]["lr"], "bad_files": len(self.bad_seen)}
+        best = False
+        if evaluate_now:
+            res = self.evaluate(self.model)
+            ev = {"top1": res.top1(), "top5": res.top5(), "eval_img_s": res.img_s}
+            ev.update({f"top1_{h}": res.top1(h) for h in res.heads if h != "joint"})
+            if self.ema is not None:
+                ev["top1_ema"] = self.evaluate(self.ema.module).top1()
+            rec.update(ev)
+            self.state.last_eval = ev
+            best = ev["top1"] > self.state.best_top1
+            self.state.best_top1 = max(self.state.best_top1, ev["top1"])
+            self.console.print(f"epoch {epoch}: top-1 {ev['top1']:.2f}  top-5 {ev['top5']:.2f}  "
+                               f"train {rec['train_img_s']:.0f} img/s  data-wait {rec['data_wait']:.0%}")
+        self.log(rec)
+        self.save(best=best)
+
+    def evaluate(self, model: torch.nn.Module, index: ImageIndex | None = None) -> EvalResult:
+        d = self.cfg.data
+        loader = eval_loader(index or self.val_index, d.img_size, d.crop_pct, d.eval_batch_size, d.workers)
+        return evaluate(model, loader, self.device, self.amp)
+
+    def summarize(self, images: int, seconds: float, wall: float) -> dict[str, Any]:
+        ev = self.state.last_eval
+        summary = {
+            "model": self.cfg.model.name, "distill": self.cfg.distill.mode,
+            "params_m": sum(p.numel() for p in self.model.parameters()) / 1e6,
+            "epochs": self.cfg.sched.epochs, "top1": ev.get("top1"), "top5": ev.get("top5"),
+            **{k: v for k, v in ev.items() if k.startswith("top1_")},
+            "best_top1": self.state.best_top1, "train_img_s": images / seconds if seconds else None,
+            "eval_img_s": ev.get("eval_img_s"), "wall_s": wall, "train_s_total": self.state.elapsed,
+            "bad_files": sorted(self.bad_seen), "device": str(self.device),
+            "torch": torch.__version__, "git_commit": git_commit(),
+        }
+        if self.world.is_main:
+            atomic_write_text(json.dumps(summary, indent=2), self.out / "summary.json")
+        return summary
+
+
+def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,
+                        workers: int = 2, use_ema: bool = False) -> EvalResult:
+    """Top-1/top-5 of a fastdeit checkpoint on the val split of `data`, with the checkpoint's
+    own image size and crop."""
+    weights, meta = read_checkpoint(ckpt)
+    if not meta:
+        raise UserError(f"{ckpt} is not a fastdeit checkpoint (no meta): "
+                        f"fine-tune from it with --set model.init={ckpt}")
+    if use_ema:
+        weights = _ema_weights(ckpt)
+    _, val = load_dataset(data)
+    if list(val.classes) != meta["classes"]:
+        raise UserError(f"{data} has classes {list(val.classes)[:5]}..., the checkpoint was trained on "
+                        f"{meta['classes'][:5]}...")
+    dev = resolve_device(device)
+    model_cfg = ModelConfig(**meta["model"], drop_path=0.0)
+    model = build_model(model_cfg, meta["num_classes"], meta["img_size"])
+    model.load_state_dict(weights)
+    loader = eval_loader(val, meta["img_size"], meta["crop_pct"], batch_size, workers)
+    return evaluate(model.to(dev), loader, dev, amp_dtype("auto", dev))
+
+
+def _ema_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    ema = torch.load(ckpt, map_location="cpu", weights_only=True).get("ema") or {}
+    if not ema:
+        raise UserError(f"{ckpt} holds no EMA weights (train with --set model.ema=true)")
+    return {k.removeprefix("module."): v for k, v in ema.items()}

@@ -1,0 +1,1 @@
+"""Pipelines that execute an augmentation plan (installed as fastdeit.pipelines)."""

@@ -1,0 +1,168 @@
+"""The reference pipeline: PIL and torchvision semantics, executing a BatchPlan.
+
+It is the slow twin of the DALI pipelines and their test oracle. Per sample: decode, crop by
+the plan's box in source pixels, resize to the training size, flip, then the plan's
+RandAugment ops with timm's own PIL implementations. Output is a uint8 batch; the batch
+tail (pipelines/tail.py) does the rest on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from timm.data.auto_augment import NAME_TO_OP
+from torchvision.transforms import functional as TF
+
+from fastdeit.config import IMAGENET_MEAN
+from fastdeit.data.folder import ImageIndex
+from fastdeit.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
+
+_INTERP = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_NO_ARG_OPS = {"AutoContrast", "Equalize", "Invert"}
+_INT_ARG_OPS = {"Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing", "SolarizeAdd"}
+# timm fills the area uncovered by geometric ops with the mean pixel (transforms_factory).
+FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
+
+
+@dataclass
+class LoadedBatch:
+    """A decoded batch: uint8 [b, 3, S, S] images, int64 labels, the plan it executes, and the
+    files that failed to decode (their rows hold a copy of another sample of the batch)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    plan: BatchPlan
+    bad: tuple[str, ...]
+
+
+def rand_augment_op(img: Image.Image, name: str, arg: float, interpolation: str = "bicubic") -> Image.Image:
+    """Apply one RandAugment op of timm with a concrete argument (sign already applied)."""
+    if name in _NO_ARG_OPS:
+        return NAME_TO_OP[name](img)
+    value = int(arg) if name in _INT_ARG_OPS else float(arg)
+    return NAME_TO_OP[name](img, value, fillcolor=FILL, resample=_INTERP[interpolation])
+
+
+def augment(img: Image.Image, crop: np.ndarray, flip: bool, ops: list[tuple[str, float]],
+            size: int, interpolation: str) -> Image.Image:
+    """Crop (left, top, width, height), resize to size x size, flip, then the RandAugment ops."""
+    left, top, w, h = (int(v) for v in crop)
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), _INTERP[interpolation])
+    if flip:
+        img = ImageOps.mirror(img)
+    for name, arg in ops:
+        img = rand_augment_op(img, name, arg, interpolation)
+    return img
+
+
+# What PIL raises on a corrupt, truncated or unknown file.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def decode(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def load_plan_rows(index: ImageIndex, spec: PlanSpec, plan: BatchPlan) -> LoadedBatch:
+    """Decode and augment every row of `plan`. A file that fails to decode is reported in
+    `bad`, and its row takes the image and label of the nearest good row before it (after
+    it, for the first rows), so shapes stay static and the run goes on."""
+    s, names = spec.img_size, spec.ra_ops
+    out = np.empty((len(plan), s, s, 3), np.uint8)
+    labels = index.labels[plan.index].copy()
+    ok = np.ones(len(plan), bool)
+    bad = []
+    for i, idx in enumerate(plan.index):
+        path = str(index.root / index.paths[idx])
+        ops = [(names[o], float(a)) for o, a in zip(plan.ra_op[i], plan.ra_arg[i]) if o >= 0]
+        try:
+            img = decode(path)
+        except DECODE_ERRORS:  # a corrupt file must not end a long run; it is reported by name
+            ok[i] = False
+            bad.append(index.paths[idx])
+            continue
+        out[i] = np.asarray(augment(img, plan.crop[i], bool(plan.flip[i]), ops, s, spec.aug.interpolation))
+    if not ok.any():
+        raise RuntimeError(f"every image of batch (epoch {plan.epoch}, step {plan.step}) failed to decode, "
+                           f"e.g. {bad[0]}")
+    good = np.flatnonzero(ok)
+    for i in np.flatnonzero(~ok):
+        before = good[good < i]
+        j = before[-1] if len(before) else good[0]
+        out[i], labels[i] = out[j], labels[j]
+    images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    return LoadedBatch(images=images, labels=torch.from_numpy(labels), plan=plan, bad=tuple(bad))
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Item k is this rank's shard of the plan of step `start_step + k` of `epoch`.
+
+    Workers compute the plan themselves (it is a pure function), so nothing but the spec and
+    the image sizes is shipped to them, and batches decode in parallel across workers.
+    """
+
+    def __init__(self, index: ImageIndex, spec: PlanSpec, epoch: int, start_step: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
+        self.index, self.spec, self.epoch = index, spec, epoch
+        self.start_step, self.rank, self.world = start_step, rank, world
+        self.steps = steps_per_epoch(spec, len(index))
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+    def __getitem__(self, k: int) -> LoadedBatch:
+        plan = make_plan(self.spec, self.index.sizes, self.epoch, self.start_step + k)
+        return load_plan_rows(self.index, self.spec, plan.shard(self.rank, self.world))
+
+
+def _one_thread(_: int) -> None:
+    # Workers decode with PIL; torch's intra-op threads would only contend with them.
+    torch.set_num_threads(1)
+
+
+def train_loader(index: ImageIndex, spec: PlanSpec, epoch: int, start_step: int, workers: int,
+                 rank: int = 0, world: int = 1) -> Iterator[LoadedBatch]:
+    """Batches of one epoch from `start_step`, in plan order."""
+    data = TrainBatches(index, spec, epoch, start_step, rank, world)
+    if workers == 0:
+        return (data[k] for k in range(len(data)))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, shuffle=False, num_workers=workers, collate_fn=lambda x: x,
+        worker_init_fn=_one_thread, prefetch_factor=4, persistent_workers=False)
+    return iter(loader)
+
+
+class EvalSamples(torch.utils.data.Dataset):
+    """Val samples: resize the shorter side to img_size / crop_pct, centre-crop img_size."""
+
+    def __init__(self, index: ImageIndex, img_size: int, crop_pct: float, interpolation: str = "bicubic",
+                 rows: np.ndarray | None = None) -> None:
+        self.index, self.size = index, img_size
+        self.interp = TF.InterpolationMode(interpolation)
+        self.resize = int(img_size / crop_pct)
+        self.rows = np.arange(len(index)) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int, bool]:
+        i = int(self.rows[k])
+        s = self.size
+        try:
+            img = decode(str(self.index.root / self.index.paths[i]))
+        except DECODE_ERRORS:  # counted and left out of the metrics by the evaluator
+            return torch.zeros(3, s, s, dtype=torch.uint8), int(self.index.labels[i]), False
+        img = TF.center_crop(TF.resize(img, self.resize, self.interp), [s, s])
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), int(self.index.labels[i]), True
+
+
+def eval_loader(index: ImageIndex, img_size: int, crop_pct: float, batch_size: int, workers: int,
+                rows: np.ndarray | None = None) -> torch.utils.data.DataLoader:
+    data = EvalSamples(index, img_size, crop_pct, rows=rows)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       worker_init_fn=_one_thread if workers else None)

@@ -1,0 +1,127 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback, nothing lost."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from tiny import TINY_MODEL, TINY_RUN
+from typer.testing import CliRunner
+
+from fastdeit.cli import app, optional_values
+
+runner = CliRunner()
+
+
+def fails(args: list[str], words: str) -> str:
+    res = runner.invoke(app, args)
+    err = res.stderr.strip()
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert "Traceback" not in res.output and len(err.splitlines()) == 1, err
+    assert words in err, err
+    return err
+
+
+def tiny_train(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", *TINY_RUN, "--data", str(data), "--out", str(out), *extra]
+
+
+def copy_data(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_real_entry_point_prints_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "fastdeit.cli", "train", "--data", str(tmp_path / "nope"),
+                          "--out", str(tmp_path / "run"), "--model", "deit_tiny"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().count("\n") == 0 and "does not exist" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_and_empty_data(tmp_path):
+    fails(tiny_train(tmp_path / "nope", tmp_path / "r", "--model", "deit_tiny"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    fails(tiny_train(tmp_path / "empty", tmp_path / "r", "--model", "deit_tiny"), "empty/train does not exist")
+    (tmp_path / "empty" / "train").mkdir()
+    fails(tiny_train(tmp_path / "empty", tmp_path / "r", "--model", "deit_tiny"), "has no class folders")
+
+
+def test_class_folder_without_images(tiny_data, tmp_path):
+    data = copy_data(tiny_data, tmp_path / "d")
+    (data / "train" / "zzz").mkdir()
+    (data / "train" / "zzz" / "notes.txt").write_text("no images here")
+    fails(tiny_train(data, tmp_path / "r", "--model", "deit_tiny"), "zzz has no images")
+
+
+def test_train_and_val_classes_differ(tiny_data, tmp_path):
+    data = copy_data(tiny_data, tmp_path / "d")
+    val = sorted((data / "val").iterdir())[0]
+    val.rename(val.with_name("other"))
+    fails(tiny_train(data, tmp_path / "r", "--model", "deit_tiny"), "train and val class folders differ")
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--model", "deit_giant"], "unknown model 'deit_giant'"),
+    (["--model", "deit_tiny", "--recipe", "imagenet"], "unknown recipe 'imagenet'"),
+    (["--model", "deit_tiny", "--set", "optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
+    (["--model", "deit_tiny", "--set", "run.batch_size=big"], "run.batch_size must be an integer"),
+    (["--model", "deit_tiny", "--batch-size", "15", "--set", "aug.mix_group=15", "--set", "aug.mixup=0.8"],
+     "must be even when mixup/cutmix is on"),
+    (["--model", "deit_tiny", "--batch-size", "20"], "not a multiple of aug.mix_group 8"),
+    (["--model", "deit_tiny_distilled", "--distill", "hard"], "--distill hard needs a teacher"),
+    (["--model", "deit_tiny", "--distill", "hard", "--teacher", "resnet10t"],
+     "needs a student with a distillation token"),
+    (["--model", "deit_tiny", "--batch-size", "128", "--set", "aug.mix_group=8"], "fewer than one global batch"),
+])
+def test_bad_flags(tiny_data, tmp_path, extra, words):
+    fails(tiny_train(tiny_data, tmp_path / "r", *extra, *TINY_MODEL), words)
+    assert not (tmp_path / "r" / "checkpoint-last.pt").exists()
+
+
+def test_teacher_with_other_class_count(tiny_data, tmp_path):
+    torch.save(timm.create_model("resnet10t", num_classes=7).state_dict(), tmp_path / "t.pth")
+    fails(tiny_train(tiny_data, tmp_path / "r", "--model", "deit_tiny_distilled", *TINY_MODEL, "--distill", "hard",
+                     "--teacher", "resnet10t", "--teacher-ckpt", str(tmp_path / "t.pth")),
+          "teacher predicts 7 classes but the data has 3")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_cuda_without_gpu(tiny_data, tmp_path):
+    fails(tiny_train(tiny_data, tmp_path / "r", "--model", "deit_tiny", "--device", "cuda"), "no CUDA GPU is visible")
+
+
+def test_resume_from_another_models_checkpoint(tiny_data, tmp_path):
+    res = runner.invoke(app, tiny_train(tiny_data, tmp_path / "a", "--model", "deit_tiny", *TINY_MODEL))
+    assert res.exit_code == 0, res.output
+    before = (tmp_path / "a" / "checkpoint-last.pt").read_bytes()
+    fails(tiny_train(tiny_data, tmp_path / "b", "--model", "deit_tiny_distilled", *TINY_MODEL,
+                     "--resume", str(tmp_path / "a" / "checkpoint-last.pt")), "is a checkpoint of deit_tiny")
+    fails(tiny_train(tiny_data, tmp_path / "a", "--model", "deit_tiny", *TINY_MODEL, "--seed", "5", "--resume",
+                     str(tmp_path / "a" / "checkpoint-last.pt")), "plan differs in ['seed']")
+    assert (tmp_path / "a" / "checkpoint-last.pt").read_bytes() == before  # nothing lost
+    fails(tiny_train(tiny_data, tmp_path / "c", "--model", "deit_tiny", "--resume", str(tmp_path / "none.pt")),
+          "no checkpoint at")
+
+
+def test_corrupt_jpeg_is_skipped_named_and_counted(tiny_data, tmp_path):
+    data = copy_data(tiny_data, tmp_path / "d")
+    victim = sorted((data / "train").glob("*/*.jpg"))[4]
+    victim.write_bytes(victim.read_bytes()[:200])
+    res = runner.invoke(app, tiny_train(data, tmp_path / "r", "--model", "deit_tiny", *TINY_MODEL, "--epochs", "2"))
+    assert res.exit_code == 0, res.output
+    assert f"skipped unreadable image {victim}" in res.stderr and res.stderr.count(victim.name) == 1
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_files"] for r in lines if r["kind"] == "epoch"] == [1, 1]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["bad_files"] == [
+        str(victim.relative_to(data / "train"))]
+
+
+def test_resume_alone_means_the_run_folders_last_checkpoint():
+    assert optional_values(["train", "--resume"]) == ["train", "--resume=auto"]
+    assert optional_values(["train", "--resume", "--epochs", "3"]) == ["train", "--resume=auto", "--epochs", "3"]
+    assert optional_values(["train", "--resume", "x.pt"]) == ["train", "--resume", "x.pt"]

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+
+from fastdeit.config import (
+    TrainConfig,
+    apply_overrides,
+    parse_rand_augment,
+    per_rank_batch,
+    recipe,
+    save_json,
+    scaled_lr,
+    validate,
+    with_section,
+)
+from fastdeit.errors import UserError
+
+
+def test_deit_recipe_is_the_papers():
+    c = recipe("deit")
+    assert (c.optim.opt, c.optim.lr, c.optim.base_batch) == ("adamw", 5e-4, 512)
+    assert (c.optim.betas, c.optim.eps, c.optim.weight_decay) == ((0.9, 0.999), 1e-8, 0.05)
+    assert (c.sched.epochs, c.sched.warmup_epochs, c.sched.warmup_lr, c.sched.min_lr) == (300, 5, 1e-6, 1e-5)
+    assert c.model.drop_path == 0.1 and c.model.ema_decay == 0.99996 and not c.model.ema
+    a = c.aug
+    assert a.rand_augment == "rand-m9-mstd0.5-inc1" and a.interpolation == "bicubic"
+    assert a.scale == (0.08, 1.0) and a.ratio == (3 / 4, 4 / 3) and a.hflip == 0.5
+    assert (a.reprob, a.mixup, a.cutmix, a.switch_prob, a.smoothing, a.repeated_aug) == (0.25, 0.8, 1.0, 0.5, 0.1, 3)
+    assert c.data.img_size == 224 and c.data.crop_pct == 0.875 and c.run.batch_size == 1024
+    assert (c.distill.alpha, c.distill.tau) == (0.5, 1.0)
+    assert scaled_lr(c) == pytest.approx(1e-3)
+
+
+def test_overrides_are_typed():
+    c = apply_overrides(recipe("deit"), ["optim.lr=0.001", "aug.scale=0.2,0.9", "model.ema=true",
+                                         "run.batch_size=256", "model.name=deit_base"])
+    assert c.optim.lr == 0.001 and c.aug.scale == (0.2, 0.9) and c.model.ema is True
+    assert c.run.batch_size == 256 and c.model.name == "deit_base"
+
+
+@pytest.mark.parametrize("item, words", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("nope.lr=1", "unknown config section 'nope'"),
+    ("optim.lr=fast", "optim.lr must be a number"),
+    ("run.batch_size=1.5", "run.batch_size must be an integer"),
+    ("model.ema=maybe", "model.ema must be true or false"),
+    ("aug.scale=0.5", "aug.scale must be a comma-separated pair"),
+    ("lr=1", "--set takes section.key=value"),
+])
+def test_bad_overrides_name_the_problem(item, words):
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(".", r"\.")):
+        apply_overrides(recipe("deit"), [item])
+
+
+def test_json_round_trip_and_unknown_keys():
+    c = apply_overrides(recipe("demo"), ["aug.scale=0.3,1.0", "distill.mode=hard", "distill.teacher=x"])
+    again = TrainConfig.from_dict(json.loads(save_json(c)))
+    assert again == c
+    d = c.to_dict()
+    d["optim"]["momentum"] = 0.9
+    with pytest.raises(UserError, match="unknown config key optim.momentum"):
+        TrainConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(run={"batch_size": 1000}), "not a multiple of aug.mix_group"),
+    (dict(aug={"mix_group": 7}, run={"batch_size": 21}), "must be even when mixup"),
+    (dict(distill={"mode": "hard"}), "needs a teacher"),
+    (dict(distill={"mode": "warm"}), "--distill must be none, soft or hard"),
+    (dict(run={"device": "tpu"}), "--device must be"),
+    (dict(aug={"rand_augment": "rand-q4"}), "cannot read 'q4'"),
+    (dict(aug={"scale": (0.9, 0.1)}), "aug.scale must satisfy"),
+    (dict(sched={"warmup_epochs": 400.0}), "warmup_epochs"),
+])
+def test_validation_errors(changes, words):
+    c = recipe("deit")
+    for section, values in changes.items():
+        c = with_section(c, section, **values)
+    with pytest.raises(UserError, match=words.replace("(", r"\(")):
+        validate(c)
+
+
+def test_recipes_validate_and_unknown_recipe():
+    for name in ("deit", "demo"):
+        validate(recipe(name))
+    with pytest.raises(UserError, match="unknown recipe 'imagenet'"):
+        recipe("imagenet")
+
+
+def test_per_rank_batch_needs_whole_groups():
+    c = recipe("deit")  # 1024, groups of 64
+    assert per_rank_batch(c, 8) == 128
+    with pytest.raises(UserError, match="multiple of 192"):
+        per_rank_batch(c, 3)
+
+
+def test_rand_augment_grammar():
+    ra = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    assert (ra.magnitude, ra.magnitude_std, ra.increasing, ra.num_layers, ra.prob) == (9, 0.5, True, 2, 0.5)
+    assert parse_rand_augment("rand-m7-n3-p0.9-mstd101").magnitude_std == float("inf")
+    with pytest.raises(UserError):
+        parse_rand_augment("auto-m9")

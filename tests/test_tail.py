@@ -1,0 +1,111 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from fastdeit.pipelines.tail import apply_tail, erase_noise, normalize
+from timm.data.mixup import mixup_target
+from torchvision.transforms import functional as TF
+
+from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig
+from fastdeit.plan import PlanSpec, make_plan
+
+SIZES = np.full((64, 2), 100, np.int32)
+
+
+def batch(b=16, s=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 3, s, s), generator=g, dtype=torch.uint8), torch.randint(0, 10, (b,), generator=g)
+
+
+def plan_for(b=16, s=24, **aug):
+    aug = dict(dict(mix_group=b, reprob=0.0, mixup=0.0, cutmix=0.0), **aug)
+    return make_plan(PlanSpec(seed=5, img_size=s, batch_size=b, aug=replace(AugConfig(), **aug)), SIZES, 0, 0)
+
+
+def test_normalize_matches_torchvision():
+    x, _ = batch()
+    ref = TF.normalize(x.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.allclose(normalize(x), ref, atol=1e-5)
+
+
+def test_no_mixing_gives_smoothed_one_hot():
+    x, y = batch()
+    out = apply_tail(x, y, plan_for(), 10, 0.1)
+    assert torch.allclose(out.images, normalize(x))
+    assert torch.allclose(out.targets, mixup_target(y, 10, 1.0, 0.1))
+
+
+def test_mixup_is_timms_batch_mixup():
+    x, y = batch()
+    plan = plan_for(mixup=0.8)
+    lam = float(plan.lam[0])
+    assert 0 < lam < 1 and not plan.cutmix.any()
+    out = apply_tail(x, y, plan, 10, 0.1)
+    xn = normalize(x)
+    assert torch.allclose(out.images, xn * lam + xn.flip(0) * (1 - lam), atol=1e-6)
+    assert torch.allclose(out.targets, mixup_target(y, 10, lam, 0.1), atol=1e-6)
+
+
+def test_cutmix_pastes_the_partners_box():
+    x, y = batch()
+    plan = plan_for(cutmix=1.0)
+    y0, y1, x0, x1 = (int(v) for v in plan.box[0])
+    assert plan.cutmix.all() and (y1 - y0) * (x1 - x0) > 0
+    out = apply_tail(x, y, plan, 10, 0.0)
+    xn = normalize(x)
+    ref = xn.clone()
+    ref[:, :, y0:y1, x0:x1] = xn.flip(0)[:, :, y0:y1, x0:x1]
+    assert torch.equal(out.images, ref)
+    lam = 1 - (y1 - y0) * (x1 - x0) / 24 ** 2
+    assert plan.lam[0] == pytest.approx(lam)
+    assert torch.allclose(out.targets, mixup_target(y, 10, lam, 0.0), atol=1e-6)
+    assert torch.allclose(out.targets.sum(1), torch.ones(16))
+
+
+def test_mix_groups_mix_within_the_group():
+    x, y = batch(b=32)
+    plan = plan_for(b=32, mixup=0.8, mix_group=8)
+    out = apply_tail(x, y, plan, 10, 0.0)
+    xn = normalize(x)
+    for g in range(4):
+        rows = slice(8 * g, 8 * g + 8)
+        lam = float(plan.lam[8 * g])
+        assert torch.allclose(out.images[rows], lam * xn[rows] + (1 - lam) * xn[rows].flip(0), atol=1e-6)
+
+
+def test_erasing_only_inside_its_box_with_keyed_noise():
+    x, y = batch(b=64, s=32)
+    plan = plan_for(b=64, s=32, reprob=0.5)
+    out = apply_tail(x, y, plan, 10, 0.0).images
+    xn = normalize(x)
+    again = apply_tail(x, y, plan, 10, 0.0).images
+    assert torch.equal(out, again)
+    erased = 0
+    for i in range(64):
+        top, left, h, w = (int(v) for v in plan.erase[i])
+        mask = torch.zeros(32, 32, dtype=torch.bool)
+        mask[top:top + h, left:left + w] = True
+        assert torch.equal(out[i][:, ~mask], xn[i][:, ~mask])
+        if h:
+            erased += 1
+            assert not torch.allclose(out[i][:, mask], xn[i][:, mask])
+    assert erased > 10
+
+
+def test_erase_noise_is_standard_normal_and_keyed():
+    pos = torch.arange(64)
+    z = erase_noise(1, 2, pos, (3, 32, 32))
+    assert torch.equal(z, erase_noise(1, 2, pos, (3, 32, 32)))
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    assert float((z.abs() > 3).float().mean()) == pytest.approx(0.0027, abs=0.0008)
+    other = erase_noise(1, 3, pos, (3, 32, 32))
+    assert float(torch.corrcoef(torch.stack([z.flatten(), other.flatten()]))[0, 1]) < 0.01
+    # each sample's noise depends only on its own key, so a shard computes the same values
+    assert torch.equal(erase_noise(1, 2, pos[5:9], (3, 32, 32)), z[5:9])
+
+
+def test_tail_casts_to_compute_dtype():
+    x, y = batch()
+    out = apply_tail(x, y, plan_for(mixup=0.8), 10, 0.1, dtype=torch.bfloat16)
+    assert out.images.dtype == torch.bfloat16 and out.targets.dtype == torch.float32

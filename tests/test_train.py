@@ -1,0 +1,106 @@
+"""End to end through the CLI on a tiny data set: run folder, eval, distillation, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny import TINY_MODEL, TINY_RUN
+from typer.testing import CliRunner
+
+from fastdeit.cli import app
+from fastdeit.engine import Stepper
+
+runner = CliRunner()
+
+
+def train(*args: str) -> dict:
+    res = runner.invoke(app, ["train", *TINY_RUN, *args])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    train("--data", str(tiny_data), "--model", "resnet10t", "--out", str(out), "--epochs", "2")
+    return out
+
+
+def test_run_folder_layout(teacher_run):
+    names = {p.name for p in teacher_run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "checkpoint-last.pt", "checkpoint-best.pt", "summary.json"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    cfg = json.loads((teacher_run / "config.json").read_text())
+    assert cfg["model"]["name"] == "resnet10t" and cfg["sched"]["epochs"] == 2
+    summary = json.loads((teacher_run / "summary.json").read_text())
+    for key in ("top1", "top5", "train_img_s", "wall_s", "git_commit", "eval_img_s"):
+        assert key in summary
+    steps = records(teacher_run, "step")
+    assert steps and all({"epoch", "step", "loss", "lr", "img_s", "data_wait"} <= set(r) for r in steps)
+    epochs = records(teacher_run, "epoch")
+    assert [e["epoch"] for e in epochs] == [0, 1] and all("top1" in e for e in epochs)
+
+
+def test_eval_command_reproduces_the_runs_numbers(teacher_run, tiny_data):
+    res = runner.invoke(app, ["eval", "--data", str(tiny_data), "--ckpt", str(teacher_run / "checkpoint-last.pt"),
+                              "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    summary = json.loads((teacher_run / "summary.json").read_text())
+    assert got["top1"] == pytest.approx(summary["top1"]) and got["top5"] == pytest.approx(summary["top5"])
+    assert got["images"] == 18
+
+
+def test_hard_distillation_from_a_trained_teacher(teacher_run, tiny_data, tmp_path):
+    out = tmp_path / "student"
+    train("--data", str(tiny_data), "--model", "deit_tiny_distilled", "--out", str(out), *TINY_MODEL,
+          "--distill", "hard", "--teacher-ckpt", str(teacher_run / "checkpoint-last.pt"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"top1_cls", "top1_dist", "top1"} <= set(summary)
+    step = records(out, "step")[0]
+    assert {"loss_base", "loss_distill"} <= set(step)
+    assert step["loss"] == pytest.approx(0.5 * step["loss_base"] + 0.5 * step["loss_distill"], rel=1e-5)
+    res = runner.invoke(app, ["eval", "--data", str(tiny_data), "--ckpt", str(out / "checkpoint-last.pt"),
+                              "--head", "dist", "--workers", "0"])
+    assert res.exit_code == 0 and json.loads(res.stdout.splitlines()[-1])["top1"] == pytest.approx(summary["top1_dist"])
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])  # after epoch 0 (4 steps an epoch), and mid-epoch 1
+def test_resume_gives_the_same_losses_as_a_straight_run(tiny_data, tmp_path, monkeypatch, stop_at):
+    common = ["--data", str(tiny_data), "--model", "deit_tiny_distilled", *TINY_MODEL, "--epochs", "2",
+              "--set", "run.log_every=1", "--set", "model.drop_path=0.1", "--set", "aug.mixup=0.8",
+              "--set", "aug.cutmix=1.0", "--set", "aug.reprob=0.25", "--set", "model.ema=true",
+              "--set", "aug.rand_augment=rand-m9-mstd0.5-inc1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(*common, "--out", str(straight))
+
+    # The same run, interrupted (as by Ctrl-C) before its step number `stop_at`...
+    calls = {"n": 0}
+    real_step = Stepper.step
+
+    def step(self, *a, **k):
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(Stepper, "step", step)
+    res = runner.invoke(app, ["train", *TINY_RUN, *common, "--out", str(split)])
+    assert res.exit_code == 2 and "continue with --resume" in res.output
+    monkeypatch.setattr(Stepper, "step", real_step)
+    # ...then resumed: it continues the same plan stream from the same step.
+    train(*common, "--out", str(split), "--resume", str(split / "checkpoint-last.pt"))
+    a = {(r["epoch"], r["step"]): r["loss"] for r in records(straight, "step")}
+    b = {(r["epoch"], r["step"]): r["loss"] for r in records(split, "step")}
+    assert len(a) == 8 and a.keys() == b.keys()
+    for key in a:
+        assert abs(a[key] - b[key]) <= 1e-6, key
+    resumed = records(split, "resume")
+    assert [(r["epoch"], r["step"]) for r in resumed] == [divmod(stop_at, 4)]
+    ea, eb = records(straight, "epoch")[-1], records(split, "epoch")[-1]
+    assert ea["top1"] == eb["top1"] and ea["top1_ema"] == eb["top1_ema"]
