@@ -11,8 +11,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,10 @@ from fastdeit.progress import TrainProgress
 from fastdeit.targets import LiveTeacher, TargetSource
 
 CKPT_FORMAT = 1
+
+
+class _Stop(Exception):
+    """Raised between steps when a stop was requested (Ctrl-C)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,6 +131,7 @@ class Trainer:
                                self.amp, self.scaler, cfg.optim.clip_grad, self.ema)
         self.state = RunState()
         self.bad_seen: set[str] = set()
+        self.stop_requested = False
 
     def _targets(self) -> TargetSource | None:
         d = self.cfg.distill
@@ -209,6 +218,10 @@ class Trainer:
     def fit(self, resume: Path | None = None) -> dict[str, Any]:
         """Train to the last epoch (from `resume` if given), evaluate, write summary.json."""
         start = time.perf_counter()
+        existing = [n for n in ("checkpoint-last.pt", "metrics.jsonl") if (self.out / n).exists()]
+        if resume is None and existing:
+            raise UserError(f"{self.out} already holds a run ({existing[0]}): continue it with --resume, "
+                            f"or pick another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         if resume is not None:
             self.resume(resume)
@@ -220,21 +233,43 @@ class Trainer:
                            f"{self.steps} steps/epoch, lr {scaled_lr(self.cfg):.2e}, distill {self.cfg.distill.mode}")
         images, seconds = 0, 0.0
         epochs = self.cfg.sched.epochs
-        with TrainProgress(self.console, enabled=self.cfg.run.progress and self.world.is_main) as bar:
+        with TrainProgress(self.console, enabled=self.cfg.run.progress and self.world.is_main) as bar, \
+                self.stop_on_sigint():
             try:
                 while self.state.epoch < epochs:
-                    n, sec = self.train_epoch(bar)
-                    images, seconds = images + n, seconds + sec
+                    stats = self.train_epoch(bar)
+                    images, seconds = images + stats["images"], seconds + stats["seconds"]
                     e = self.state.epoch
                     self.state.epoch, self.state.step = e + 1, 0
-                    self.end_epoch(e, evaluate_now=(e + 1) % self.cfg.run.eval_every == 0 or e + 1 == epochs)
-            except KeyboardInterrupt:
+                    self.end_epoch(e, stats, evaluate_now=(e + 1) % self.cfg.run.eval_every == 0 or e + 1 == epochs)
+            except _Stop:
                 self.save()
                 raise UserError(f"interrupted at epoch {self.state.epoch} step {self.state.step}; "
                                 f"saved {self.out / 'checkpoint-last.pt'}: continue with --resume") from None
         return self.summarize(images, seconds, time.perf_counter() - start)
 
-    def train_epoch(self, bar: TrainProgress) -> tuple[int, float]:
+    @contextmanager
+    def stop_on_sigint(self) -> Iterator[None]:
+        """Ctrl-C finishes the current step, saves a checkpoint and stops (a second Ctrl-C
+        stops at once, keeping the last checkpoint), so a resumed run stays exact."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.console.print("stopping after this step (Ctrl-C again to stop at once)")
+
+        old = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+    def train_epoch(self, bar: TrainProgress) -> dict[str, float]:
+        """Run the rest of the current epoch; returns images, seconds, img/s and data-wait."""
         cfg, st = self.cfg, self.state
         epoch = st.epoch
         loader = train_loader(self.train_index, self.spec, epoch, st.step, cfg.data.workers,
@@ -265,6 +300,8 @@ class Trainer:
                 window = {"t": tick, "n": 0, "wait": 0.0}
             else:
                 bar.update(st.step)
+            if self.stop_requested:
+                raise _Stop
             if cfg.run.ckpt_every and st.updates % cfg.run.ckpt_every == 0 and st.step < self.steps:
                 st.elapsed += time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -272,8 +309,8 @@ class Trainer:
                 tick = time.perf_counter()
         seconds = time.perf_counter() - t0
         st.elapsed += seconds
-        self.epoch_stats = {"train_img_s": images / max(seconds, 1e-9), "data_wait": wait / max(seconds, 1e-9)}
-        return int(images), seconds
+        return {"images": images, "seconds": seconds, "train_img_s": images / max(seconds, 1e-9),
+                "data_wait": wait / max(seconds, 1e-9)}
 
     def step_record(self, parts: dict[str, torch.Tensor], window: dict, now: float, bad: int) -> dict[str, Any]:
         st = self.state
@@ -297,8 +334,9 @@ class Trainer:
                 self.bad_seen.add(path)
                 self.console.print(f"[yellow]warning:[/] skipped unreadable image {self.train_index.root / path}")
 
-    def end_epoch(self, epoch: int, evaluate_now: bool) -> None:
-        rec: dict[str, Any] = {"kind": "epoch", "epoch": epoch, **self.epoch_stats,
+    def end_epoch(self, epoch: int, stats: dict[str, float], evaluate_now: bool) -> None:
+        rec: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "train_img_s": stats["train_img_s"],
+                               "data_wait": stats["data_wait"],
                                "lr": self.optimizer.param_groups[0]["lr"], "bad_files": len(self.bad_seen)}
         best = False
         if evaluate_now:

@@ -103,6 +103,8 @@ def test_resume_from_another_models_checkpoint(tiny_data, tmp_path):
                      "--resume", str(tmp_path / "a" / "checkpoint-last.pt")), "is a checkpoint of deit_tiny")
     fails(tiny_train(tiny_data, tmp_path / "a", "--model", "deit_tiny", *TINY_MODEL, "--seed", "5", "--resume",
                      str(tmp_path / "a" / "checkpoint-last.pt")), "plan differs in ['seed']")
+    fails(tiny_train(tiny_data, tmp_path / "a", "--model", "deit_tiny", *TINY_MODEL),
+          "already holds a run (checkpoint-last.pt): continue it with --resume")
     assert (tmp_path / "a" / "checkpoint-last.pt").read_bytes() == before  # nothing lost
     fails(tiny_train(tiny_data, tmp_path / "c", "--model", "deit_tiny", "--resume", str(tmp_path / "none.pt")),
           "no checkpoint at")

@@ -1,6 +1,7 @@
 """End to end through the CLI on a tiny data set: run folder, eval, distillation, resume."""
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def test_hard_distillation_from_a_trained_teacher(teacher_run, tiny_data, tmp_pa
     assert res.exit_code == 0 and json.loads(res.stdout.splitlines()[-1])["top1"] == pytest.approx(summary["top1_dist"])
 
 
-@pytest.mark.parametrize("stop_at", [4, 6])  # after epoch 0 (4 steps an epoch), and mid-epoch 1
+@pytest.mark.parametrize("stop_at", [4, 6])  # the last step of epoch 0 (4 steps an epoch), mid-epoch 1
 def test_resume_gives_the_same_losses_as_a_straight_run(tiny_data, tmp_path, monkeypatch, stop_at):
     common = ["--data", str(tiny_data), "--model", "deit_tiny_distilled", *TINY_MODEL, "--epochs", "2",
               "--set", "run.log_every=1", "--set", "model.drop_path=0.1", "--set", "aug.mixup=0.8",
@@ -79,14 +80,14 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tiny_data, tmp_path, mon
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(*common, "--out", str(straight))
 
-    # The same run, interrupted (as by Ctrl-C) before its step number `stop_at`...
+    # The same run, interrupted by Ctrl-C during its step number `stop_at`...
     calls = {"n": 0}
     real_step = Stepper.step
 
     def step(self, *a, **k):
-        if calls["n"] == stop_at:
-            raise KeyboardInterrupt
         calls["n"] += 1
+        if calls["n"] == stop_at:
+            signal.raise_signal(signal.SIGINT)
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(Stepper, "step", step)
@@ -101,6 +102,6 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tiny_data, tmp_path, mon
     for key in a:
         assert abs(a[key] - b[key]) <= 1e-6, key
     resumed = records(split, "resume")
-    assert [(r["epoch"], r["step"]) for r in resumed] == [divmod(stop_at, 4)]
+    assert [(r["epoch"], r["step"]) for r in resumed] == [((stop_at - 1) // 4, (stop_at - 1) % 4 + 1)]
     ea, eb = records(straight, "epoch")[-1], records(split, "epoch")[-1]
     assert ea["top1"] == eb["top1"] and ea["top1_ema"] == eb["top1_ema"]
