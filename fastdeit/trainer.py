@@ -114,11 +114,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(cfg.model, len(self.classes), cfg.data.img_size).to(self.device)
         self.targets = self._targets()
-        lr = scaled_lr(cfg)
-        self.optimizer = create_optimizer_v2(
-            self.model, opt=cfg.optim.opt, lr=lr, weight_decay=cfg.optim.weight_decay,
-            betas=cfg.optim.betas, eps=cfg.optim.eps,
-            **({"fused": True} if self.device.type == "cuda" and cfg.optim.opt == "adamw" else {}))
+        self.optimizer = self._optimizer()
         # Per-update cosine with warm-up; at epoch boundaries it equals DeiT's per-epoch values.
         self.scheduler = CosineLRScheduler(
             self.optimizer, t_initial=cfg.sched.epochs * self.steps, lr_min=cfg.sched.min_lr,
@@ -132,6 +128,19 @@ class Trainer:
         self.state = RunState()
         self.bad_seen: set[str] = set()
         self.stop_requested = False
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """timm's factory: no weight decay on biases, norms and the model's no_weight_decay()
+        set (pos_embed, cls/dist tokens); fused AdamW on CUDA."""
+        o = self.cfg.optim
+        extra = {"fused": True} if self.device.type == "cuda" and o.opt == "adamw" else {}
+        if o.opt in ("adamw", "adam", "lamb", "lambw", "nadamw"):
+            extra.update(betas=o.betas, eps=o.eps)
+        try:
+            return create_optimizer_v2(self.model, opt=o.opt, lr=scaled_lr(self.cfg), weight_decay=o.weight_decay,
+                                       **extra)
+        except (ValueError, KeyError, AssertionError, TypeError) as e:
+            raise UserError(f"optim.opt {o.opt!r}: {e}") from None
 
     def _targets(self) -> TargetSource | None:
         d = self.cfg.distill

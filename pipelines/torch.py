@@ -120,6 +120,10 @@ class TrainBatches(torch.utils.data.Dataset):
         return load_plan_rows(self.index, self.spec, plan.shard(self.rank, self.world))
 
 
+def _as_is(batch: LoadedBatch) -> LoadedBatch:
+    return batch
+
+
 def _one_thread(_: int) -> None:
     # Workers decode with PIL; torch's intra-op threads would only contend with them.
     torch.set_num_threads(1)
@@ -132,8 +136,9 @@ def train_loader(index: ImageIndex, spec: PlanSpec, epoch: int, start_step: int,
     if workers == 0:
         return (data[k] for k in range(len(data)))
     loader = torch.utils.data.DataLoader(
-        data, batch_size=None, shuffle=False, num_workers=workers, collate_fn=lambda x: x,
-        worker_init_fn=_one_thread, prefetch_factor=4, persistent_workers=False)
+        data, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
+        worker_init_fn=_one_thread, prefetch_factor=4, persistent_workers=False,
+        generator=torch.Generator())  # its own seed draw: the global RNG (drop path) stays untouched
     return iter(loader)
 
 
@@ -165,4 +170,4 @@ def eval_loader(index: ImageIndex, img_size: int, crop_pct: float, batch_size: i
                 rows: np.ndarray | None = None) -> torch.utils.data.DataLoader:
     data = EvalSamples(index, img_size, crop_pct, rows=rows)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       worker_init_fn=_one_thread if workers else None)
+                                       worker_init_fn=_one_thread if workers else None, generator=torch.Generator())

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import TINY_SPEC
 
 from fastdeit.data.synthetic import write_synthetic
+
+from tiny import TINY_SPEC
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from tiny import TINY_MODEL, TINY_RUN
 from typer.testing import CliRunner
 
 from fastdeit.cli import app, optional_values
+
+from tiny import TINY_MODEL, TINY_RUN
 
 runner = CliRunner()
 
@@ -77,6 +78,7 @@ def test_train_and_val_classes_differ(tiny_data, tmp_path):
     (["--model", "deit_tiny", "--distill", "hard", "--teacher", "resnet10t"],
      "needs a student with a distillation token"),
     (["--model", "deit_tiny", "--batch-size", "128", "--set", "aug.mix_group=8"], "fewer than one global batch"),
+    (["--model", "deit_tiny", "--set", "optim.opt=adamq"], "optim.opt 'adamq': Optimizer adamq not found"),
 ])
 def test_bad_flags(tiny_data, tmp_path, extra, words):
     fails(tiny_train(tiny_data, tmp_path / "r", *extra, *TINY_MODEL), words)

@@ -4,6 +4,7 @@ from rich.console import Console
 
 from fastdeit.config import apply_overrides, recipe
 from fastdeit.demo import DemoRun, demo_runs, run_config, run_demo
+
 from tiny import TINY_SPEC
 
 SMALL_VIT = ("model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8")
@@ -21,16 +22,18 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
                                             "data.workers=0", "run.progress=false"])
     runs = [DemoRun("teacher", "resnet10t"), DemoRun("deit_tiny", "deit_tiny", sets=SMALL_VIT),
             DemoRun("deit_tiny_distilled", "deit_tiny_distilled", distill="hard", sets=SMALL_VIT)]
-    console = Console(file=open(tmp_path / "log.txt", "w"))
-    rows = run_demo(tmp_path / "out", tmp_path / "data", console, base=base, runs=runs, spec=TINY_SPEC)
-    assert [(r["model"], r["head"]) for r in rows] == [
-        ("resnet10t", "joint"), ("deit_tiny", "joint"),
-        ("deit_tiny_distilled", "cls"), ("deit_tiny_distilled", "dist"), ("deit_tiny_distilled", "joint")]
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["rows"] == rows and set(summary["runs"]) == {"teacher", "deit_tiny", "deit_tiny_distilled"}
-    for r in rows:
-        run = summary["runs"][r["run"]]
-        assert r["top1"] == (run["top1"] if r["head"] == "joint" else run[f"top1_{r['head']}"])
-    # a second demo reuses the data and replaces its own earlier runs
-    run_demo(tmp_path / "out", tmp_path / "data", console, base=base, runs=runs[:1], spec=TINY_SPEC)
-    assert "data: reusing" in (tmp_path / "log.txt").read_text()
+    with open(tmp_path / "log.txt", "w") as log:
+        console = Console(file=log)
+        rows = run_demo(tmp_path / "out", tmp_path / "data", console, base=base, runs=runs, spec=TINY_SPEC)
+        assert [(r["model"], r["head"]) for r in rows] == [
+            ("resnet10t", "joint"), ("deit_tiny", "joint"),
+            ("deit_tiny_distilled", "cls"), ("deit_tiny_distilled", "dist"), ("deit_tiny_distilled", "joint")]
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert summary["rows"] == rows and set(summary["runs"]) == {"teacher", "deit_tiny", "deit_tiny_distilled"}
+        for r in rows:
+            run = summary["runs"][r["run"]]
+            assert r["top1"] == (run["top1"] if r["head"] == "joint" else run[f"top1_{r['head']}"])
+        # a second demo reuses the data and replaces its own earlier runs
+        run_demo(tmp_path / "out", tmp_path / "data", console, base=base, runs=runs[:1], spec=TINY_SPEC)
+    log_text = (tmp_path / "log.txt").read_text()
+    assert "data: reusing" in log_text and "replacing the earlier demo run" in log_text

@@ -4,13 +4,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fastdeit.pipelines.torch import FILL, augment, decode, eval_loader, load_plan_rows, train_loader
 from PIL import Image
 from timm.data.auto_augment import AugmentOp
 from torchvision import transforms as T
 
 from fastdeit.config import AugConfig
 from fastdeit.data.folder import scan_split
+from fastdeit.pipelines.torch import FILL, augment, decode, eval_loader, load_plan_rows, train_loader
 from fastdeit.plan import RA_OPS, RA_OPS_INC, PlanSpec, level_to_arg, make_plan
 
 

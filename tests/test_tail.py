@@ -3,11 +3,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from fastdeit.pipelines.tail import apply_tail, erase_noise, normalize
 from timm.data.mixup import mixup_target
 from torchvision.transforms import functional as TF
 
 from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig
+from fastdeit.pipelines.tail import apply_tail, erase_noise, normalize
 from fastdeit.plan import PlanSpec, make_plan
 
 SIZES = np.full((64, 2), 100, np.int32)

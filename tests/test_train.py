@@ -5,11 +5,12 @@ import signal
 from pathlib import Path
 
 import pytest
-from tiny import TINY_MODEL, TINY_RUN
 from typer.testing import CliRunner
 
 from fastdeit.cli import app
 from fastdeit.engine import Stepper
+
+from tiny import TINY_MODEL, TINY_RUN
 
 runner = CliRunner()
 
@@ -71,9 +72,11 @@ def test_hard_distillation_from_a_trained_teacher(teacher_run, tiny_data, tmp_pa
     assert res.exit_code == 0 and json.loads(res.stdout.splitlines()[-1])["top1"] == pytest.approx(summary["top1_dist"])
 
 
-@pytest.mark.parametrize("stop_at", [4, 6])  # the last step of epoch 0 (4 steps an epoch), mid-epoch 1
-def test_resume_gives_the_same_losses_as_a_straight_run(tiny_data, tmp_path, monkeypatch, stop_at):
+# Stop at the last step of epoch 0 (4 steps an epoch), and mid-epoch 1 with loader processes.
+@pytest.mark.parametrize("stop_at, workers", [(4, 0), (6, 2)])
+def test_resume_gives_the_same_losses_as_a_straight_run(tiny_data, tmp_path, monkeypatch, stop_at, workers):
     common = ["--data", str(tiny_data), "--model", "deit_tiny_distilled", *TINY_MODEL, "--epochs", "2",
+              "--set", f"data.workers={workers}",
               "--set", "run.log_every=1", "--set", "model.drop_path=0.1", "--set", "aug.mixup=0.8",
               "--set", "aug.cutmix=1.0", "--set", "aug.reprob=0.25", "--set", "model.ema=true",
               "--set", "aug.rand_augment=rand-m9-mstd0.5-inc1"]
