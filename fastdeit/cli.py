@@ -83,6 +83,7 @@ def train(
     teacher: str = typer.Option(None, help="Teacher model name (timm)."),
     teacher_ckpt: Path = typer.Option(None, help="Teacher weights: a fastdeit checkpoint or a state_dict."),
     device: str = typer.Option(None, help="auto | cpu | cuda."),
+    loader: str = typer.Option(None, help="dali | torch | auto (dali when CUDA and DALI are available)."),
     seed: int = typer.Option(None, help="Seed of the augmentation plan and the initialisation."),
     resume: str = typer.Option(None, help="Resume from this checkpoint; `--resume` alone: OUT/checkpoint-last.pt."),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)."),
@@ -95,7 +96,7 @@ def train(
         cfg = build_train_config(recipe_name, data=data, model=model, out=out, epochs=epochs,
                                  batch_size=batch_size, img_size=img_size, lr=lr, distill=distill, alpha=alpha,
                                  tau=tau, teacher=teacher, teacher_ckpt=teacher_ckpt, device=device, seed=seed,
-                                 overrides=overrides)
+                                 loader=loader, overrides=overrides)
         path = None
         if resume:
             path = Path(cfg.run.out) / "checkpoint-last.pt" if resume == "auto" else Path(resume)
@@ -109,7 +110,8 @@ def build_train_config(recipe_name: str, *, data: Path | None, model: str | None
                        overrides: list[str], **flags: Any) -> TrainConfig:
     """Recipe, then flags, then --set overrides; validated."""
     cfg = recipe(recipe_name)
-    cfg = with_section(cfg, "data", path=str(data) if data else None, img_size=flags["img_size"])
+    cfg = with_section(cfg, "data", path=str(data) if data else None, img_size=flags["img_size"],
+                       loader=flags["loader"])
     cfg = with_section(cfg, "model", name=model)
     cfg = with_section(cfg, "sched", epochs=flags["epochs"])
     cfg = with_section(cfg, "optim", lr=flags["lr"])
@@ -127,6 +129,34 @@ def build_train_config(recipe_name: str, *, data: Path | None, model: str | None
     return cfg
 
 
+@app.command("check-data")
+def check_data(
+    data: Path = typer.Argument(..., help="ImageFolder root holding train/ and val/."),
+    out: Path = typer.Option(None, help="Also write the list to this file (for --set data.skip_list=FILE)."),
+) -> None:
+    """Decode every image once (fast: JPEGs at 1/8 scale) and list the unreadable ones."""
+    from fastdeit.data.folder import find_unreadable, load_dataset
+
+    def go() -> None:
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("reading headers", total=None)
+            train, val = load_dataset(data, progress=lambda d, t: bar.update(task, completed=d, total=t))
+            bad = []
+            for split, index in (("train", train), ("val", val)):
+                task = bar.add_task(f"decoding {split}", total=len(index))
+                rows = find_unreadable(index, progress=lambda d, t, task=task: bar.update(task, completed=d))
+                bad += [f"{split}/{index.paths[i]}" for i in rows]
+        for line in bad:
+            print(line)
+        if out is not None:
+            out.write_text("".join(f"{line}\n" for line in bad))
+        total = len(train) + len(val)
+        err.print(f"{len(bad)} unreadable of {total} images" +
+                  (f"; skip them with --set data.skip_list={out}" if out is not None and bad else ""))
+
+    _guard(go)
+
+
 @app.command("eval")
 def eval_cmd(
     data: Path = typer.Option(..., help="ImageFolder root; its val/ split is evaluated."),
@@ -136,15 +166,18 @@ def eval_cmd(
     batch_size: int = typer.Option(256, help="Eval batch size."),
     workers: int = typer.Option(2, help="Loader processes."),
     ema: bool = typer.Option(False, help="Evaluate the EMA weights."),
+    loader: str = typer.Option("auto", help="dali | torch | auto."),
 ) -> None:
     """Top-1 / top-5 on the val split, plus img/s."""
 
     def go() -> None:
-        from fastdeit.trainer import evaluate_checkpoint
+        from fastdeit.evaluation import evaluate_checkpoint
 
         if head not in ("joint", "cls", "dist"):
             raise UserError(f"--head must be joint, cls or dist, got {head!r}")
-        res = evaluate_checkpoint(ckpt, data, device, batch_size, workers, ema)
+        if loader not in ("auto", "dali", "torch"):
+            raise UserError(f"--loader must be auto, dali or torch, got {loader!r}")
+        res = evaluate_checkpoint(ckpt, data, device, batch_size, workers, ema, loader)
         if head not in res.heads:
             raise UserError(f"--head {head}: this model has only the joint head (not distilled)")
         table = Table(title=f"{ckpt}")

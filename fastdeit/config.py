@@ -27,8 +27,11 @@ class DataConfig:
     path: str = ""
     img_size: int = 224
     crop_pct: float = 0.875  # eval: resize the shorter side to img_size / crop_pct, then centre-crop
-    workers: int = 4  # loader processes for the reference pipeline (0 = in the main process)
+    workers: int = 4  # torch loader processes (0 = in the main process), or DALI CPU threads
     eval_batch_size: int = 256
+    loader: str = "auto"  # dali | torch | auto (dali when CUDA and DALI are there, else torch)
+    skip_list: str = ""  # a file of paths (as `fastdeit check-data` prints them) never to decode
+    roi_decode: bool = True  # DALI: decode only the plan's crop box (else the whole image, then crop)
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,7 @@ def validate(cfg: TrainConfig) -> None:
         (d.img_size >= 8, f"data.img_size must be at least 8, got {d.img_size}"),
         (0.1 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0.1, 1], got {d.crop_pct}"),
         (d.workers >= 0, "data.workers must be >= 0"),
+        (d.loader in ("auto", "dali", "torch"), f"--loader must be auto, dali or torch, got {d.loader!r}"),
         (d.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
         (m.patch_size >= 1, "model.patch_size must be >= 1"),
         (0.0 <= m.drop_path < 1.0, "model.drop_path must be in [0, 1)"),

@@ -11,8 +11,24 @@ import torch
 from torch import nn
 
 from fastdeit.distill import DistillationLoss
+from fastdeit.errors import UserError
 from fastdeit.models import head_logits
 from fastdeit.pipelines.tail import normalize
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):

@@ -42,6 +42,10 @@ class PlanSpec:
     batch_size: int
     aug: AugConfig
 
+    def __post_init__(self) -> None:
+        if self.batch_size % self.aug.mix_group:
+            raise ValueError(f"batch {self.batch_size} is not a whole number of mix groups of {self.aug.mix_group}")
+
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> PlanSpec:
         return cls(seed=cfg.run.seed, img_size=cfg.data.img_size, batch_size=cfg.run.batch_size, aug=cfg.aug)
@@ -73,6 +77,7 @@ class BatchPlan:
     seed: int
     epoch: int
     step: int
+    group: int  # rows per mix group: groups are contiguous and share lam, cutmix and box
     pos: np.ndarray
     index: np.ndarray
     crop: np.ndarray
@@ -93,9 +98,9 @@ class BatchPlan:
         arrays = {f.name: getattr(self, f.name)[lo:hi] for f in fields(self)
                   if isinstance(getattr(self, f.name), np.ndarray)}
         arrays["partner"] = self.partner[lo:hi] - lo
-        if len(arrays["partner"]) and (arrays["partner"].min() < 0 or arrays["partner"].max() >= hi - lo):
+        if lo % self.group or hi % self.group:
             raise ValueError("a shard must hold whole mix groups")
-        return BatchPlan(seed=self.seed, epoch=self.epoch, step=self.step, **arrays)
+        return BatchPlan(seed=self.seed, epoch=self.epoch, step=self.step, group=self.group, **arrays)
 
     def shard(self, rank: int, world: int) -> BatchPlan:
         per = len(self) // world
@@ -139,7 +144,8 @@ def make_plan(spec: PlanSpec, sizes: np.ndarray, epoch: int, step: int) -> Batch
     ra_op, ra_arg = _rand_augment(rng, b, spec.rand_augment)
     erase = _erasing(rng, b, s, a.reprob)
     lam, cutmix, box, partner = _mixing(rng, b, s, a)
-    return BatchPlan(seed=spec.seed, epoch=epoch, step=step, pos=step * b + np.arange(b, dtype=np.int64),
+    return BatchPlan(seed=spec.seed, epoch=epoch, step=step, group=a.mix_group,
+                     pos=step * b + np.arange(b, dtype=np.int64),
                      index=chunk.astype(np.int64), crop=crop, flip=flip, ra_op=ra_op, ra_arg=ra_arg,
                      erase=erase, lam=lam, cutmix=cutmix, box=box, partner=partner)
 

@@ -27,15 +27,15 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from fastdeit.config import ModelConfig, TrainConfig, per_rank_batch, save_json, scaled_lr
-from fastdeit.data.folder import ImageIndex, load_dataset
+from fastdeit.config import TrainConfig, per_rank_batch, save_json, scaled_lr
+from fastdeit.data.folder import load_dataset
 from fastdeit.dist import SINGLE, World
 from fastdeit.distill import DistillationLoss
-from fastdeit.engine import EvalResult, Stepper, evaluate
+from fastdeit.engine import EvalResult, Stepper, amp_dtype, evaluate, resolve_device
 from fastdeit.errors import UserError
-from fastdeit.models import build_model, is_distilled, load_teacher, read_checkpoint
+from fastdeit.loaders import Loaders, choose_loader, read_skip_list
+from fastdeit.models import build_model, is_distilled, load_teacher
 from fastdeit.pipelines.tail import apply_tail
-from fastdeit.pipelines.torch import eval_loader, train_loader
 from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.progress import TrainProgress
 from fastdeit.targets import LiveTeacher, TargetSource
@@ -45,21 +45,6 @@ CKPT_FORMAT = 1
 
 class _Stop(Exception):
     """Raised between steps when a stop was requested (Ctrl-C)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
 
 
 def git_commit() -> str | None:
@@ -106,8 +91,9 @@ class Trainer:
         self.out = Path(cfg.run.out)
         self.device = resolve_device(cfg.run.device)
         self.amp = amp_dtype(cfg.run.amp, self.device)
-        self.train_index, self.val_index = load_dataset(cfg.data.path)
+        self.train_index, self.val_index = read_skip_list(cfg.data.skip_list, *load_dataset(cfg.data.path))
         self.classes = self.train_index.classes
+        self.loader_kind, self.loader_why = choose_loader(cfg.data.loader, self.device)
         self.spec = PlanSpec.from_config(cfg)
         self.steps = steps_per_epoch(self.spec, len(self.train_index))
         self.rank_batch = per_rank_batch(cfg, world.size)
@@ -122,6 +108,7 @@ class Trainer:
             t_in_epochs=False)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
         self.ema = ModelEmaV3(self.model, decay=cfg.model.ema_decay) if cfg.model.ema else None
+        self.loaders = Loaders(self.loader_kind, cfg.data, self.spec, self.device, world.rank, world.size)
         self.stepper = Stepper(self.model, self.optimizer,
                                DistillationLoss(cfg.distill.mode, cfg.distill.alpha, cfg.distill.tau),
                                self.amp, self.scaler, cfg.optim.clip_grad, self.ema)
@@ -240,6 +227,7 @@ class Trainer:
         self.console.print(f"[bold]{self.cfg.model.name}[/] on {len(self.train_index)} images, "
                            f"{len(self.classes)} classes, {self.device}, batch {self.cfg.run.batch_size}, "
                            f"{self.steps} steps/epoch, lr {scaled_lr(self.cfg):.2e}, distill {self.cfg.distill.mode}")
+        self.console.print(f"loader: {self.loader_kind} ({self.loader_why})")
         images, seconds = 0, 0.0
         epochs = self.cfg.sched.epochs
         with TrainProgress(self.console, enabled=self.cfg.run.progress and self.world.is_main) as bar, \
@@ -281,8 +269,7 @@ class Trainer:
         """Run the rest of the current epoch; returns images, seconds, img/s and data-wait."""
         cfg, st = self.cfg, self.state
         epoch = st.epoch
-        loader = train_loader(self.train_index, self.spec, epoch, st.step, cfg.data.workers,
-                              self.world.rank, self.world.size)
+        loader = self.loaders.train(self.train_index, epoch, st.step)
         bar.start_epoch(epoch, cfg.sched.epochs, self.steps, st.step)
         t0 = tick = time.perf_counter()
         wait = images = 0.0
@@ -363,10 +350,8 @@ class Trainer:
         self.log(rec)
         self.save(best=best)
 
-    def evaluate(self, model: torch.nn.Module, index: ImageIndex | None = None) -> EvalResult:
-        d = self.cfg.data
-        loader = eval_loader(index or self.val_index, d.img_size, d.crop_pct, d.eval_batch_size, d.workers)
-        return evaluate(model, loader, self.device, self.amp)
+    def evaluate(self, model: torch.nn.Module) -> EvalResult:
+        return evaluate(model, self.loaders.eval(self.val_index), self.device, self.amp)
 
     def summarize(self, images: int, seconds: float, wall: float) -> dict[str, Any]:
         ev = self.state.last_eval
@@ -383,32 +368,3 @@ class Trainer:
         if self.world.is_main:
             atomic_write_text(json.dumps(summary, indent=2), self.out / "summary.json")
         return summary
-
-
-def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,
-                        workers: int = 2, use_ema: bool = False) -> EvalResult:
-    """Top-1/top-5 of a fastdeit checkpoint on the val split of `data`, with the checkpoint's
-    own image size and crop."""
-    weights, meta = read_checkpoint(ckpt)
-    if not meta:
-        raise UserError(f"{ckpt} is not a fastdeit checkpoint (no meta): "
-                        f"fine-tune from it with --set model.init={ckpt}")
-    if use_ema:
-        weights = _ema_weights(ckpt)
-    _, val = load_dataset(data)
-    if list(val.classes) != meta["classes"]:
-        raise UserError(f"{data} has classes {list(val.classes)[:5]}..., the checkpoint was trained on "
-                        f"{meta['classes'][:5]}...")
-    dev = resolve_device(device)
-    model_cfg = ModelConfig(**meta["model"], drop_path=0.0)
-    model = build_model(model_cfg, meta["num_classes"], meta["img_size"])
-    model.load_state_dict(weights)
-    loader = eval_loader(val, meta["img_size"], meta["crop_pct"], batch_size, workers)
-    return evaluate(model.to(dev), loader, dev, amp_dtype("auto", dev))
-
-
-def _ema_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    ema = torch.load(ckpt, map_location="cpu", weights_only=True).get("ema") or {}
-    if not ema:
-        raise UserError(f"{ckpt} holds no EMA weights (train with --set model.ema=true)")
-    return {k.removeprefix("module."): v for k, v in ema.items()}

@@ -3,7 +3,8 @@
 Shared by every pipeline (they all hand over a uint8 batch and its plan). The order follows
 DeiT: erasing is a per-sample transform after normalization, mixing is batch-level after it.
 Erasing's per-pixel noise comes from a counter-based hash of (seed, epoch, position, pixel),
-not from a device RNG, so the same plan gives the same pixels on the CPU and on a GPU.
+not from a device RNG, so the same plan gives the same pixels on the CPU and on a GPU (up
+to the last bit of log and cos).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     """uint8 [b, 3, H, W] -> (x / 255 - mean) / std, in float32 then cast."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-    return ((images.float() - mean) / std).to(dtype)
+    return images.float().sub_(mean).div_(std).to(dtype)  # in place on the fresh float copy
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -43,20 +44,39 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def erase_noise(seed: int, epoch: int, pos: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Standard normal noise [b, *shape] keyed by (seed, epoch, pos[i], element): Box–Muller on
-    two hashed uniforms. Same keys give the same values on any device."""
-    c, h, w = shape
-    dev = pos.device
-    key = _mix32(_mix32(torch.tensor((seed & _M32) ^ 0x5EED, device=dev)) ^ (epoch & _M32))
-    key = _mix32(key ^ (pos.to(torch.int64) & _M32)).view(-1, 1)
-    elem = torch.arange(c * h * w, device=dev, dtype=torch.int64).view(1, -1)
+def _keys(seed: int, epoch: int, pos: torch.Tensor) -> torch.Tensor:
+    key = _mix32(_mix32(torch.tensor((seed & _M32) ^ 0x5EED, device=pos.device)) ^ (epoch & _M32))
+    return _mix32(key ^ (pos.to(torch.int64) & _M32))
+
+
+def _normal(key: torch.Tensor, elem: torch.Tensor) -> torch.Tensor:
+    """Box–Muller on two uniforms hashed from (key, element index)."""
     a = _mix32(key ^ _mix32(elem * 2 + 1))
     b = _mix32(a ^ 0x68E31DA4)
-    u1 = (a.double() + 1.0) / 4294967297.0  # in (0, 1): log is finite
-    u2 = b.double() / 4294967296.0
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-    return z.float().view(-1, c, h, w)
+    u1 = (a.float() + 1.0) / 4294967296.0  # in (0, 1]: the log is finite
+    u2 = b.float() / 4294967296.0
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+
+
+def erase_noise(seed: int, epoch: int, pos: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Standard normal noise [b, *shape] keyed by (seed, epoch, pos[i], element index). The
+    same keys give the same values on any device and in any shard (up to the last bit of
+    log/cos), and a region can be computed alone (see `erase_box_noise`)."""
+    c, h, w = shape
+    key = _keys(seed, epoch, pos).view(-1, 1)
+    elem = torch.arange(c * h * w, device=pos.device, dtype=torch.int64).view(1, -1)
+    return _normal(key, elem).view(-1, c, h, w)
+
+
+def erase_box_noise(seed: int, epoch: int, pos: int, c: int, s: int, box: tuple[int, int, int, int],
+                    device: torch.device) -> torch.Tensor:
+    """The values `erase_noise` gives inside one box (top, left, h, w) of one sample."""
+    top, left, h, w = box
+    ch = torch.arange(c, device=device).view(-1, 1, 1) * (s * s)
+    ys = torch.arange(top, top + h, device=device).view(1, -1, 1) * s
+    xs = torch.arange(left, left + w, device=device).view(1, 1, -1)
+    key = _keys(seed, epoch, torch.tensor(pos, device=device))
+    return _normal(key, ch + ys + xs)
 
 
 def _box_mask(boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -73,28 +93,54 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
     return y.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
 
 
+def _erase(x: torch.Tensor, plan: BatchPlan) -> None:
+    """Random erasing in place, with per-pixel noise (timm's 'pixel' mode)."""
+    rows = np.flatnonzero(plan.erase[:, 2] > 0)
+    if not len(rows):
+        return
+    _, c, s, _ = x.shape
+    if x.device.type == "cpu":
+        # Only the boxes' pixels: a few percent of the work of hashing whole images.
+        for i in rows:
+            top, left, h, w = (int(v) for v in plan.erase[i])
+            x[i, :, top:top + h, left:left + w] = erase_box_noise(plan.seed, plan.epoch, int(plan.pos[i]), c, s,
+                                                                   (top, left, h, w), x.device)
+        return
+    # On a GPU one vectorised pass beats hundreds of small kernels.
+    e = plan.erase[rows]  # (top, left, h, w) -> (y0, y1, x0, x1)
+    box = torch.from_numpy(np.stack([e[:, 0], e[:, 0] + e[:, 2], e[:, 1], e[:, 1] + e[:, 3]], 1)).to(x.device)
+    noise = erase_noise(plan.seed, plan.epoch, torch.from_numpy(plan.pos[rows]).to(x.device), (c, s, s))
+    r = torch.from_numpy(rows).to(x.device)
+    x[r] = torch.where(_box_mask(box, s), noise, x[r])
+
+
+def _mix(x: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+    """Mixup or cutmix, one contiguous mix group at a time (groups share λ and box)."""
+    dev = x.device
+    xp = x[torch.from_numpy(plan.partner).to(dev)]
+    out = torch.empty_like(x)
+    for g0 in range(0, len(plan), plan.group):
+        rows = slice(g0, g0 + plan.group)
+        if plan.cutmix[g0]:
+            y0, y1, x0, x1 = (int(v) for v in plan.box[g0])
+            out[rows] = x[rows]
+            out[rows, :, y0:y1, x0:x1] = xp[rows, :, y0:y1, x0:x1]
+        else:
+            lam = float(plan.lam[g0])
+            torch.add(x[rows] * lam, xp[rows], alpha=1.0 - lam, out=out[rows])
+    return out
+
+
 def apply_tail(images: torch.Tensor, labels: torch.Tensor, plan: BatchPlan, num_classes: int,
                smoothing: float, dtype: torch.dtype = torch.float32) -> TailOutput:
-    """uint8 images (on the device) + their plan -> the student's input and soft targets."""
+    """uint8 images (on the device) + their plan -> the student's input and soft targets.
+    Branches read the plan's host arrays, never device tensors: no device sync."""
     dev = images.device
-    _, c, s, _ = images.shape
     x = normalize(images)
-    # Branch on the plan's host arrays, not on device tensors: no device sync.
-    rows = np.flatnonzero(plan.erase[:, 2] > 0)
-    if len(rows):
-        e = plan.erase[rows]  # (top, left, h, w) -> (y0, y1, x0, x1)
-        box = torch.from_numpy(np.stack([e[:, 0], e[:, 0] + e[:, 2], e[:, 1], e[:, 1] + e[:, 3]], 1)).to(dev)
-        noise = erase_noise(plan.seed, plan.epoch, torch.from_numpy(plan.pos[rows]).to(dev), (c, s, s))
-        r = torch.from_numpy(rows).to(dev)
-        x[r] = torch.where(_box_mask(box, s), noise, x[r])
+    _erase(x, plan)
     y = smooth_one_hot(labels.to(dev), num_classes, smoothing)
     if (plan.lam < 1).any():
-        partner = torch.from_numpy(plan.partner).to(dev)
-        lam = torch.from_numpy(plan.lam).to(dev)
-        xp = x[partner]
-        cut = torch.from_numpy(plan.cutmix).to(dev).view(-1, 1, 1, 1)
-        in_box = _box_mask(torch.from_numpy(plan.box).to(dev), s) & cut
-        l4 = lam.view(-1, 1, 1, 1)
-        x = torch.where(cut, torch.where(in_box, xp, x), l4 * x + (1 - l4) * xp)
-        y = lam.view(-1, 1) * y + (1 - lam.view(-1, 1)) * y[partner]
+        x = _mix(x, plan)
+        lam = torch.from_numpy(plan.lam).to(dev).view(-1, 1)
+        y = lam * y + (1 - lam) * y[torch.from_numpy(plan.partner).to(dev)]
     return TailOutput(images=x.to(dtype), targets=y)

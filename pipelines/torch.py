@@ -44,6 +44,9 @@ def rand_augment_op(img: Image.Image, name: str, arg: float, interpolation: str 
     if name in _NO_ARG_OPS:
         return NAME_TO_OP[name](img)
     value = int(arg) if name in _INT_ARG_OPS else float(arg)
+    if name.startswith("Posterize") and value <= 0:
+        # Keeping 0 bits gives black; Pillow >= 12 refuses bits=0, which timm asks for at magnitude 10.
+        return img.point(lambda _: 0)
     return NAME_TO_OP[name](img, value, fillcolor=FILL, resample=_INTERP[interpolation])
 
 
@@ -81,6 +84,8 @@ def load_plan_rows(index: ImageIndex, spec: PlanSpec, plan: BatchPlan) -> Loaded
         path = str(index.root / index.paths[idx])
         ops = [(names[o], float(a)) for o, a in zip(plan.ra_op[i], plan.ra_arg[i]) if o >= 0]
         try:
+            if idx in index.skip:
+                raise OSError("listed as unreadable")
             img = decode(path)
         except DECODE_ERRORS:  # a corrupt file must not end a long run; it is reported by name
             ok[i] = False
@@ -159,6 +164,8 @@ class EvalSamples(torch.utils.data.Dataset):
         i = int(self.rows[k])
         s = self.size
         try:
+            if i in self.index.skip:
+                raise OSError("listed as unreadable")
             img = decode(str(self.index.root / self.index.paths[i]))
         except DECODE_ERRORS:  # counted and left out of the metrics by the evaluator
             return torch.zeros(3, s, s, dtype=torch.uint8), int(self.index.labels[i]), False

@@ -7,7 +7,7 @@ from timm.data.mixup import mixup_target
 from torchvision.transforms import functional as TF
 
 from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig
-from fastdeit.pipelines.tail import apply_tail, erase_noise, normalize
+from fastdeit.pipelines.tail import apply_tail, erase_box_noise, erase_noise, normalize
 from fastdeit.plan import PlanSpec, make_plan
 
 SIZES = np.full((64, 2), 100, np.int32)
@@ -109,3 +109,10 @@ def test_tail_casts_to_compute_dtype():
     x, y = batch()
     out = apply_tail(x, y, plan_for(mixup=0.8), 10, 0.1, dtype=torch.bfloat16)
     assert out.images.dtype == torch.bfloat16 and out.targets.dtype == torch.float32
+
+
+def test_box_noise_is_the_full_noise_cropped():
+    """The CPU path hashes only the erased box; the GPU path hashes whole images and selects."""
+    full = erase_noise(3, 4, torch.tensor([17]), (3, 32, 32))[0]
+    box = erase_box_noise(3, 4, 17, 3, 32, (5, 7, 10, 12), torch.device("cpu"))
+    assert torch.equal(box, full[:, 5:15, 7:19])

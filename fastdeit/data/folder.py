@@ -10,7 +10,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ class ImageIndex:
     labels: np.ndarray  # int64 [n]
     sizes: np.ndarray  # int32 [n, 2]: (width, height); (0, 0) where the header is unreadable
     nbytes: np.ndarray  # int64 [n]
+    skip: frozenset[int] = frozenset()  # rows the pipelines do not decode: their slots copy another sample
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -38,6 +39,12 @@ class ImageIndex:
     @property
     def unreadable(self) -> list[str]:
         return [p for p, s in zip(self.paths, self.sizes) if s[0] == 0]
+
+    def with_skip(self, paths: list[str]) -> ImageIndex:
+        """The index with these relative paths (others are ignored) added to the skip set."""
+        rows = {p: i for i, p in enumerate(self.paths)}
+        extra = {rows[p] for p in paths if p in rows}
+        return replace(self, skip=self.skip | extra)
 
     def fingerprint(self) -> str:
         """sha256 of the sorted relative file list, byte sizes and class list."""
@@ -84,8 +91,34 @@ def scan_split(
             if progress is not None and (i % 256 == 0 or i == len(full) - 1):
                 progress(i + 1, len(full))
     nbytes = np.array([p.stat().st_size for p in full], np.int64)
-    return ImageIndex(root=base, classes=tuple(classes), paths=tuple(paths),
-                      labels=np.array(labels, np.int64), sizes=sizes, nbytes=nbytes)
+    return ImageIndex(root=base, classes=tuple(classes), paths=tuple(paths), labels=np.array(labels, np.int64),
+                      sizes=sizes, nbytes=nbytes, skip=frozenset(np.flatnonzero(sizes[:, 0] == 0).tolist()))
+
+
+def _decodes(path: Path) -> bool:
+    """Decode the whole file, at 1/8 scale where the format allows it (JPEG DCT scaling):
+    every byte is still read and checked, at a fraction of the cost."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+            img.load()
+        return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def find_unreadable(index: ImageIndex, rows: list[int] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> list[int]:
+    """Rows of `index` (all by default) whose file does not decode."""
+    rows = list(range(len(index))) if rows is None else rows
+    bad = []
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        for k, ok in enumerate(pool.map(lambda i: _decodes(index.root / index.paths[i]), rows)):
+            if not ok:
+                bad.append(rows[k])
+            if progress is not None and (k % 256 == 0 or k == len(rows) - 1):
+                progress(k + 1, len(rows))
+    return bad
 
 
 def load_dataset(

@@ -1,0 +1,206 @@
+"""Images per second of the full train pipeline: plan -> augmented, normalized batch on the device.
+
+Runs the DeiT recipe (RandAugment m9, random resized crop, flip, erasing, mixup/cutmix) through
+fastdeit's DALI pipeline, its torch reference pipeline, and the official DeiT pipeline as the
+baseline (timm's create_transform + a torch DataLoader + timm's Mixup, with the same number of
+workers), and prints a table and writes JSON.
+
+    python benchmarks/loader.py --make-data 2000 --device cpu --workers 2
+    python benchmarks/loader.py --data /path/to/imagenet --device cuda --workers 16 --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig
+from fastdeit.data.folder import scan_split
+from fastdeit.data.synthetic import SyntheticSpec, is_complete, write_synthetic
+from fastdeit.loaders import Loaders
+from fastdeit.pipelines import dali
+from fastdeit.pipelines.tail import apply_tail
+from fastdeit.plan import PlanSpec
+
+
+def fastdeit_rate(kind: str, index, spec: PlanSpec, device: torch.device, workers: int, steps: int,
+                  warmup: int) -> float:
+    """kind: torch, dali (region-of-interest decoding) or dali-full (whole image, then crop)."""
+    data = DataConfig(img_size=spec.img_size, workers=workers, roi_decode=kind != "dali-full")
+    loaders = Loaders("dali" if kind.startswith("dali") else kind, data, spec, device)
+    batches = loaders.train(index, 0, 0)
+    t0, n = 0.0, 0
+    for k, batch in enumerate(batches):
+        if k == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        out = apply_tail(batch.images.to(device, non_blocking=True), batch.labels, batch.plan, len(index.classes),
+                         spec.aug.smoothing, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if k >= warmup:
+            n += len(batch.labels)
+        if k + 1 == warmup + steps:
+            break
+    _sync(device)
+    del out
+    return n / (time.perf_counter() - t0)
+
+
+def _posterize_zero_bits_is_black() -> None:
+    """timm asks PIL to keep 0 bits at RandAugment magnitude 10, which Pillow >= 12 refuses
+    (ValueError), ending the official pipeline within a few batches; older Pillow gave black."""
+    from timm.data import auto_augment as aa
+
+    original = aa.posterize
+
+    def posterize(img, bits_to_keep, **kwargs):
+        return img.point(lambda _: 0) if bits_to_keep <= 0 else original(img, bits_to_keep, **kwargs)
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        aa.NAME_TO_OP[name] = posterize
+
+
+def baseline_rate(root: Path, img_size: int, batch: int, device: torch.device, workers: int, steps: int,
+                  warmup: int, num_classes: int) -> float:
+    """The official DeiT data path: timm transforms in DataLoader workers, Mixup on the device."""
+    from timm.data import Mixup, create_transform
+    from torchvision.datasets import ImageFolder
+
+    _posterize_zero_bits_is_black()
+    transform = create_transform(img_size, is_training=True, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1",
+                                 interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
+                                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    data = ImageFolder(str(root / "train"), transform=transform)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=workers > 0)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, mode="batch", label_smoothing=0.1,
+                  num_classes=num_classes)
+    t0, n, k = 0.0, 0, 0
+    while k < warmup + steps:
+        for x, y in loader:
+            if k == warmup:
+                _sync(device)
+                t0 = time.perf_counter()
+            x, y = mixup(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            if k >= warmup:
+                n += len(y)
+            k += 1
+            if k == warmup + steps:
+                break
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+           "numpy": np.__version__}
+    if dali.available():
+        import nvidia.dali
+
+        out["dali"] = nvidia.dali.__version__
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=None, help="ImageFolder root (train/ is read)")
+    p.add_argument("--make-data", type=int, default=0, metavar="N",
+                   help="write N ImageNet-sized synthetic JPEGs (375-500 px, quality 90) and use them")
+    p.add_argument("--loader", default="dali,dali-full,torch,baseline",
+                   help="comma-separated: dali (ROI decoding), dali-full (full decoding + crop), torch, baseline")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all loaders; the median is reported")
+    p.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if a.make_data:
+        per_class = max(1, a.make_data // 10)
+        spec = SyntheticSpec(classes=10, train_per_class=per_class, val_per_class=1, min_size=375, max_size=500)
+        root = a.data or Path(os.environ.get("TMPDIR", "/tmp")) / f"fastdeit-bench-{a.make_data}"
+        if not is_complete(root, spec):
+            write_synthetic(root, spec)
+        a.data = root
+    if a.data is None:
+        p.error("pass --data DIR or --make-data N")
+    index = scan_split(a.data, "train")
+    group = min(64, a.batch_size)
+    if a.batch_size % group:
+        p.error(f"--batch-size must be a multiple of {group} (the mix group)")
+    spec = PlanSpec(seed=0, img_size=a.img_size, batch_size=a.batch_size,
+                    aug=replace(AugConfig(), repeated_aug=1, mix_group=group))
+    console = Console(stderr=True)
+    kinds = [k for k in a.loader.split(",") if dali.available() or not k.startswith("dali")]
+    if len(kinds) < len(a.loader.split(",")):
+        console.print("dali: not installed, skipped")
+    runs: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(a.repeats):  # rounds interleave the loaders, so drifts hit them alike
+        for kind in kinds:
+            console.print(f"round {r + 1}/{a.repeats}: {kind} ...")
+            if kind == "baseline":
+                rate = baseline_rate(a.data, a.img_size, a.batch_size, device, a.workers, a.steps, a.warmup,
+                                     len(index.classes))
+            else:
+                rate = fastdeit_rate(kind, index, spec, device, a.workers, a.steps, a.warmup)
+            runs[kind].append(rate)
+    results = {k: float(np.median(v)) for k, v in runs.items()}
+    report = {
+        "benchmark": "loader", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device), "versions": versions(),
+        "settings": {"batch_size": a.batch_size, "img_size": a.img_size, "workers": a.workers, "steps": a.steps,
+                     "warmup": a.warmup, "repeats": a.repeats, "images": len(index),
+                     "data": "synthetic 375-500 px" if a.make_data else "user data",
+                     "recipe": "deit (RandAugment m9, mixup/cutmix, erasing)"},
+        "img_per_s": results,
+        "img_per_s_runs": runs,
+        "ratios": {f"{k}/baseline": v / results["baseline"] for k, v in results.items()
+                   if k != "baseline" and "baseline" in results},
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    }
+    table = Table(title=f"train pipeline, {report['device']}, {a.img_size} px, batch {a.batch_size}, "
+                        f"{a.workers} workers")
+    table.add_column("loader")
+    table.add_column("img/s (median)", justify="right")
+    table.add_column("min-max", justify="right")
+    table.add_column("vs baseline", justify="right")
+    for k, v in results.items():
+        ratio = report["ratios"].get(f"{k}/baseline")
+        table.add_row(k, f"{v:.0f}", f"{min(runs[k]):.0f}-{max(runs[k]):.0f}", "" if ratio is None else f"{ratio:.2f}x")
+    Console().print(table)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Which pipeline feeds the trainer — DALI or the torch reference — behind one interface.
+
+Both execute the same plan and hand over LoadedBatch (uint8 images, labels, plan, bad files)
+for training, and (uint8 images, labels, ok) batches for evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdeit.config import DataConfig
+from fastdeit.data.folder import ImageIndex
+from fastdeit.errors import UserError
+from fastdeit.pipelines import dali
+from fastdeit.pipelines.torch import LoadedBatch, eval_loader, train_loader
+from fastdeit.plan import PlanSpec
+
+
+def choose_loader(name: str, device: torch.device) -> tuple[str, str]:
+    """(loader, why): `auto` takes DALI when CUDA and DALI are both there, else torch."""
+    if name == "dali" and not dali.available():
+        raise UserError("--loader dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130), "
+                        "or use --loader torch")
+    if name != "auto":
+        return name, f"--loader {name}"
+    if device.type == "cuda" and dali.available():
+        return "dali", "CUDA and DALI are available"
+    if device.type != "cuda":
+        return "torch", "no CUDA device; --loader dali runs DALI on the CPU"
+    return "torch", "DALI is not installed (pip install nvidia-dali-cuda130)"
+
+
+def read_skip_list(path: str, train: ImageIndex, val: ImageIndex) -> tuple[ImageIndex, ImageIndex]:
+    """Add the files of a skip list (lines `train/<class>/<file>` or `val/...`, as
+    `fastdeit check-data` prints them) to each split's skip set."""
+    if not path:
+        return train, val
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    except OSError as e:
+        raise UserError(f"data.skip_list: cannot read {path}: {e.strerror}") from None
+    split = {"train": [], "val": []}
+    for line in lines:
+        head, _, rest = line.partition("/")
+        if head not in split or not rest:
+            raise UserError(f"data.skip_list {path}: {line!r} is not train/<class>/<file> or val/<class>/<file>")
+        split[head].append(rest)
+    return train.with_skip(split["train"]), val.with_skip(split["val"])
+
+
+class Loaders:
+    """The trainer's data source for one run: train batches per epoch and eval batches."""
+
+    def __init__(self, kind: str, data: DataConfig, spec: PlanSpec, device: torch.device,
+                 rank: int = 0, world: int = 1) -> None:
+        self.kind, self.data, self.spec, self.device = kind, data, spec, device
+        self.rank, self.world = rank, world
+        self._dali: dali.DaliTrainLoader | None = None
+
+    def train(self, index: ImageIndex, epoch: int, start_step: int) -> Iterator[LoadedBatch]:
+        if self.kind == "dali":
+            if self._dali is None:
+                self._dali = dali.DaliTrainLoader(index, self.spec, self.device, self.data.workers,
+                                                  self.rank, self.world, self.data.roi_decode)
+            return self._dali.epoch(epoch, start_step)
+        return train_loader(index, self.spec, epoch, start_step, self.data.workers, self.rank, self.world)
+
+    def eval(self, index: ImageIndex, rows: np.ndarray | None = None) -> Iterable:
+        d = self.data
+        if self.kind == "dali":
+            return dali.dali_eval_batches(index, d.img_size, d.crop_pct, d.eval_batch_size, self.device,
+                                          d.workers, rows)
+        return eval_loader(index, d.img_size, d.crop_pct, d.eval_batch_size, d.workers, rows)
