@@ -31,6 +31,9 @@ def _guard(fn: Callable[[], Any]) -> Any:
     except UserError as e:
         err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: what was finished is on disk; the same command resumes where it can")
+        raise typer.Exit(130) from None
 
 
 def cache_dir() -> Path:
@@ -82,6 +85,8 @@ def train(
     tau: float = typer.Option(None, help="Temperature of soft distillation."),
     teacher: str = typer.Option(None, help="Teacher model name (timm)."),
     teacher_ckpt: Path = typer.Option(None, help="Teacher weights: a fastdeit checkpoint or a state_dict."),
+    targets: str = typer.Option(None, help="live | replay | labelmap: where teacher targets come from."),
+    teacher_cache: Path = typer.Option(None, help="Cache folder for --targets replay|labelmap."),
     device: str = typer.Option(None, help="auto | cpu | cuda."),
     loader: str = typer.Option(None, help="dali | torch | auto (dali when CUDA and DALI are available)."),
     seed: int = typer.Option(None, help="Seed of the augmentation plan and the initialisation."),
@@ -96,7 +101,7 @@ def train(
         cfg = build_train_config(recipe_name, data=data, model=model, out=out, epochs=epochs,
                                  batch_size=batch_size, img_size=img_size, lr=lr, distill=distill, alpha=alpha,
                                  tau=tau, teacher=teacher, teacher_ckpt=teacher_ckpt, device=device, seed=seed,
-                                 loader=loader, overrides=overrides)
+                                 loader=loader, targets=targets, teacher_cache=teacher_cache, overrides=overrides)
         path = None
         if resume:
             path = Path(cfg.run.out) / "checkpoint-last.pt" if resume == "auto" else Path(resume)
@@ -116,8 +121,9 @@ def build_train_config(recipe_name: str, *, data: Path | None, model: str | None
     cfg = with_section(cfg, "sched", epochs=flags["epochs"])
     cfg = with_section(cfg, "optim", lr=flags["lr"])
     cfg = with_section(cfg, "distill", mode=flags["distill"], alpha=flags["alpha"], tau=flags["tau"],
-                       teacher=flags["teacher"],
-                       teacher_ckpt=str(flags["teacher_ckpt"]) if flags["teacher_ckpt"] else None)
+                       teacher=flags["teacher"], targets=flags.get("targets"),
+                       teacher_ckpt=str(flags["teacher_ckpt"]) if flags["teacher_ckpt"] else None,
+                       teacher_cache=str(flags["teacher_cache"]) if flags.get("teacher_cache") else None)
     cfg = with_section(cfg, "run", out=str(out) if out else None, batch_size=flags["batch_size"],
                        device=flags["device"], seed=flags["seed"])
     cfg = apply_overrides(cfg, overrides)
@@ -127,6 +133,58 @@ def build_train_config(recipe_name: str, *, data: Path | None, model: str | None
         raise UserError("--out RUN is required: the run folder to write")
     validate(cfg)
     return cfg
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    data: Path = typer.Option(None, help="ImageFolder root holding train/ and val/."),
+    teacher: str = typer.Option(None, help="Teacher model name (timm); read from a fastdeit checkpoint if omitted."),
+    teacher_ckpt: Path = typer.Option(None, help="Teacher weights."),
+    out: Path = typer.Option(None, help="The cache folder (created; a killed build resumes in it)."),
+    mode: str = typer.Option("replay", help="replay (exact, per epoch) | labelmap (one pass per image)."),
+    epochs: int = typer.Option(None, help="replay: cover epochs 0..E-1 (default: the recipe's)."),
+    topk: int = typer.Option(None, help="Logits (replay) or class scores per cell (labelmap) to keep."),
+    recipe_name: str = typer.Option("deit", "--recipe", help="The plan's recipe: it must be the training run's."),
+    batch_size: int = typer.Option(None, help="Global batch of the training runs (part of the plan)."),
+    img_size: int = typer.Option(None, help="Training resolution (part of the plan)."),
+    seed: int = typer.Option(None, help="The training runs' seed (part of the plan)."),
+    device: str = typer.Option(None, help="auto | cpu | cuda."),
+    loader: str = typer.Option(None, help="dali | torch | auto."),
+    verify_batches: int = typer.Option(0, "--verify", help="Instead of building: re-run the teacher on N cached "
+                                                             "batches and report the agreement."),
+    overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable), as for train."),
+) -> None:
+    """Cache the teacher's targets on disk, so that distillation runs read instead of computing them."""
+
+    def go() -> None:
+        from fastdeit.caching import build_labelmap, build_replay, verify
+        from fastdeit.data.folder import load_dataset
+        from fastdeit.loaders import read_skip_list
+
+        if mode not in ("replay", "labelmap"):
+            raise UserError(f"--mode must be replay or labelmap, got {mode!r}")
+        if out is None:
+            raise UserError("--out CACHE is required: the cache folder")
+        if not (teacher or teacher_ckpt):
+            raise UserError("cache-teacher needs a teacher: --teacher NAME and/or --teacher-ckpt PATH")
+        cfg = build_train_config(recipe_name, data=data, model=None, out=out, epochs=epochs, batch_size=batch_size,
+                                 img_size=img_size, lr=None, distill="hard", alpha=None, tau=None, teacher=teacher,
+                                 teacher_ckpt=teacher_ckpt, device=device, seed=seed, loader=loader,
+                                 overrides=[*overrides, *([f"distill.topk={topk}"] if topk else [])])
+        train, _ = read_skip_list(cfg.data.skip_list, *load_dataset(cfg.data.path))
+        if verify_batches:
+            agreement = verify(cfg, train, out, verify_batches, err)
+            err.print(f"{verify_batches} batches re-run: {agreement:.2%} of the cached hard labels equal the "
+                      f"live teacher's")
+            print(json.dumps({"verify_batches": verify_batches, "agreement": agreement}))
+            return
+        if mode == "replay":
+            manifest = build_replay(cfg, train, out, cfg.sched.epochs, err)
+        else:
+            manifest = build_labelmap(cfg, train, out, err)
+        err.print(f"teacher cache ready in {out} ({mode}, {manifest['teacher']})")
+
+    _guard(go)
 
 
 @app.command("check-data")

@@ -92,6 +92,11 @@ class DistillConfig:
     tau: float = 1.0
     teacher: str = ""  # a timm model name; may be read from a fastdeit teacher checkpoint
     teacher_ckpt: str = ""
+    targets: str = "live"  # live | replay | labelmap: where the teacher's predictions come from
+    teacher_cache: str = ""  # the cache folder for replay / labelmap
+    topk: int = 5  # logits (replay) or class scores per map cell (labelmap) kept in a cache
+    labelmap_size: int = 0  # the teacher's input size when building label maps (0 = data.img_size)
+    agreement_batches: int = 4  # labelmap: batches per epoch also run live, to report agreement
 
 
 @dataclass(frozen=True)
@@ -192,7 +197,7 @@ def _demo() -> TrainConfig:
         sched=SchedConfig(epochs=12, warmup_epochs=1.0, warmup_lr=1e-5, min_lr=1e-5),
         aug=AugConfig(scale=(0.5, 1.0), rand_augment="", reprob=0.0, mixup=0.0, cutmix=0.0, mix_group=16,
                       repeated_aug=1),
-        run=RunConfig(batch_size=32, log_every=10),
+        run=RunConfig(batch_size=32, log_every=10, eval_every=4),
     )
 
 
@@ -322,6 +327,11 @@ def validate(cfg: TrainConfig) -> None:
         (k.mode in ("none", "soft", "hard"), f"--distill must be none, soft or hard, got {k.mode!r}"),
         (0 <= k.alpha <= 1, f"--alpha must be in [0, 1], got {k.alpha}"),
         (k.tau > 0, f"--tau must be positive, got {k.tau}"),
+        (k.targets in ("live", "replay", "labelmap"), f"--targets must be live, replay or labelmap, got {k.targets!r}"),
+        (k.targets != "replay" or bool(k.teacher_cache),
+         "--targets replay needs --teacher-cache CACHE (build one with fastdeit cache-teacher --mode replay)"),
+        (k.topk >= 1 and k.labelmap_size >= 0 and k.agreement_batches >= 0,
+         "distill.topk must be >= 1, distill.labelmap_size and distill.agreement_batches >= 0"),
         (k.mode == "none" or bool(k.teacher or k.teacher_ckpt),
          f"--distill {k.mode} needs a teacher: pass --teacher NAME and/or --teacher-ckpt PATH"),
         (r.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {r.device!r}"),

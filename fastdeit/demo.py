@@ -20,9 +20,12 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from fastdeit.caching import build_replay
 from fastdeit.config import TrainConfig, apply_overrides, recipe, validate, with_section
+from fastdeit.data.folder import load_dataset
 from fastdeit.data.synthetic import SyntheticSpec, is_complete, write_synthetic
 from fastdeit.errors import UserError
+from fastdeit.pipelines import dali
 from fastdeit.trainer import Trainer, atomic_write_text, git_commit
 
 TEACHER = "resnet18"
@@ -34,6 +37,7 @@ class DemoRun:
     folder: str
     model: str
     distill: str = "none"
+    targets: str = "live"  # live | replay | labelmap (replay caches are built before the run)
     sets: tuple[str, ...] = ()  # --set overrides of the demo recipe for this run
 
 
@@ -45,6 +49,10 @@ def demo_runs() -> list[DemoRun]:
                                           "sched.epochs=16")),
         DemoRun("deit_tiny", "deit_tiny"),
         DemoRun("deit_tiny_distilled", "deit_tiny_distilled", distill="hard"),
+        DemoRun("deit_tiny_distilled_replay", "deit_tiny_distilled", distill="hard", targets="replay"),
+        # Label maps at twice the training size: a 4 x 4 map from the teacher's stride-32 features.
+        DemoRun("deit_tiny_distilled_labelmap", "deit_tiny_distilled", distill="hard", targets="labelmap",
+                sets=("distill.labelmap_size=128",)),
     ]
 
 
@@ -74,11 +82,16 @@ def _fresh(folder: Path, console: Console) -> None:
 
 def run_config(base: TrainConfig, run: DemoRun, data: Path, out: Path) -> TrainConfig:
     cfg = with_section(base, "data", path=str(data))
+    if cfg.data.loader == "auto" and dali.available():
+        # DALI's CPU graph beats PIL workers on these small images (no RandAugment in the demo)
+        cfg = with_section(cfg, "data", loader="dali")
     cfg = with_section(cfg, "model", name=run.model)
     cfg = with_section(cfg, "run", out=str(out / run.folder))
     cfg = apply_overrides(cfg, list(run.sets))
     if run.distill != "none":
-        cfg = with_section(cfg, "distill", mode=run.distill, teacher_ckpt=str(out / "teacher" / "checkpoint-last.pt"))
+        cfg = with_section(cfg, "distill", mode=run.distill, teacher_ckpt=str(out / "teacher" / "checkpoint-last.pt"),
+                           targets=run.targets,
+                           teacher_cache=str(out / f"teacher-{run.targets}") if run.targets != "live" else None)
     validate(cfg)
     return cfg
 
@@ -91,29 +104,39 @@ def run_demo(out: Path, data_root: Path, console: Console, base: TrainConfig | N
     base = base or recipe("demo")
     rows: list[dict[str, Any]] = []
     summaries = {}
+    for cache in ("teacher-replay", "teacher-labelmap"):  # built from the teacher this demo trains
+        if (out / cache / "manifest.json").exists():
+            shutil.rmtree(out / cache)
     for run in runs or demo_runs():
         cfg = run_config(base, run, data, out)
         _fresh(Path(cfg.run.out), console)
-        console.rule(f"{run.folder}: {run.model}, distill {run.distill}")
+        console.rule(f"{run.folder}: {run.model}, distill {run.distill}, targets {run.targets}")
+        t0 = time.perf_counter()
+        if run.targets == "replay":
+            train, _ = load_dataset(data)
+            build_replay(cfg, train, Path(cfg.distill.teacher_cache), cfg.sched.epochs, console)
         summary = Trainer(cfg, console).fit()
+        summary["wall_s"] = time.perf_counter() - t0  # with the cache it built
         summaries[run.folder] = summary
         heads = [h for h in ("cls", "dist") if f"top1_{h}" in summary] + ["joint"]
         for head in heads:
             rows.append({
-                "run": run.folder, "model": run.model, "distill": run.distill, "head": head,
+                "run": run.folder, "model": run.model, "distill": run.distill,
+                "targets": run.targets if run.distill != "none" else "", "head": head,
                 "top1": summary[f"top1_{head}"] if head != "joint" else summary["top1"],
                 "top5": summary["top5"] if head == "joint" else None,
                 "train_img_s": summary["train_img_s"], "eval_img_s": summary["eval_img_s"],
                 "wall_s": summary["wall_s"],
             })
     table = Table(title="fastdeit demo: synthetic data, val split")
-    for col in ("model", "distill", "head", "top-1", "top-5", "train img/s", "eval img/s", "wall time"):
-        table.add_column(col, justify="left" if col in ("model", "distill", "head") else "right", no_wrap=True)
+    for col in ("model", "distill", "targets", "head", "top-1", "top-5", "train img/s", "eval img/s", "wall time"):
+        table.add_column(col, justify="left" if col in ("model", "distill", "targets", "head") else "right",
+                         no_wrap=True)
     for r in rows:
-        table.add_row(r["model"], r["distill"], r["head"], f"{r['top1']:.1f}",
+        table.add_row(r["model"], r["distill"], r["targets"], r["head"], f"{r['top1']:.1f}",
                       "" if r["top5"] is None else f"{r['top5']:.1f}", f"{r['train_img_s']:.0f}",
                       f"{r['eval_img_s']:.0f}", f"{r['wall_s']:.0f} s")
-    Console(width=max(100, Console().width)).print(table)
+    Console(width=max(120, Console().width)).print(table)
     total = time.perf_counter() - start
     atomic_write_text(json.dumps({"rows": rows, "runs": summaries, "total_wall_s": total,
                                   "git_commit": git_commit()}, indent=2), out / "summary.json")

@@ -137,6 +137,7 @@ def load_teacher(cfg: DistillConfig, num_classes: int, img_size: int, device: to
                         f"distill from a teacher trained on these classes")
     if is_distilled(model):
         model.set_distilled_training(False)
+    model.fastdeit_name = model_cfg.name if cfg.teacher_ckpt else cfg.teacher  # caches record it
     model.eval().requires_grad_(False)
     return model.to(device)
 

@@ -1,9 +1,13 @@
 """Where distillation targets come from. A TargetSource maps (the student's input batch, its
-plan) to the teacher's output for exactly those samples.
+plan) to the teacher's output for exactly those samples: logits [b, classes] (float32), or
+hard labels [b] (int64).
 
-`live` is the paper's behaviour and the reference: the frozen teacher runs without
-gradients, in eval mode and the compute dtype, on the same mixed augmented batch as the
-student.
+- `live` is the paper's behaviour and the reference: the frozen teacher runs without
+  gradients, in eval mode and the compute dtype, on the same mixed augmented batch.
+- `replay` reads what `fastdeit cache-teacher --mode replay` stored for these (epoch,
+  position) keys: the teacher's argmax, and its top-k logits for soft distillation.
+- `labelmap` pools a cached per-image map of class probabilities over the plan's crop box
+  (RoIAlign) and mixes the pooled distributions with the plan's λ, as ReLabel does.
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
+from torchvision.ops import roi_align
 
 from fastdeit.plan import BatchPlan
+from fastdeit.teacher_cache import CacheReader
 
 
 class TargetSource(Protocol):
@@ -38,3 +45,101 @@ class LiveTeacher:
                if self.amp_dtype is not None else nullcontext())
         with torch.no_grad(), amp:
             return self.teacher(images).float()
+
+
+def replay_records(logits: torch.Tensor, topk: int, dtype: np.dtype) -> np.ndarray:
+    """What a replay cache stores of a batch of teacher logits."""
+    logits = logits.float()
+    val, idx = logits.topk(topk, dim=1)
+    rec = np.empty(len(logits), dtype)
+    rec["label"] = logits.argmax(dim=1).cpu().numpy()  # argmax, not topk's first: ties resolve as live does
+    rec["idx"] = idx.cpu().numpy()
+    rec["val"] = val.cpu().numpy()
+    rec["lse"] = torch.logsumexp(logits, dim=1).cpu().numpy()
+    return rec
+
+
+def topk_log_probs(idx: torch.Tensor, val: torch.Tensor, lse: torch.Tensor, num_classes: int,
+                   tau: float) -> torch.Tensor:
+    """Rebuild log-probabilities at temperature τ from top-k logits and the logsumexp: the
+    top-k keep their probability, the remaining mass is spread evenly over the other classes,
+    then p ** (1/τ) is renormalised (exact for τ = 1, an approximation otherwise)."""
+    p_top = torch.exp(val.float() - lse.view(-1, 1))
+    rest = (1.0 - p_top.sum(1, keepdim=True)).clamp_min(1e-12) / max(num_classes - idx.shape[1], 1)
+    logp = torch.log(rest).expand(-1, num_classes).clone()
+    logp.scatter_(1, idx.long(), torch.log(p_top.clamp_min(1e-12)))
+    return torch.log_softmax(logp / tau, dim=1)
+
+
+class ReplayTargets:
+    """Targets read from a replay cache; rows are epoch * rows_per_epoch + position."""
+
+    name = "replay"
+
+    def __init__(self, reader: CacheReader, rows_per_epoch: int, num_classes: int, mode: str, tau: float) -> None:
+        self.reader, self.rows_per_epoch = reader, rows_per_epoch
+        self.num_classes, self.mode, self.tau = num_classes, mode, tau
+
+    def __call__(self, images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+        rec = self.reader.rows(plan.epoch * self.rows_per_epoch + plan.pos)
+        dev = images.device
+        if self.mode == "hard":
+            return torch.from_numpy(rec["label"].astype(np.int64)).to(dev)
+        idx, val = torch.from_numpy(rec["idx"]).to(dev), torch.from_numpy(rec["val"]).to(dev)
+        logp = topk_log_probs(idx, val, torch.from_numpy(rec["lse"]).to(dev), self.num_classes, self.tau)
+        return logp * self.tau  # the loss divides by τ again: log_softmax(logp) == logp
+
+
+def labelmap_records(probs: torch.Tensor, topk: int, dtype: np.dtype) -> np.ndarray:
+    """probs [b, classes, h, w] (softmax over classes at each cell) -> top-k per cell."""
+    b, c, h, w = probs.shape
+    val, idx = probs.permute(0, 2, 3, 1).reshape(b, h * w, c).topk(topk, dim=2)
+    rec = np.empty(b, dtype)
+    rec["idx"] = idx.cpu().numpy()
+    rec["val"] = val.cpu().numpy()
+    return rec
+
+
+def pooled_scores(rec: np.ndarray, crops: np.ndarray, sizes: np.ndarray, grid: int, num_classes: int,
+                  device: torch.device) -> torch.Tensor:
+    """RoIAlign of each sample's label map over its crop box: [b, classes] class distributions.
+
+    The map covers the whole source image on a grid x grid lattice of cells; RoIAlign is
+    linear, so pooling an identity map gives each cell's weight for the box, and the sparse
+    top-k probabilities are scattered with those weights."""
+    b = len(rec)
+    w_src = np.maximum(sizes[:, 0], 1).astype(np.float32)
+    h_src = np.maximum(sizes[:, 1], 1).astype(np.float32)
+    left, top, cw, ch = (crops[:, k].astype(np.float32) for k in range(4))
+    boxes = np.stack([np.zeros(b, np.float32), left / w_src * grid, top / h_src * grid,
+                      (left + cw) / w_src * grid, (top + ch) / h_src * grid], axis=1)
+    eye = torch.eye(grid * grid, device=device).view(1, grid * grid, grid, grid)
+    weights = roi_align(eye, torch.from_numpy(boxes).to(device), output_size=1, spatial_scale=1.0,
+                        sampling_ratio=2, aligned=True).view(b, grid * grid)
+    idx = torch.from_numpy(rec["idx"].astype(np.int64)).to(device)  # [b, cells, k]
+    val = torch.from_numpy(rec["val"]).to(device).float()
+    scores = torch.zeros(b, num_classes, device=device)
+    scores.scatter_add_(1, idx.view(b, -1), (weights.unsqueeze(2) * val).view(b, -1))
+    return scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+class LabelMapTargets:
+    """Targets pooled from cached label maps over the plan's boxes, mixed with its λ."""
+
+    name = "labelmap"
+
+    def __init__(self, reader: CacheReader, sizes: np.ndarray, grid: int, num_classes: int, mode: str,
+                 tau: float) -> None:
+        self.reader, self.sizes, self.grid = reader, sizes, grid
+        self.num_classes, self.mode, self.tau = num_classes, mode, tau
+
+    def __call__(self, images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+        dev = images.device
+        rec = self.reader.rows(plan.index)
+        scores = pooled_scores(rec, plan.crop, self.sizes[plan.index], self.grid, self.num_classes, dev)
+        if (plan.lam < 1).any():
+            lam = torch.from_numpy(plan.lam).to(dev).view(-1, 1)
+            scores = lam * scores + (1 - lam) * scores[torch.from_numpy(plan.partner).to(dev)]
+        if self.mode == "hard":
+            return scores.argmax(dim=1)
+        return torch.log(scores.clamp_min(1e-8)) * self.tau

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
+from fastdeit.caching import open_targets
 from fastdeit.config import TrainConfig, per_rank_batch, save_json, scaled_lr
 from fastdeit.data.folder import load_dataset
 from fastdeit.dist import SINGLE, World
@@ -34,7 +36,7 @@ from fastdeit.distill import DistillationLoss
 from fastdeit.engine import EvalResult, Stepper, amp_dtype, evaluate, resolve_device
 from fastdeit.errors import UserError
 from fastdeit.loaders import Loaders, choose_loader, read_skip_list
-from fastdeit.models import build_model, is_distilled, load_teacher
+from fastdeit.models import build_model, is_distilled
 from fastdeit.pipelines.tail import apply_tail
 from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.progress import TrainProgress
@@ -96,9 +98,10 @@ class Trainer:
         self.loader_kind, self.loader_why = choose_loader(cfg.data.loader, self.device)
         self.spec = PlanSpec.from_config(cfg)
         self.steps = steps_per_epoch(self.spec, len(self.train_index))
-        self.rank_batch = per_rank_batch(cfg, world.size)
+        per_rank_batch(cfg, world.size)  # fails early when the global batch does not split into ranks
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(cfg.model, len(self.classes), cfg.data.img_size).to(self.device)
+        self.agreement_live: LiveTeacher | None = None  # labelmap: a live teacher to measure agreement
         self.targets = self._targets()
         self.optimizer = self._optimizer()
         # Per-update cosine with warm-up; at epoch boundaries it equals DeiT's per-epoch values.
@@ -136,8 +139,8 @@ class Trainer:
         if not is_distilled(self.model):
             raise UserError(f"--distill {d.mode} needs a student with a distillation token: "
                             f"use {self.cfg.model.name}_distilled (or another deit_*_distilled)")
-        teacher = load_teacher(d, len(self.classes), self.cfg.data.img_size, self.device)
-        return LiveTeacher(teacher, self.amp)
+        source, self.agreement_live = open_targets(self.cfg, self.train_index, self.device, self.amp, self.console)
+        return source
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -273,6 +276,7 @@ class Trainer:
         bar.start_epoch(epoch, cfg.sched.epochs, self.steps, st.step)
         t0 = tick = time.perf_counter()
         wait = images = 0.0
+        first_step, agree = st.step, np.zeros(2)
         window = {"t": tick, "n": 0, "wait": 0.0}
         for batch in loader:
             now = time.perf_counter()
@@ -283,6 +287,8 @@ class Trainer:
             tail = apply_tail(x, batch.labels, batch.plan, len(self.classes), cfg.aug.smoothing,
                               self.amp or torch.float32)
             teacher = self.targets(tail.images, batch.plan) if self.targets else None
+            if self.agreement_live is not None and st.step - first_step < cfg.distill.agreement_batches:
+                agree += self.agreement(tail.images, batch.plan, teacher)
             parts = self.stepper.step(tail.images, tail.targets, teacher, st.updates + 1)
             st.updates += 1
             st.step += 1
@@ -305,8 +311,17 @@ class Trainer:
                 tick = time.perf_counter()
         seconds = time.perf_counter() - t0
         st.elapsed += seconds
-        return {"images": images, "seconds": seconds, "train_img_s": images / max(seconds, 1e-9),
-                "data_wait": wait / max(seconds, 1e-9)}
+        stats = {"images": images, "seconds": seconds, "train_img_s": images / max(seconds, 1e-9),
+                 "data_wait": wait / max(seconds, 1e-9)}
+        if agree[1]:
+            stats["target_agreement"] = agree[0] / agree[1]
+        return stats
+
+    def agreement(self, images: torch.Tensor, plan: Any, targets: torch.Tensor) -> np.ndarray:
+        """(equal, total) hard labels of the cached targets and the live teacher on this batch."""
+        live = self.agreement_live(images, plan).argmax(1)
+        got = targets if targets.dim() == 1 else targets.argmax(1)
+        return np.array([int((live == got).sum()), len(live)])
 
     def step_record(self, parts: dict[str, torch.Tensor], window: dict, now: float, bad: int) -> dict[str, Any]:
         st = self.state
@@ -331,9 +346,9 @@ class Trainer:
                 self.console.print(f"[yellow]warning:[/] skipped unreadable image {self.train_index.root / path}")
 
     def end_epoch(self, epoch: int, stats: dict[str, float], evaluate_now: bool) -> None:
-        rec: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "train_img_s": stats["train_img_s"],
-                               "data_wait": stats["data_wait"],
-                               "lr": self.optimizer.param_groups[0]["lr"], "bad_files": len(self.bad_seen)}
+        rec: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                               "bad_files": len(self.bad_seen),
+                               **{k: v for k, v in stats.items() if k not in ("images", "seconds")}}
         best = False
         if evaluate_now:
             res = self.evaluate(self.model)

@@ -178,3 +178,32 @@ def eval_loader(index: ImageIndex, img_size: int, crop_pct: float, batch_size: i
     data = EvalSamples(index, img_size, crop_pct, rows=rows)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
                                        worker_init_fn=_one_thread if workers else None, generator=torch.Generator())
+
+
+class SquareImages(torch.utils.data.Dataset):
+    """Whole images resized to size x size (no crop): the teacher's view for label maps."""
+
+    def __init__(self, index: ImageIndex, size: int, rows: np.ndarray | None = None) -> None:
+        self.index, self.size = index, size
+        self.rows = np.arange(len(index)) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int, bool]:
+        i = int(self.rows[k])
+        try:
+            if i in self.index.skip:
+                raise OSError("listed as unreadable")
+            img = decode(str(self.index.root / self.index.paths[i]))
+        except DECODE_ERRORS:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), i, False
+        img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), i, True
+
+
+def square_loader(index: ImageIndex, size: int, batch_size: int, workers: int,
+                  rows: np.ndarray | None = None) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(SquareImages(index, size, rows), batch_size=batch_size, shuffle=False,
+                                       num_workers=workers, worker_init_fn=_one_thread if workers else None,
+                                       generator=torch.Generator())

@@ -23,3 +23,13 @@ def test_loader_benchmark_runs_and_writes_json(tiny_data, tmp_path):
     assert rc == 0 and report["device"] and report["versions"]["torch"]
     assert set(report["img_per_s"]) >= {"torch", "baseline"} and all(v > 0 for v in report["img_per_s"].values())
     assert "torch/baseline" in report["ratios"]
+
+
+def test_throughput_distill_section_runs(tmp_path):
+    out = tmp_path / "t.json"
+    rc = load("throughput").main(["--section", "distill", "--device", "cpu", "--student", "deit_tiny_distilled",
+                                  "--teacher", "resnet10t", "--img-size", "32", "--batch-size", "8", "--steps", "1",
+                                  "--warmup", "1", "--repeats", "1", "--out", str(out)])
+    report = json.loads(out.read_text())["distill"]
+    assert rc == 0 and set(report["img_per_s"]) == {"none", "live", "replay", "labelmap"}
+    assert report["forward_gmacs"]["teacher"] > 0 and all(v > 0 for v in report["img_per_s"].values())

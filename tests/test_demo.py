@@ -12,24 +12,31 @@ SMALL_VIT = ("model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.
 
 def test_demo_runs_are_valid_configs(tmp_path):
     runs = demo_runs()
-    assert [r.distill for r in runs] == ["none", "none", "hard"]
+    assert [(r.distill, r.targets) for r in runs] == [
+        ("none", "live"), ("none", "live"), ("hard", "live"), ("hard", "replay"), ("hard", "labelmap")]
     cfgs = [run_config(recipe("demo"), r, tmp_path / "data", tmp_path / "out") for r in runs]
     assert cfgs[0].model.width == 0.5 and cfgs[2].distill.teacher_ckpt.endswith("teacher/checkpoint-last.pt")
+    assert cfgs[3].distill.teacher_cache.endswith("teacher-replay") and cfgs[4].distill.labelmap_size == 128
 
 
 def test_demo_end_to_end_on_tiny_settings(tmp_path):
     base = apply_overrides(recipe("demo"), ["data.img_size=32", "run.batch_size=16", "sched.epochs=1",
                                             "data.workers=0", "run.progress=false"])
     runs = [DemoRun("teacher", "resnet10t"), DemoRun("deit_tiny", "deit_tiny", sets=SMALL_VIT),
-            DemoRun("deit_tiny_distilled", "deit_tiny_distilled", distill="hard", sets=SMALL_VIT)]
+            DemoRun("deit_tiny_distilled", "deit_tiny_distilled", distill="hard", sets=SMALL_VIT),
+            DemoRun("replay", "deit_tiny_distilled", distill="hard", targets="replay", sets=SMALL_VIT),
+            DemoRun("labelmap", "deit_tiny_distilled", distill="hard", targets="labelmap", sets=SMALL_VIT)]
     with open(tmp_path / "log.txt", "w") as log:
         console = Console(file=log)
         rows = run_demo(tmp_path / "out", tmp_path / "data", console, base=base, runs=runs, spec=TINY_SPEC)
-        assert [(r["model"], r["head"]) for r in rows] == [
-            ("resnet10t", "joint"), ("deit_tiny", "joint"),
-            ("deit_tiny_distilled", "cls"), ("deit_tiny_distilled", "dist"), ("deit_tiny_distilled", "joint")]
+        heads = [("deit_tiny_distilled", t, h) for t in ("live", "replay", "labelmap")
+                 for h in ("cls", "dist", "joint")]
+        assert [(r["model"], r["targets"], r["head"]) for r in rows] == [
+            ("resnet10t", "", "joint"), ("deit_tiny", "", "joint"), *heads]
         summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-        assert summary["rows"] == rows and set(summary["runs"]) == {"teacher", "deit_tiny", "deit_tiny_distilled"}
+        assert summary["rows"] == rows and set(summary["runs"]) == {r.folder for r in runs}
+        assert (tmp_path / "out" / "teacher-replay" / "manifest.json").exists()
+        assert (tmp_path / "out" / "teacher-labelmap" / "manifest.json").exists()
         for r in rows:
             run = summary["runs"][r["run"]]
             assert r["top1"] == (run["top1"] if r["head"] == "joint" else run[f"top1_{r['head']}"])

@@ -9,4 +9,4 @@ TINY_MODEL = ["--set", "model.depth=2", "--set", "model.embed_dim=32", "--set", 
               "--set", "model.patch_size=8"]
 TINY_RUN = ["--recipe", "demo", "--img-size", "32", "--batch-size", "16", "--epochs", "1",
             "--set", "data.workers=0", "--set", "run.progress=false", "--set", "aug.mix_group=8",
-            "--set", "data.eval_batch_size=32"]
+            "--set", "data.eval_batch_size=32", "--set", "run.eval_every=1"]

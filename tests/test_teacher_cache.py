@@ -1,0 +1,194 @@
+"""Teacher caches: replay equals live, label maps pool and mix, and the cache refuses to lie."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+from fastdeit import caching
+from fastdeit.cli import app
+from fastdeit.targets import LiveTeacher, pooled_scores, topk_log_probs
+from fastdeit.teacher_cache import CacheReader, CacheWriter, replay_dtype
+
+from tiny import TINY_MODEL, TINY_RUN
+
+runner = CliRunner()
+PLAN = ["--recipe", "demo", "--img-size", "32", "--batch-size", "16", "--set", "aug.mix_group=8",
+        "--set", "aug.mixup=0.8", "--set", "aug.cutmix=1.0", "--set", "aug.reprob=0.25",
+        "--set", "aug.rand_augment=rand-m9-mstd0.5-inc1", "--set", "data.workers=0"]
+
+
+def ok(args: list[str]) -> str:
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return res.stdout
+
+
+def fails(args: list[str], words: str, before_start: bool = True) -> None:
+    """Exit 2 with one error line, no traceback; `before_start`: nothing else was printed."""
+    res = runner.invoke(app, args)
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert lines[-1].startswith("error:") and words in lines[-1], res.stderr
+    assert not before_start or len(lines) == 1, res.stderr
+
+
+def steps(run: Path) -> dict:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {(r["epoch"], r["step"]): r for r in lines if r["kind"] == "step"}
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    ok(["train", *TINY_RUN, "--data", str(tiny_data), "--model", "resnet10t", "--out", str(out), "--epochs", "2"])
+    return out / "checkpoint-last.pt"
+
+
+@pytest.fixture(scope="module")
+def replay(tiny_data, teacher, tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("cache") / "replay"
+    ok(["cache-teacher", "--data", str(tiny_data), "--teacher-ckpt", str(teacher), "--out", str(cache),
+        "--epochs", "2", *PLAN])
+    return cache
+
+
+def student(tiny_data, out, teacher, *extra) -> list[str]:
+    return ["train", *TINY_RUN, *TINY_MODEL, *PLAN, "--data", str(tiny_data), "--model", "deit_tiny_distilled",
+            "--out", str(out), "--epochs", "2", "--distill", "hard", "--teacher-ckpt", str(teacher),
+            "--set", "run.log_every=1", *extra]
+
+
+def test_replay_equals_live_exactly(tiny_data, teacher, replay, tmp_path):
+    ok(student(tiny_data, tmp_path / "live", teacher))
+    ok(student(tiny_data, tmp_path / "replay", teacher, "--targets", "replay", "--teacher-cache", str(replay)))
+    live, rep = steps(tmp_path / "live"), steps(tmp_path / "replay")
+    assert len(live) == 8 and live.keys() == rep.keys()
+    for key in live:
+        assert live[key]["loss"] == rep[key]["loss"], key  # the same labels give the same bits
+        assert live[key]["loss_distill"] == rep[key]["loss_distill"]
+
+
+def test_verify_reports_full_agreement_on_the_same_backend(tiny_data, teacher, replay):
+    out = ok(["cache-teacher", "--data", str(tiny_data), "--teacher-ckpt", str(teacher), "--out", str(replay),
+              "--verify", "3", *PLAN])
+    assert json.loads(out.splitlines()[-1]) == {"verify_batches": 3, "agreement": 1.0}
+
+
+def test_soft_targets_from_all_logits_are_exact():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=g) * 3
+    val, idx = logits.topk(5, dim=1)
+    for tau in (1.0, 2.5):
+        got = topk_log_probs(idx, val, torch.logsumexp(logits, 1), 5, tau)
+        assert torch.allclose(got, torch.log_softmax(logits / tau, 1), atol=1e-5)
+    val, idx = logits.topk(2, dim=1)  # fewer: the top-2 keep their probability, the rest share the remainder
+    got = topk_log_probs(idx, val, torch.logsumexp(logits, 1), 5, 1.0).exp()
+    p = logits.softmax(1)
+    assert torch.allclose(got.gather(1, idx), p.gather(1, idx), atol=1e-5)
+    assert torch.allclose(got.sum(1), torch.ones(6), atol=1e-5)
+
+
+def test_labelmap_pooling_follows_the_box():
+    grid, classes = 2, 4
+    rec = np.zeros(1, [("idx", "<i2", (4, 1)), ("val", "<f2", (4, 1))])
+    rec["idx"][0, :, 0] = [0, 1, 2, 3]  # cell (row, col) -> class: (0,0)->0 (0,1)->1 (1,0)->2 (1,1)->3
+    rec["val"][0, :, 0] = 1.0
+    sizes = np.array([[100, 60]])
+    whole = pooled_scores(rec, np.array([[0, 0, 100, 60]]), sizes, grid, classes, torch.device("cpu"))
+    assert torch.allclose(whole, torch.full((1, 4), 0.25), atol=1e-6)
+    right_bottom = pooled_scores(rec, np.array([[50, 30, 50, 30]]), sizes, grid, classes, torch.device("cpu"))
+    # RoIAlign samples the box at 2x2 points, bilinear between cell centres (aligned=True):
+    # along each axis the points sit at 0.75 and 1.25 cells -> weights 1/8 and 7/8.
+    a, b = 1 / 8, 7 / 8
+    assert torch.allclose(right_bottom, torch.tensor([[a * a, a * b, b * a, b * b]]), atol=1e-6)
+
+
+def test_labelmap_targets_report_agreement(tiny_data, teacher, tmp_path):
+    ok(student(tiny_data, tmp_path / "lm", teacher, "--targets", "labelmap", "--set", "distill.labelmap_size=64"))
+    epochs = [json.loads(x) for x in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "epoch"' in x]
+    assert all(0.0 <= e["target_agreement"] <= 1.0 for e in epochs) and len(epochs) == 2
+    manifest = json.loads((tmp_path / "lm" / "teacher-labelmap" / "manifest.json").read_text())
+    assert manifest["mode"] == "labelmap" and manifest["grid"] == 2
+
+
+def test_the_cache_refuses_another_teacher_data_plan_or_epoch(tiny_data, teacher, replay, tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), other)
+    base = student(tiny_data, tmp_path / "r", teacher, "--targets", "replay", "--teacher-cache", str(replay))
+    fails([*student(tiny_data, tmp_path / "r", other, "--teacher", "resnet10t", "--targets", "replay",
+                    "--teacher-cache", str(replay))], "built for another teacher sha256")
+    fails([*base, "--seed", "3"], "built for another plan")
+    fails([*base, "--set", "aug.reprob=0.5"], "built for another plan")
+    fails([*base, "--epochs", "3"], "covers epochs 0-1, not epoch 2")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    extra = sorted((data / "train").glob("*/*.jpg"))[0]
+    shutil.copy(extra, extra.with_name("extra.jpg"))
+    fails([*student(data, tmp_path / "r", teacher, "--targets", "replay", "--teacher-cache", str(replay))],
+          "built for another dataset")
+    fails([*student(tiny_data, tmp_path / "r", teacher, "--targets", "replay")],
+          "--targets replay needs --teacher-cache")
+
+
+def test_a_corrupted_shard_is_detected(tiny_data, teacher, replay, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(replay, cache)
+    shard = cache / "shard-00000.npy"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    # shards are checked when first read (a whole cache can be many GB): here at the first step
+    fails(student(tiny_data, tmp_path / "r", teacher, "--targets", "replay", "--teacher-cache", str(cache)),
+          "shard-00000.npy is corrupted (checksum mismatch)", before_start=False)
+
+
+def test_an_interrupted_build_resumes_to_the_same_cache(tiny_data, teacher, replay, tmp_path, monkeypatch):
+    monkeypatch.setattr(caching, "SHARD_ROWS", 32)  # two batches a shard
+    cache = tmp_path / "cache"
+    build = ["cache-teacher", "--data", str(tiny_data), "--teacher-ckpt", str(teacher), "--out", str(cache),
+             "--epochs", "2", *PLAN]
+    calls = {"n": 0}
+    real = LiveTeacher.__call__
+
+    def dies_after_five(self, *a):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(self, *a)
+
+    monkeypatch.setattr(LiveTeacher, "__call__", dies_after_five)
+    res = runner.invoke(app, build)
+    assert res.exit_code != 0
+    assert {p.name for p in cache.glob("shard-*.sha256")} == {"shard-00000.sha256", "shard-00001.sha256"}
+    (cache / "shard-00002.npy").write_bytes(b"half a shard, never finished")  # no checksum: never read
+    monkeypatch.setattr(LiveTeacher, "__call__", real)
+    calls["n"] = 0
+    ok(build)
+    resumed = CacheReader(cache).rows(np.arange(128))
+    whole = CacheReader(replay).rows(np.arange(128))
+    assert np.array_equal(resumed["label"], whole["label"]) and np.array_equal(resumed["val"], whole["val"])
+
+
+def test_writer_rewrites_a_short_last_shard_when_extended(tmp_path):
+    dtype = replay_dtype(2, 4)
+    manifest = {"format": 1, "mode": "replay", "shard_rows": 4}
+    w = CacheWriter(tmp_path, manifest, dtype)
+    rows = np.zeros(6, dtype)
+    rows["label"] = np.arange(6)
+    w.append(rows)
+    w.finish()
+    assert CacheReader(tmp_path).rows_available() == 6
+    w2 = CacheWriter(tmp_path, manifest, dtype)
+    assert w2.rows_done == 4  # the short shard (rows 4-5) will be written again, whole
+    more = np.zeros(4, dtype)
+    more["label"] = np.arange(4, 8)
+    w2.append(more)
+    w2.finish()
+    assert CacheReader(tmp_path).rows(np.arange(8))["label"].tolist() == list(range(8))
