@@ -209,6 +209,9 @@ def open_targets(cfg: TrainConfig, index: ImageIndex, device: torch.device, amp:
             raise UserError(f"teacher cache {cache} covers epochs 0-{covered - 1}, not epoch {covered} of this "
                             f"{cfg.sched.epochs}-epoch run: extend it with fastdeit cache-teacher --mode replay "
                             f"--epochs {cfg.sched.epochs}")
+        if d.mode == "soft":
+            console.print(f"note: soft targets are rebuilt from the cache's top-{reader.manifest['topk']} logits, "
+                          f"the rest of the probability spread evenly over the other classes")
         built = reader.manifest.get("built_with", {})
         if built.get("amp") != str(amp) or built.get("device", "").split(":")[0] != device.type:
             console.print(f"note: {cache} was built on {built.get('device')} ({built.get('amp')}); this run is on "

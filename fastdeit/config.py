@@ -194,10 +194,10 @@ def _demo() -> TrainConfig:
         data=DataConfig(img_size=64, workers=2, eval_batch_size=250),
         model=ModelConfig(name="deit_tiny_distilled", patch_size=16, drop_path=0.0),
         optim=OptimConfig(lr=4e-3, base_batch=512, weight_decay=0.05),
-        sched=SchedConfig(epochs=12, warmup_epochs=1.0, warmup_lr=1e-5, min_lr=1e-5),
+        sched=SchedConfig(epochs=10, warmup_epochs=1.0, warmup_lr=1e-5, min_lr=1e-5),
         aug=AugConfig(scale=(0.5, 1.0), rand_augment="", reprob=0.0, mixup=0.0, cutmix=0.0, mix_group=16,
                       repeated_aug=1),
-        run=RunConfig(batch_size=32, log_every=10, eval_every=4),
+        run=RunConfig(batch_size=32, log_every=10, eval_every=5),
     )
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Before anything imports fastdeit.kernels: without a GPU, Triton kernels run in Triton's
+# interpreter on the CPU (fp32/fp16 only, one config).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastdeit.data.synthetic import write_synthetic
 

@@ -1,0 +1,265 @@
+"""Fused attention for ViTs: a Triton kernel (forward and backward), its references, a dispatch.
+
+The Triton kernel is non-causal FlashAttention (Dao, 2023) written for ViT shapes: any
+sequence length (198 tokens for DeiT at 224 px with the distillation token, 578 at 384: the
+tail block is masked), head dim 32, 64 or 128, fp16/bf16 (and fp32) inputs with fp32
+accumulation. The forward keeps the row log-sum-exp; the backward recomputes the attention
+probabilities block by block (one kernel for dK/dV, one for dQ), so memory stays O(N).
+
+Backends, by name:
+  triton  the kernel above (CUDA; on a CPU only under TRITON_INTERPRET=1, for the tests)
+  sdpa    torch.nn.functional.scaled_dot_product_attention (flash / cuDNN / efficient / math)
+  flex    torch's FlexAttention, compiled
+  math    softmax(q kᵀ · scale) v written out in torch: the plain reference
+`reference_attention` computes the same in float64: the tests' oracle.
+
+Set TRITON_INTERPRET=1 before importing this module to run the kernel on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ("sdpa", "flex", "triton", "math")
+HEAD_DIMS = (16, 32, 64, 128)
+POISON = False  # tests: fill outputs with NaN before each launch, so unwritten elements show
+_LOG2E = 1.4426950408889634
+
+if INTERPRET:  # the interpreter runs one config (no autotuning)
+    _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+else:
+    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                for m, n, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                                   (64, 32, 4, 4), (128, 128, 8, 2))]
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "HEAD_DIM"])
+@triton.jit
+def _fwd_kernel(Q, K, V, OUT, LSE, qk_scale, N, H,
+                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    cols0 = tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + cols0
+        col_ok = cols < N
+        kt = tl.load(K + b * skb + h * skh + cols[None, :] * skn + dims[:, None] * skd, mask=col_ok[None, :],
+                     other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # log2 units
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd, mask=col_ok[:, None],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(OUT + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod, acc.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _delta_kernel(OUT, DO, DELTA, N, H, sob, soh, son, sod, sdb, sdh, sdn, sdd,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    ok = rows < N
+    o = tl.load(OUT + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod, mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd, mask=ok[:, None], other=0.0)
+    tl.store(DELTA + bh * N + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "HEAD_DIM"])
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H,
+                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
+                 HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    rows0 = tl.arange(0, BLOCK_M)
+    col_ok = cols < N
+    k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd, mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd, mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + rows0
+        row_ok = rows < N
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd, mask=row_ok[:, None],
+                    other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd, mask=row_ok[:, None],
+                     other=0.0)
+        lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    out = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "HEAD_DIM"])
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H,
+               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
+               HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    cols0 = tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd, mask=row_ok[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + cols0
+        col_ok = cols < N
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd, mask=col_ok[:, None],
+                    other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd, mask=col_ok[:, None],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgn + dims[None, :] * sgd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get IEEE products (the tests compare them to float64); halves use tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _empty(like: torch.Tensor, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None):
+    out = torch.empty(shape or like.shape, dtype=dtype or like.dtype, device=like.device)
+    if POISON:
+        out.fill_(float("nan"))
+    return out
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        b, h, n, d = q.shape
+        o = _empty(q, (b, h, n, d))
+        lse = _empty(q, (b * h, n), torch.float32)
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_M"]), b * h)
+
+        _fwd_kernel[grid](q, k, v, o, lse, scale * _LOG2E, n, h, *_strides(q), *_strides(k), *_strides(v),
+                          *_strides(o), HEAD_DIM=d, PRECISION=_precision(q.dtype))
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor):
+        q, k, v, o, lse = ctx.saved_tensors
+        b, h, n, d = q.shape
+        do = do.contiguous()
+        delta = _empty(q, (b * h, n), torch.float32)
+        _delta_kernel[(triton.cdiv(n, 64), b * h)](o, do, delta, n, h, *_strides(o), *_strides(do),
+                                                   HEAD_DIM=d, BLOCK_M=64)
+        dq, dk, dv = _empty(q, (b, h, n, d)), _empty(k, (b, h, n, d)), _empty(v, (b, h, n, d))  # contiguous
+        args = (ctx.scale * _LOG2E, ctx.scale, n, h, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                *_strides(dq))
+        _dkdv_kernel[lambda m: (triton.cdiv(n, m["BLOCK_N"]), b * h)](q, k, v, do, lse, delta, dk, dv, *args,
+                                                                      HEAD_DIM=d, PRECISION=_precision(q.dtype))
+        _dq_kernel[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](q, k, v, do, lse, delta, dq, *args,
+                                                                    HEAD_DIM=d, PRECISION=_precision(q.dtype))
+        return dq, dk, dv, None
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """q, k, v: [batch, heads, tokens, head_dim], any strides; head_dim in HEAD_DIMS."""
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"the Triton kernel takes head dims {HEAD_DIMS}, not {q.shape[-1]}")
+    if not INTERPRET and q.device.type != "cuda":
+        raise RuntimeError("the Triton attention kernel needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
+    return _TritonAttention.apply(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    attn = (q * scale) @ k.transpose(-2, -1)
+    return attn.softmax(dim=-1) @ v
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
+    """The oracle: math_attention in float64."""
+    return math_attention(q.double(), k.double(), v.double(), scale)
+
+
+_flex = None
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    global _flex
+    if _flex is None:
+        from torch.nn.attention.flex_attention import flex_attention as fa
+
+        _flex = torch.compile(fa, dynamic=False)
+    return _flex(q, k, v, scale=scale)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                   dropout_p: float = 0.0) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+              scale: float | None = None) -> torch.Tensor:
+    """Self-attention with the named backend (see the module docstring)."""
+    if backend == "sdpa":
+        return sdpa_attention(q, k, v, scale)
+    if backend == "triton":
+        return triton_attention(q, k, v, scale)
+    if backend == "flex":
+        return flex_attention(q, k, v, scale)
+    if backend == "math":
+        return math_attention(q, k, v, scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def flops(batch: int, heads: int, tokens: int, head_dim: int, backward: bool = False) -> float:
+    """Matmul FLOPs of attention: 2 products of 2·N²·d each forward, 2.5x that backward."""
+    fwd = 4.0 * batch * heads * tokens * tokens * head_dim
+    return fwd * (3.5 if backward else 1.0)
