@@ -1,10 +1,24 @@
 """Throughput of the training step, in images per second, on whatever device is there.
 
+Section `model` (default): for each student, image size, batch size, attention backend and
+eager/compiled variant, forward-only and full-training-step img/s (forward, the real
+distillation loss, backward, the real optimizer step, in bf16 autocast on a GPU), model FLOP
+utilisation against the device's dense bf16 peak (on a CPU: achieved GFLOP/s) and peak
+memory; warm-up excluded, median of interleaved repeats with the spread.
+
+Section `attention` (GPU): forward + backward time of each attention backend (our Triton
+kernel, and SDPA with each of its kernels forced) on the shapes of DeiT-Ti/S/B.
+
 Section `distill`: the same student, batch and device trained with --distill none, and with
 hard distillation whose targets come from the live teacher, a replay cache and label maps.
 Batches are decoded once beforehand, so the table shows what the target source costs the
 step (the tail, the targets, forward, loss, backward and the optimizer step are timed).
 
+    python benchmarks/throughput.py --quick       # a minute on a CPU: the smoke run
+    python benchmarks/throughput.py --device cpu
+    python benchmarks/throughput.py --device cuda --models deit_tiny_distilled,deit_small_distilled,\
+        deit_base_distilled --img-size 224 --batch-sizes 256,512 --attn sdpa,triton --compile none,auto
+    python benchmarks/throughput.py --section attention --device cuda
     python benchmarks/throughput.py --section distill --device cpu
     python benchmarks/throughput.py --section distill --device cuda --student deit_small_distilled \\
         --teacher regnety_160 --img-size 224 --batch-size 256
@@ -20,6 +34,7 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -123,52 +138,217 @@ def distill_section(a: argparse.Namespace, device: torch.device, console: Consol
             "step_cost_vs_none": {k: rates["none"] / v - 1.0 for k, v in rates.items() if k != "none"}}
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) by device name, from the vendors' data sheets.
+PEAKS = {"H200": 989.4e12, "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H100": 989.4e12, "A100": 312e12,
+         "L40S": 362.1e12, "L4": 121e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAKS.items() if k in name), None)
+
+
+def _median_rate(fn, images: int, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return steps * images / (time.perf_counter() - t0)
+
+
+def model_section(a: argparse.Namespace, device: torch.device, console: Console) -> list[dict]:
+    variants = [(m, b, at, c) for m in a.models.split(",") for b in map(int, a.batch_sizes.split(","))
+                for at in a.attn.split(",") for c in a.compile.split(",")]
+    rows = []
+    for name, batch, attn, comp in variants:
+        console.print(f"model: {name} batch {batch} attn {attn} compile {comp} ...")
+        try:
+            rows.append(measure_student(a, name, batch, attn, comp, device))
+        except Exception as e:  # e.g. out of memory at this batch: recorded, not fatal
+            console.print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            rows.append({"model": name, "batch": batch, "attn": attn, "compile": comp, "error": str(e)[:300]})
+    return rows
+
+
+def measure_student(a: argparse.Namespace, name: str, batch: int, attn: str, comp: str,
+                    device: torch.device) -> dict:
+    """Forward-only and training-step img/s of one student variant, with FLOPs and memory."""
+    from fastdeit.config import ModelConfig
+    from fastdeit.models import compile_model, set_attention
+
+    amp, classes, peak = amp_dtype("auto", device), 1000, peak_flops(device)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, patch_size=a.patch_size, drop_path=0.1), classes, a.img_size)
+    model = model.to(device)
+    gmacs = forward_gmacs(model, a.img_size, device)
+    set_attention(model, attn)
+    mode = compile_model(model, comp, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    stepper = Stepper(model, opt, DistillationLoss("hard"), amp)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 3, a.img_size, a.img_size, device=device, generator=g).to(amp or torch.float32)
+    y = torch.softmax(torch.randn(batch, classes, device=device, generator=g), 1)
+    t = torch.randint(0, classes, (batch,), device=device, generator=g)
+
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            model(x)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.eval()
+    fwd = [_median_rate(forward, batch, a.steps, a.warmup, device) for _ in range(a.repeats)]
+    step = [_median_rate(lambda: stepper.step(x, y, t, 1), batch, a.steps, a.warmup, device)
+            for _ in range(a.repeats)]
+    train_flops = 3 * 2 * gmacs * 1e9  # forward + backward (twice the forward) per image
+    rate = float(np.median(step))
+    return {"model": name, "img_size": a.img_size, "batch": batch, "attn": attn, "compile": mode,
+            "forward_gmacs": gmacs, "forward_img_s": float(np.median(fwd)),
+            "forward_img_s_spread": [min(fwd), max(fwd)],
+            "train_img_s": rate, "train_img_s_spread": [min(step), max(step)],
+            "train_tflop_s": rate * train_flops / 1e12, "mfu": rate * train_flops / peak if peak else None,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def attention_section(a: argparse.Namespace, device: torch.device, console: Console) -> list[dict]:
+    """Forward + backward of one attention layer per backend, bf16, on DeiT-Ti/S/B shapes."""
+    from torch.nn.attention import SDPBackend
+
+    from fastdeit.kernels import attention as A
+
+    if device.type != "cuda":
+        console.print("attention: needs a CUDA device, skipped")
+        return []
+    side = a.img_size // a.patch_size
+    n = side * side + 2  # patches + class and distillation tokens: 198 at 224 px
+    candidates = [("triton", A.triton_attention), ("sdpa (default)", A.sdpa_attention),
+                  ("sdpa flash", partial(_sdpa_with, SDPBackend.FLASH_ATTENTION)),
+                  ("sdpa cudnn", partial(_sdpa_with, SDPBackend.CUDNN_ATTENTION)),
+                  ("sdpa efficient", partial(_sdpa_with, SDPBackend.EFFICIENT_ATTENTION))]
+    rows = []
+    for name, heads in (("deit_tiny", 3), ("deit_small", 6), ("deit_base", 12)):
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(a.attn_batch, heads, n, 64, device=device, dtype=torch.bfloat16, generator=g)
+                   .requires_grad_(True) for _ in range(3))
+        flop = A.flops(a.attn_batch, heads, n, 64, backward=True)
+        for label, fn in candidates:
+            console.print(f"attention: {name} {label} ...")
+            try:
+                ms = A._time_fwd_bwd(fn, q, k, v, repeats=a.steps * 4)
+            except Exception as e:  # a kernel that does not take this shape or dtype
+                rows.append({"shape": name, "tokens": n, "backend": label, "error": str(e)[:200]})
+                continue
+            rows.append({"shape": name, "tokens": n, "heads": heads, "head_dim": 64, "batch": a.attn_batch,
+                         "backend": label, "ms_fwd_bwd": ms, "tflop_s": flop / ms / 1e9})
+    return rows
+
+
+def _sdpa_with(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([backend]):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--section", default="distill", choices=["distill"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data", type=Path, default=None, help="ImageFolder root (default: synthetic images)")
-    p.add_argument("--student", default="deit_tiny_distilled")
-    # On a CPU: resnet50 at 112 px costs 3.9x the forward of DeiT-tiny at 112 px, about what
-    # RegNetY-16GF costs DeiT-S at 224 (3.75x).
-    p.add_argument("--teacher", default="resnet50")
-    p.add_argument("--img-size", type=int, default=112)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    p.add_argument("--out", type=Path, default=None, help="JSON file to write")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
-    console = Console(stderr=True)
-    result = distill_section(a, device, console)
-    report = {"benchmark": "throughput", "section": a.section, "device": device_name(device),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                           "numpy": np.__version__},
-              "settings": {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats,
-                           "threads": torch.get_num_threads()},
-              "distill": result,
-              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
-    table = Table(title=f"distillation targets: {a.student} <- {a.teacher} "
-                        f"({result['teacher_to_student_forward']:.2f}x its forward), {a.img_size} px, "
-                        f"batch {a.batch_size}, {report['device']}")
+def _print_model(rows: list[dict], title: str, gpu: bool) -> None:
+    table = Table(title=title)
+    flops_col = "TFLOP/s" if gpu else "GFLOP/s"  # a CPU reaches GFLOP/s; no peak table for CPUs
+    for col in ("model", "batch", "attn", "compile", "fwd img/s", "train img/s (min-max)", flops_col, "MFU", "mem GiB"):
+        table.add_column(col, justify="left" if col in ("model", "attn", "compile") else "right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["model"], str(r["batch"]), r["attn"], r["compile"], "failed", "", "", "", "")
+            continue
+        lo, hi = r["train_img_s_spread"]
+        achieved = r["train_tflop_s"] if gpu else r["train_tflop_s"] * 1e3
+        table.add_row(r["model"], str(r["batch"]), r["attn"], r["compile"], f"{r['forward_img_s']:.0f}",
+                      f"{r['train_img_s']:.0f} ({lo:.0f}-{hi:.0f})", f"{achieved:.2f}" if gpu else f"{achieved:.1f}",
+                      "" if r["mfu"] is None else f"{r['mfu']:.1%}",
+                      "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}")
+    Console(width=160).print(table)
+
+
+def _print_distill(result: dict, title: str) -> None:
+    table = Table(title=title)
     for col in ("targets", "train img/s", "vs none", "step cost over none"):
         table.add_column(col, justify="left" if col == "targets" else "right")
     rates = result["img_per_s"]
     for name, v in rates.items():
         cost = result["step_cost_vs_none"].get(name)
         table.add_row(name, f"{v:.1f}", f"{v / rates['none']:.2f}x", "" if cost is None else f"{cost:+.1%}")
-    Console().print(table)
+    Console(width=160).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--section", default="model", choices=["model", "attention", "distill"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--img-size", type=int, default=None, help="default: 224 on a GPU, 112 on a CPU")
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--models", default=None, help="comma-separated students (model section)")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (model section)")
+    p.add_argument("--attn", default="sdpa", help="comma-separated backends (model section)")
+    p.add_argument("--compile", default="none,auto", help="comma-separated: none, auto or a torch.compile mode")
+    p.add_argument("--attn-batch", type=int, default=256, help="batch of the attention section")
+    p.add_argument("--data", type=Path, default=None, help="distill: ImageFolder root (default: synthetic)")
+    p.add_argument("--student", default="deit_tiny_distilled", help="distill section")
+    # On a CPU: resnet50 at 112 px costs 3.9x the forward of DeiT-tiny at 112 px, about what
+    # RegNetY-16GF costs DeiT-S at 224 (3.75x).
+    p.add_argument("--teacher", default="resnet50", help="distill section")
+    p.add_argument("--batch-size", type=int, default=32, help="distill section")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="the median of these is reported, with the spread")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--quick", action="store_true", help="fewer steps and repeats: a smoke run of about a minute")
+    p.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.steps, a.warmup, a.repeats = 2, 1, 2
+    device = torch.device(a.device)
+    gpu = device.type == "cuda"
+    a.img_size = a.img_size or (224 if gpu else 112)
+    a.models = a.models or ("deit_tiny_distilled,deit_small_distilled,deit_base_distilled" if gpu
+                            else "deit_tiny_distilled")
+    a.batch_sizes = a.batch_sizes or ("256" if gpu else "16")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    console = Console(stderr=True)
+    report = {"benchmark": "throughput", "section": a.section, "device": device_name(device),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                           "numpy": np.__version__},
+              "settings": {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "img_size": a.img_size,
+                           "threads": torch.get_num_threads(), "peak_flops": peak_flops(device)},
+              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
+    if gpu:
+        import triton
+
+        report["versions"]["triton"] = triton.__version__
+        report["versions"]["cuda"] = torch.version.cuda
+    if a.section == "model":
+        report["model"] = model_section(a, device, console)
+        _print_model(report["model"], f"training step, {a.img_size} px, {report['device']}", gpu)
+    elif a.section == "attention":
+        report["attention"] = attention_section(a, device, console)
+        for r in report["attention"]:
+            console.print(r)
+    else:
+        report["distill"] = result = distill_section(a, device, console)
+        _print_distill(result, f"distillation targets: {a.student} <- {a.teacher} "
+                               f"({result['teacher_to_student_forward']:.2f}x its forward), {a.img_size} px, "
+                               f"batch {a.batch_size}, {report['device']}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=2))

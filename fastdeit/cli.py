@@ -91,6 +91,9 @@ def train(
     loader: str = typer.Option(None, help="dali | torch | auto (dali when CUDA and DALI are available)."),
     seed: int = typer.Option(None, help="Seed of the augmentation plan and the initialisation."),
     resume: str = typer.Option(None, help="Resume from this checkpoint; `--resume` alone: OUT/checkpoint-last.pt."),
+    attn: str = typer.Option(None, help="Attention backend: auto | sdpa | flex | triton | math."),
+    compile_mode: str = typer.Option(None, "--compile", help="torch.compile the student; `--compile` alone: "
+                                     "the fastest DDP-safe mode (max-autotune-no-cudagraphs on CUDA)."),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)."),
 ) -> None:
     """Train a model; distill from a teacher with --distill soft|hard."""
@@ -101,7 +104,8 @@ def train(
         cfg = build_train_config(recipe_name, data=data, model=model, out=out, epochs=epochs,
                                  batch_size=batch_size, img_size=img_size, lr=lr, distill=distill, alpha=alpha,
                                  tau=tau, teacher=teacher, teacher_ckpt=teacher_ckpt, device=device, seed=seed,
-                                 loader=loader, targets=targets, teacher_cache=teacher_cache, overrides=overrides)
+                                 loader=loader, targets=targets, teacher_cache=teacher_cache, attn=attn,
+                                 compile_mode=compile_mode, overrides=overrides)
         path = None
         if resume:
             path = Path(cfg.run.out) / "checkpoint-last.pt" if resume == "auto" else Path(resume)
@@ -117,7 +121,7 @@ def build_train_config(recipe_name: str, *, data: Path | None, model: str | None
     cfg = recipe(recipe_name)
     cfg = with_section(cfg, "data", path=str(data) if data else None, img_size=flags["img_size"],
                        loader=flags["loader"])
-    cfg = with_section(cfg, "model", name=model)
+    cfg = with_section(cfg, "model", name=model, attn=flags.get("attn"))
     cfg = with_section(cfg, "sched", epochs=flags["epochs"])
     cfg = with_section(cfg, "optim", lr=flags["lr"])
     cfg = with_section(cfg, "distill", mode=flags["distill"], alpha=flags["alpha"], tau=flags["tau"],
@@ -125,7 +129,8 @@ def build_train_config(recipe_name: str, *, data: Path | None, model: str | None
                        teacher_ckpt=str(flags["teacher_ckpt"]) if flags["teacher_ckpt"] else None,
                        teacher_cache=str(flags["teacher_cache"]) if flags.get("teacher_cache") else None)
     cfg = with_section(cfg, "run", out=str(out) if out else None, batch_size=flags["batch_size"],
-                       device=flags["device"], seed=flags["seed"])
+                       device=flags["device"], seed=flags["seed"], compile=flags.get("compile_mode"),
+                       cache_dir=str(cache_dir()))
     cfg = apply_overrides(cfg, overrides)
     if not cfg.data.path:
         raise UserError("--data DIR is required (make one with: fastdeit make-data DIR)")
@@ -267,12 +272,13 @@ def demo(
 
 
 def optional_values(argv: list[str]) -> list[str]:
-    """`--resume` may stand alone (resume from the run folder's last checkpoint): give it the
-    value `auto` when no value follows."""
+    """`--resume` and `--compile` may stand alone (the run folder's last checkpoint; the
+    default compile mode): give them the value `auto` when no value follows."""
     out = []
     for i, arg in enumerate(argv):
         nxt = argv[i + 1] if i + 1 < len(argv) else None
-        out.append("--resume=auto" if arg == "--resume" and (nxt is None or nxt.startswith("-")) else arg)
+        alone = arg in ("--resume", "--compile") and (nxt is None or nxt.startswith("-"))
+        out.append(f"{arg}=auto" if alone else arg)
     return out
 
 

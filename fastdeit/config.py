@@ -18,6 +18,7 @@ from typing import Any
 
 from fastdeit.errors import UserError
 
+COMPILE_MODES = ("none", "auto", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -43,6 +44,7 @@ class ModelConfig:
     embed_dim: int = 0
     num_heads: int = 0
     width: float = 1.0  # channel multiplier of timm ResNets (the demo's teacher is a half-width resnet18)
+    attn: str = "auto"  # sdpa | flex | triton | math | auto (the fastest correct one measured on the device)
     init: str = ""  # weights to start from: an official DeiT .pth or a fastdeit checkpoint
     ema: bool = False
     ema_decay: float = 0.99996
@@ -110,6 +112,8 @@ class RunConfig:
     ckpt_every: int = 0  # steps between mid-epoch checkpoints (0 = epoch ends only)
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     progress: bool = True
+    compile: str = "none"  # none | auto | default | max-autotune | max-autotune-no-cudagraphs | reduce-overhead
+    cache_dir: str = ""  # where measured choices (attention backend) are remembered; "" = not on disk
 
 
 @dataclass(frozen=True)
@@ -311,6 +315,9 @@ def validate(cfg: TrainConfig) -> None:
         (0.0 <= m.drop_path < 1.0, "model.drop_path must be in [0, 1)"),
         (0.0 < m.ema_decay < 1.0, "model.ema_decay must be in (0, 1)"),
         (0.0 < m.width <= 4.0, f"model.width must be in (0, 4], got {m.width}"),
+        (m.attn in ("auto", "sdpa", "flex", "triton", "math"),
+         f"--attn must be auto, sdpa, flex, triton or math, got {m.attn!r}"),
+        (r.compile in COMPILE_MODES, f"--compile mode must be one of {', '.join(COMPILE_MODES)}, got {r.compile!r}"),
         (o.lr > 0 and o.base_batch > 0, "optim.lr and optim.base_batch must be positive"),
         (o.weight_decay >= 0 and o.clip_grad >= 0, "optim.weight_decay and optim.clip_grad must be >= 0"),
         (s.epochs >= 1, f"sched.epochs must be >= 1, got {s.epochs}"),

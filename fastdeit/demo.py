@@ -26,7 +26,8 @@ from fastdeit.data.folder import load_dataset
 from fastdeit.data.synthetic import SyntheticSpec, is_complete, write_synthetic
 from fastdeit.errors import UserError
 from fastdeit.pipelines import dali
-from fastdeit.trainer import Trainer, atomic_write_text, git_commit
+from fastdeit.runfiles import atomic_write_text, git_commit
+from fastdeit.trainer import Trainer
 
 TEACHER = "resnet18"
 RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint-last.pt", "checkpoint-best.pt", "summary.json"}

@@ -8,10 +8,13 @@ resampled when the grid differs (fine-tuning at another size).
 from __future__ import annotations
 
 from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
@@ -150,11 +153,97 @@ def _head_classes(sd: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
+class FastAttention(Attention):
+    """timm's Attention with the attention product taken by a chosen backend. Instances are
+    made by swapping the class of timm's own modules, so parameters and state_dict keys
+    stay exactly timm's."""
+
+    backend: str = "sdpa"
+    attend = staticmethod(F.scaled_dot_product_attention)  # replaced per instance by set_attention
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        if attn_mask is not None or is_causal or getattr(self, "gate", None) is not None \
+                or (self.training and self.attn_drop.p > 0):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = self.attend(q, k, v, scale=self.scale)
+        x = x.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        x = getattr(self, "norm", nn.Identity())(x)
+        return self.proj_drop(self.proj(x))
+
+
+def set_attention(model: nn.Module, backend: str) -> int:
+    """Route every timm Attention of `model` through `backend`; returns how many."""
+    from fastdeit.kernels import attention as kernels  # Triton is imported only when asked for
+
+    if backend not in kernels.BACKENDS:
+        raise UserError(f"--attn must be one of {', '.join(kernels.BACKENDS)} or auto, got {backend!r}")
+    attend = partial(kernels.attention, backend=backend)
+    count = 0
+    for module in model.modules():
+        if type(module) in (Attention, FastAttention):
+            module.__class__ = FastAttention
+            module.backend, module.attend = backend, attend
+            count += 1
+    return count
+
+
+def choose_attention(model: nn.Module, requested: str, batch: int, dtype: torch.dtype, device: torch.device,
+                     remembered: dict[str, str]) -> tuple[str | None, dict[str, float]]:
+    """Set the model's attention backend: the requested one, or for `auto` the fastest
+    correct one measured on this device and shape (looked up first in `remembered`, a
+    {key: backend} map the caller keeps on disk; a new choice is added to it). Returns
+    (backend, milliseconds per forward + backward of each candidate measured now); backend
+    None for models without attention."""
+    shape = attention_shape(model)
+    if shape is None:
+        return None, {}
+    times: dict[str, float] = {}
+    backend = requested
+    if requested == "auto":
+        from fastdeit.kernels.attention import pick_backend
+
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        key = f"{name}|{batch}|{'|'.join(map(str, shape))}|{dtype}"
+        if key in remembered:
+            backend = remembered[key]
+        else:
+            backend, times = pick_backend(batch, *shape, dtype, device)
+            remembered[key] = backend
+    set_attention(model, backend)
+    return backend, times
+
+
+def compile_model(model: nn.Module, mode: str, device: torch.device) -> str:
+    """torch.compile the module in place (state_dict keys unchanged), static shapes. `auto`:
+    max-autotune-no-cudagraphs on CUDA (CUDA graphs do not mix with DDP's hooks), default on
+    a CPU. Returns the mode used."""
+    if mode == "none":
+        return mode
+    if mode == "auto":
+        mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
+    model.compile(mode=mode, dynamic=False)
+    return mode
+
+
+def attention_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """(heads, tokens, head_dim) of the model's attention layers, or None for a convnet."""
+    for module in model.modules():
+        if isinstance(module, Attention) and hasattr(model, "patch_embed"):
+            tokens = getattr(model, "num_prefix_tokens", 1) + model.patch_embed.num_patches
+            return module.num_heads, tokens, module.head_dim
+    return None
+
+
 def head_logits(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Eval-mode logits of each head: for distilled models `cls`, `dist` and their mean
-    `joint` (what the model returns in eval); otherwise only `joint`."""
+    `joint` (what the model returns in eval); otherwise only `joint`. Eager methods, so a
+    compiled forward is not recompiled for eval."""
     if not is_distilled(model):
-        return {"joint": model(x)}
+        return {"joint": model.forward_head(model.forward_features(x))}
     feats = model.forward_features(x)
     cls, dist = model.head(feats[:, 0]), model.head_dist(feats[:, 1])
     return {"cls": cls, "dist": dist, "joint": (cls + dist) / 2}

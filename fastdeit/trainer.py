@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -36,10 +35,11 @@ from fastdeit.distill import DistillationLoss
 from fastdeit.engine import EvalResult, Stepper, amp_dtype, evaluate, resolve_device
 from fastdeit.errors import UserError
 from fastdeit.loaders import Loaders, choose_loader, read_skip_list
-from fastdeit.models import build_model, is_distilled
+from fastdeit.models import build_model, choose_attention, compile_model, is_distilled
 from fastdeit.pipelines.tail import apply_tail
 from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.progress import TrainProgress
+from fastdeit.runfiles import atomic_save, atomic_write_text, git_commit
 from fastdeit.targets import LiveTeacher, TargetSource
 
 CKPT_FORMAT = 1
@@ -47,31 +47,6 @@ CKPT_FORMAT = 1
 
 class _Stop(Exception):
     """Raised between steps when a stop was requested (Ctrl-C)."""
-
-
-def git_commit() -> str | None:
-    """The commit of the fastdeit source tree, when it is a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -101,6 +76,8 @@ class Trainer:
         per_rank_batch(cfg, world.size)  # fails early when the global batch does not split into ranks
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(cfg.model, len(self.classes), cfg.data.img_size).to(self.device)
+        self.attn = self._attention()
+        self.compile_mode = compile_model(self.model, cfg.run.compile, self.device)
         self.agreement_live: LiveTeacher | None = None  # labelmap: a live teacher to measure agreement
         self.targets = self._targets()
         self.optimizer = self._optimizer()
@@ -118,6 +95,20 @@ class Trainer:
         self.state = RunState()
         self.bad_seen: set[str] = set()
         self.stop_requested = False
+
+    def _attention(self) -> str | None:
+        """The attention backend; `auto` choices are remembered in run.cache_dir/attention.json."""
+        path = Path(self.cfg.run.cache_dir) / "attention.json" if self.cfg.run.cache_dir else None
+        known = json.loads(path.read_text()) if path and path.exists() else {}
+        backend, times = choose_attention(self.model, self.cfg.model.attn, self.cfg.run.batch_size // self.world.size,
+                                          self.amp or torch.float32, self.device, known)
+        if times:
+            self.console.print(f"attention: {backend} (ms per forward+backward: "
+                               + ", ".join(f"{k} {v:.3f}" for k, v in times.items()) + ")")
+            if path and self.world.is_main:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(json.dumps(known, indent=1), path)
+        return backend
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """timm's factory: no weight decay on biases, norms and the model's no_weight_decay()
@@ -230,7 +221,8 @@ class Trainer:
         self.console.print(f"[bold]{self.cfg.model.name}[/] on {len(self.train_index)} images, "
                            f"{len(self.classes)} classes, {self.device}, batch {self.cfg.run.batch_size}, "
                            f"{self.steps} steps/epoch, lr {scaled_lr(self.cfg):.2e}, distill {self.cfg.distill.mode}")
-        self.console.print(f"loader: {self.loader_kind} ({self.loader_why})")
+        self.console.print(f"loader: {self.loader_kind} ({self.loader_why}); attention: {self.attn or '-'}; "
+                           f"compile: {self.compile_mode}")
         images, seconds = 0, 0.0
         epochs = self.cfg.sched.epochs
         with TrainProgress(self.console, enabled=self.cfg.run.progress and self.world.is_main) as bar, \

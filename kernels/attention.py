@@ -263,3 +263,49 @@ def flops(batch: int, heads: int, tokens: int, head_dim: int, backward: bool = F
     """Matmul FLOPs of attention: 2 products of 2·N²·d each forward, 2.5x that backward."""
     fwd = 4.0 * batch * heads * tokens * tokens * head_dim
     return fwd * (3.5 if backward else 1.0)
+
+
+_CHOSEN: dict[tuple, str] = {}
+
+
+def _time_fwd_bwd(fn, q, k, v, repeats: int = 10) -> float:
+    for _ in range(3):
+        fn(q, k, v).sum().backward()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn(q, k, v).sum().backward()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def pick_backend(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[str, dict[str, float]]:
+    """The fastest backend whose output matches SDPA's on this shape, forward + backward timed
+    on the device (milliseconds per call in the dict); remembered in-process. Without CUDA:
+    sdpa, unmeasured (the Triton kernel needs a GPU)."""
+    if device.type != "cuda":
+        return "sdpa", {}
+    key = (torch.cuda.get_device_name(device), batch, heads, tokens, head_dim, str(dtype))
+    if key in _CHOSEN:
+        return _CHOSEN[key], {}
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, generator=g)
+               .requires_grad_(True) for _ in range(3))
+    want = sdpa_attention(q, k, v).float()
+    times: dict[str, float] = {}
+    for backend in ("sdpa", "triton", "flex"):
+        if backend == "triton" and head_dim not in HEAD_DIMS:
+            continue
+        try:
+            fn = lambda a, b, c, be=backend: attention(a, b, c, be)  # noqa: E731
+            got = fn(q, k, v).float()
+            if (got - want).abs().max() > 2e-2 * want.abs().max():
+                continue  # not correct here: never picked
+            times[backend] = _time_fwd_bwd(fn, q, k, v)
+        except Exception:  # a backend that cannot run this shape is simply not a candidate
+            continue
+    _CHOSEN[key] = min(times, key=times.get)
+    return _CHOSEN[key], times

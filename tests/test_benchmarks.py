@@ -33,3 +33,13 @@ def test_throughput_distill_section_runs(tmp_path):
     report = json.loads(out.read_text())["distill"]
     assert rc == 0 and set(report["img_per_s"]) == {"none", "live", "replay", "labelmap"}
     assert report["forward_gmacs"]["teacher"] > 0 and all(v > 0 for v in report["img_per_s"].values())
+
+
+def test_throughput_model_section_runs(tmp_path):
+    out = tmp_path / "m.json"
+    rc = load("throughput").main(["--device", "cpu", "--models", "deit_tiny_distilled", "--img-size", "32",
+                                  "--patch-size", "8", "--batch-sizes", "4", "--compile", "none", "--quick",
+                                  "--out", str(out)])
+    rows = json.loads(out.read_text())["model"]
+    assert rc == 0 and len(rows) == 1 and "error" not in rows[0]
+    assert rows[0]["train_img_s"] > 0 and rows[0]["forward_gmacs"] > 0 and rows[0]["mfu"] is None

@@ -129,3 +129,4 @@ def test_resume_alone_means_the_run_folders_last_checkpoint():
     assert optional_values(["train", "--resume"]) == ["train", "--resume=auto"]
     assert optional_values(["train", "--resume", "--epochs", "3"]) == ["train", "--resume=auto", "--epochs", "3"]
     assert optional_values(["train", "--resume", "x.pt"]) == ["train", "--resume", "x.pt"]
+    assert optional_values(["train", "--compile", "--attn", "math"]) == ["train", "--compile=auto", "--attn", "math"]
