@@ -290,9 +290,36 @@ def _print_distill(result: dict, title: str) -> None:
     Console(width=160).print(table)
 
 
+def _scaling():
+    """benchmarks/scaling.py, loaded by path: it is also the script torchrun starts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastdeit_bench_scaling", Path(__file__).with_name("scaling.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _print_scaling(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("model", "procs", "batch/rank", "train img/s (min-max)", "speedup", "efficiency", "step ms",
+                "all-reduce ms", "grad MB"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["model"], str(r["procs"]), "", "failed", "", "", "", "", "")
+            continue
+        lo, hi = r["img_s_spread"]
+        table.add_row(r["model"], str(r["procs"]), str(r["per_rank_batch"]), f"{r['img_s']:.0f} ({lo:.0f}-{hi:.0f})",
+                      f"{r.get('speedup', 0):.2f}x", f"{r.get('efficiency', 0):.0%}", f"{r['step_ms']:.0f}",
+                      "" if r["allreduce_ms"] is None else f"{r['allreduce_ms']:.1f}", f"{r['grad_mb']:.0f}")
+    Console(width=160).print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--section", default="model", choices=["model", "attention", "distill"])
+    p.add_argument("--section", default="model", choices=["model", "attention", "distill", "scaling"])
+    p.add_argument("--procs", default="1,2", help="scaling: comma-separated process (GPU) counts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--img-size", type=int, default=None, help="default: 224 on a GPU, 112 on a CPU")
     p.add_argument("--patch-size", type=int, default=16)
@@ -344,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         report["attention"] = attention_section(a, device, console)
         for r in report["attention"]:
             console.print(r)
+    elif a.section == "scaling":
+        report["scaling"] = _scaling().scaling_section(a, device, console)
+        _print_scaling(report["scaling"], f"data-parallel scaling, {a.img_size} px, {report['device']}")
     else:
         report["distill"] = result = distill_section(a, device, console)
         _print_distill(result, f"distillation targets: {a.student} <- {a.teacher} "

@@ -22,6 +22,7 @@ from torch import nn
 
 from fastdeit.config import TrainConfig
 from fastdeit.data.folder import ImageIndex
+from fastdeit.dist import SINGLE, World
 from fastdeit.engine import amp_dtype, autocast, resolve_device
 from fastdeit.errors import UserError
 from fastdeit.loaders import Loaders, choose_loader
@@ -186,9 +187,10 @@ def open_reader_source(cfg: TrainConfig, index: ImageIndex, reader: CacheReader)
 
 
 def open_targets(cfg: TrainConfig, index: ImageIndex, device: torch.device, amp: torch.dtype | None,
-                 console: Console) -> tuple[TargetSource, LiveTeacher | None]:
+                 console: Console, world: World = SINGLE) -> tuple[TargetSource, LiveTeacher | None]:
     """The run's target source, and for labelmap a live teacher to measure agreement with.
-    A labelmap cache that does not exist yet is built first (one teacher pass per image)."""
+    A labelmap cache that does not exist yet is built first (one teacher pass per image, by
+    rank 0; the other ranks wait for its manifest, which is written last)."""
     d = cfg.distill
     on_device = d.targets != "replay"
     teacher = load_teacher(d, len(index.classes), cfg.data.img_size, device if on_device else torch.device("cpu"))
@@ -196,9 +198,13 @@ def open_targets(cfg: TrainConfig, index: ImageIndex, device: torch.device, amp:
     if d.targets == "live":
         return live, None
     cache = Path(d.teacher_cache or Path(cfg.run.out) / "teacher-labelmap")
-    if d.targets == "labelmap" and not (cache / "manifest.json").exists():
-        console.print(f"no label map cache at {cache} yet: building it (one teacher pass per image)")
-        build_labelmap(cfg, index, cache, console, teacher)
+    if d.targets == "labelmap" and not _labelmap_complete(cache, len(index)):
+        if world.is_main:  # a build that was cut short resumes where it stopped
+            console.print(f"no complete label map cache at {cache} yet: building it (one teacher pass per image)")
+            build_labelmap(cfg, index, cache, console, teacher)
+        else:  # a file poll, not a collective: the build may outlast any collective's timeout
+            while not _labelmap_complete(cache, len(index)):
+                time.sleep(2)
     reader = CacheReader(cache)
     if reader.manifest.get("mode") != d.targets:
         raise UserError(f"{cache} is a {reader.manifest.get('mode')} cache, not a {d.targets} one")
@@ -217,6 +223,10 @@ def open_targets(cfg: TrainConfig, index: ImageIndex, device: torch.device, amp:
             console.print(f"note: {cache} was built on {built.get('device')} ({built.get('amp')}); this run is on "
                           f"{device} ({amp}): pixels and rounding differ slightly, labels almost never")
     return open_reader_source(cfg, index, reader), (live if d.targets == "labelmap" else None)
+
+
+def _labelmap_complete(cache: Path, images: int) -> bool:
+    return (cache / "manifest.json").exists() and CacheReader(cache).rows_available() >= images
 
 
 def _now(device: torch.device) -> float:

@@ -90,27 +90,62 @@ def train(
     device: str = typer.Option(None, help="auto | cpu | cuda."),
     loader: str = typer.Option(None, help="dali | torch | auto (dali when CUDA and DALI are available)."),
     seed: int = typer.Option(None, help="Seed of the augmentation plan and the initialisation."),
-    resume: str = typer.Option(None, help="Resume from this checkpoint; `--resume` alone: OUT/checkpoint-last.pt."),
+    resume: str = typer.Option(None, help="Resume from this checkpoint; `--resume` alone: OUT/checkpoint-last.pt "
+                               "if there is one, else start (so a requeued job needs no other flags)."),
     attn: str = typer.Option(None, help="Attention backend: auto | sdpa | flex | triton | math."),
     compile_mode: str = typer.Option(None, "--compile", help="torch.compile the student; `--compile` alone: "
                                      "the fastest DDP-safe mode (max-autotune-no-cudagraphs on CUDA)."),
+    gpus: int = typer.Option(None, help="GPUs per node: one worker each, started through torchrun "
+                             "(0: CPU workers, see --procs). Default: one process, no torchrun."),
+    procs: int = typer.Option(1, help="With --gpus 0: the number of CPU worker processes (gloo)."),
+    nodes: int = typer.Option(1, help="Machines in the run (torchrun --nnodes)."),
+    node_rank: int = typer.Option(0, help="This machine's number, 0..nodes-1."),
+    rdzv_endpoint: str = typer.Option(None, help="HOST:PORT of node 0 for the c10d rendezvous (multi-node)."),
+    ckpt_every: int = typer.Option(None, help="Steps between checkpoints besides every epoch's end (0: epoch ends "
+                                   "only); a restarted or resumed run continues from the last one."),
+    max_restarts: int = typer.Option(0, help="Times torchrun restarts a failed worker group; it resumes from "
+                                     "the last checkpoint."),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)."),
 ) -> None:
-    """Train a model; distill from a teacher with --distill soft|hard."""
+    """Train a model; distill from a teacher with --distill soft|hard; --gpus N for many GPUs."""
 
     def go() -> None:
+        from fastdeit.dist import in_torchrun
+        from fastdeit.launch import SUMMARY_KEYS, Launch, launch, run_worker
+        from fastdeit.launch import check as check_launch
         from fastdeit.trainer import Trainer
 
+        spec = None
+        if gpus is not None:
+            spec = Launch(gpus=gpus, procs=procs, nodes=nodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                          max_restarts=max_restarts)
+            if device not in (None, "auto", spec.device):
+                raise UserError(f"--device {device} contradicts --gpus {gpus} (which means {spec.device}): drop one")
+        elif procs != 1 or nodes != 1 or rdzv_endpoint:
+            raise UserError("--procs, --nodes and --rdzv-endpoint go with --gpus N (use --gpus 0 for CPU workers)")
         cfg = build_train_config(recipe_name, data=data, model=model, out=out, epochs=epochs,
                                  batch_size=batch_size, img_size=img_size, lr=lr, distill=distill, alpha=alpha,
-                                 tau=tau, teacher=teacher, teacher_ckpt=teacher_ckpt, device=device, seed=seed,
-                                 loader=loader, targets=targets, teacher_cache=teacher_cache, attn=attn,
-                                 compile_mode=compile_mode, overrides=overrides)
+                                 tau=tau, teacher=teacher, teacher_ckpt=teacher_ckpt,
+                                 device=spec.device if spec else device, seed=seed, loader=loader, targets=targets,
+                                 teacher_cache=teacher_cache, attn=attn, compile_mode=compile_mode,
+                                 ckpt_every=ckpt_every, overrides=overrides)
         path = None
         if resume:
             path = Path(cfg.run.out) / "checkpoint-last.pt" if resume == "auto" else Path(resume)
-        summary = Trainer(cfg, err).fit(resume=path)
-        print(json.dumps({k: summary[k] for k in ("top1", "top5", "train_img_s", "wall_s")}))
+        if resume == "auto" and not path.exists():  # a requeued job's first submission: start fresh
+            err.print(f"--resume: no checkpoint in {cfg.run.out} yet; starting the run")
+            path = None
+        if spec is not None and not in_torchrun():
+            check_launch(spec, cfg)
+        if in_torchrun():  # started by torchrun or a scheduler: this process is one rank
+            summary = run_worker(cfg, path)
+        elif spec is not None and (spec.world > 1 or spec.nodes > 1):
+            launch(cfg, spec, path, err)  # rank 0 prints the summary line
+            return
+        else:
+            summary = Trainer(cfg, err).fit(resume=path)
+        if summary is not None:
+            print(json.dumps({k: summary[k] for k in SUMMARY_KEYS}))
 
     _guard(go)
 
@@ -130,6 +165,7 @@ def build_train_config(recipe_name: str, *, data: Path | None, model: str | None
                        teacher_cache=str(flags["teacher_cache"]) if flags.get("teacher_cache") else None)
     cfg = with_section(cfg, "run", out=str(out) if out else None, batch_size=flags["batch_size"],
                        device=flags["device"], seed=flags["seed"], compile=flags.get("compile_mode"),
+                       ckpt_every=flags.get("ckpt_every"),
                        cache_dir=str(cache_dir()))
     cfg = apply_overrides(cfg, overrides)
     if not cfg.data.path:

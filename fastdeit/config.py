@@ -109,7 +109,7 @@ class RunConfig:
     batch_size: int = 1024  # the global batch: the same samples are seen whatever the world size
     amp: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32
     log_every: int = 20  # steps between metrics.jsonl step records
-    ckpt_every: int = 0  # steps between mid-epoch checkpoints (0 = epoch ends only)
+    ckpt_every: int = 1000  # steps between mid-epoch checkpoints besides epoch ends (0 = epoch ends only)
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     progress: bool = True
     compile: str = "none"  # none | auto | default | max-autotune | max-autotune-no-cudagraphs | reduce-overhead
@@ -201,7 +201,7 @@ def _demo() -> TrainConfig:
         sched=SchedConfig(epochs=10, warmup_epochs=1.0, warmup_lr=1e-5, min_lr=1e-5),
         aug=AugConfig(scale=(0.5, 1.0), rand_augment="", reprob=0.0, mixup=0.0, cutmix=0.0, mix_group=16,
                       repeated_aug=1),
-        run=RunConfig(batch_size=32, log_every=10, eval_every=5),
+        run=RunConfig(batch_size=32, log_every=10, eval_every=5, ckpt_every=0),
     )
 
 

@@ -1,22 +1,114 @@
-"""The torch.distributed world a process belongs to.
+"""The torch.distributed world a process belongs to, and the few collectives the trainer uses.
 
-Only the single-process world exists so far; ranks take their shard of every global batch
-plan through `BatchPlan.shard(rank, size)`, so adding ranks does not change what is seen.
+Ranks take their shard of every global batch plan through `BatchPlan.shard(rank, size)`, so
+adding ranks does not change which samples are seen nor their augmentations. The process
+group comes from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
+NCCL on GPUs, gloo on CPUs. Nothing here launches processes: that is torchrun's job
+(fastdeit/launch.py starts it).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fastdeit.errors import UserError
 
 
 @dataclass(frozen=True)
 class World:
     rank: int = 0
     size: int = 1
+    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
 
 SINGLE = World()
+
+
+def in_torchrun() -> bool:
+    """True when this process was started by torchrun (or a scheduler that sets its variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env(device_type: str, timeout_s: float = 1800) -> World:
+    """Join the process group torchrun describes; a world of one needs no group."""
+    if not in_torchrun():
+        return SINGLE
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if world.size == 1:
+        return world
+    if device_type == "cuda":
+        if not dist.is_nccl_available():
+            raise UserError("this torch build has no NCCL: multi-GPU training needs a CUDA build of torch "
+                            "with NCCL (or train on CPUs with --gpus 0 --procs P)")
+        torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():
+        from torch.distributed.rendezvous import rendezvous
+
+        # torchrun keeps one store across restarts of the worker group: keys of the group that
+        # died (its peers' addresses) would be read by the new one, so each attempt has its own.
+        store, _, _ = next(rendezvous("env://", world.rank, world.size, timeout=timedelta(seconds=timeout_s)))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.PrefixStore(
+            f"fastdeit/attempt-{attempt}", store), rank=world.rank, world_size=world.size,
+            timeout=timedelta(seconds=timeout_s))
+    return world
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def all_reduce(values: torch.Tensor, world: World, op: str = "sum") -> torch.Tensor:
+    """Sum (or mean) of a tensor over ranks, in place and returned; a no-op for one process."""
+    if world.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            values /= world.size
+    return values
+
+
+def eval_rows(num_samples: int, batch: int, world: World) -> np.ndarray | None:
+    """The val rows of this rank: whole eval batches r, r + W, r + 2W, ... of the
+    single-process order, so every rank's batches are exactly single-process batches and the
+    reduced counts equal a single-process evaluation bit for bit. None for one process."""
+    if not world.distributed:
+        return None
+    starts = np.arange(world.rank * batch, num_samples, world.size * batch)
+    return np.concatenate([np.arange(s, min(s + batch, num_samples)) for s in starts]) if len(starts) \
+        else np.zeros(0, dtype=np.int64)
+
+
+def step_seed(seed: int, rank: int, updates: int) -> int:
+    """Seed of the torch RNG for one training step on one rank (stochastic depth, dropout):
+    a function of the step, so a resumed or restarted run draws what it would have drawn."""
+    return int(np.random.SeedSequence([seed, rank, updates]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def fault_injection(updates: int, world: World) -> None:
+    """Testing hook for fault tolerance: FASTDEIT_KILL_AT=N kills the last rank (SIGKILL, as
+    a crashed machine would) after update N, on the first attempt of a torchrun group only."""
+    at = os.environ.get("FASTDEIT_KILL_AT")
+    if at and updates == int(at) and world.rank == world.size - 1 \
+            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -69,7 +69,7 @@ class Stepper:
         else:
             self.optimizer.step()
         if self.ema is not None:
-            self.ema.update(self.model, step=num_updates)
+            self.ema.update(getattr(self.model, "module", self.model), step=num_updates)  # DDP's inner model
         return {"loss": loss.detach(), **parts}
 
 
@@ -96,6 +96,16 @@ class EvalResult:
     @property
     def img_s(self) -> float:
         return self.n / max(self.seconds, 1e-9)
+
+    def summed(self, heads: list[str], reduce: Callable[[torch.Tensor], torch.Tensor]) -> EvalResult:
+        """The counts summed over ranks by `reduce` (an all-reduce; every rank passes the same
+        heads, including a rank that evaluated nothing). Counts are whole numbers held in
+        float64, so the sum is exact."""
+        counts = torch.tensor([self.n, self.bad, *(self.correct1.get(h, 0.0) for h in heads),
+                               *(self.correct5.get(h, 0.0) for h in heads)], dtype=torch.float64)
+        c, k = reduce(counts).tolist(), len(heads)
+        return EvalResult(n=int(c[0]), correct1=dict(zip(heads, c[2:2 + k])), correct5=dict(zip(heads, c[2 + k:])),
+                          bad=int(c[1]), seconds=self.seconds)
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size
                         workers: int = 2, use_ema: bool = False, loader: str = "auto") -> EvalResult:
     """Top-1/top-5 of a fastdeit checkpoint on the val split of `data`, with the checkpoint's
     own image size and crop."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     weights, meta = read_checkpoint(ckpt)
     if not meta:
         raise UserError(f"{ckpt} is not a fastdeit checkpoint (no meta): "
@@ -36,7 +38,8 @@ def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size
     data_cfg = DataConfig(img_size=meta["img_size"], crop_pct=meta["crop_pct"], workers=workers,
                           eval_batch_size=batch_size)
     kind, _ = choose_loader(loader, dev)
-    batches = Loaders(kind, data_cfg, PlanSpec(0, meta["img_size"], batch_size, AugConfig()), dev).eval(val)
+    spec = PlanSpec(0, meta["img_size"], batch_size, AugConfig(mix_group=batch_size))  # eval draws no plan
+    batches = Loaders(kind, data_cfg, spec, dev).eval(val)
     return evaluate(model.to(dev), batches, dev, amp_dtype("auto", dev))
 
 

@@ -1,9 +1,13 @@
-"""Writing run files safely, and naming the code that wrote them."""
+"""Writing run files safely, naming the code that wrote them, stopping at a safe point."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +37,26 @@ def atomic_write_text(text: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@contextmanager
+def sigint_once(first: Callable[[], None]) -> Iterator[None]:
+    """Within the block, the first Ctrl-C calls `first` (which asks the loop to stop at its
+    next safe point) and a second raises KeyboardInterrupt. Only the main thread can handle
+    signals: elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen = {"n": 0}
+
+    def handler(signum: int, frame: Any) -> None:
+        seen["n"] += 1
+        if seen["n"] > 1:
+            raise KeyboardInterrupt
+        first()
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

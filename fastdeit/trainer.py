@@ -11,11 +11,8 @@ import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +27,16 @@ from timm.utils import ModelEmaV3
 from fastdeit.caching import open_targets
 from fastdeit.config import TrainConfig, per_rank_batch, save_json, scaled_lr
 from fastdeit.data.folder import load_dataset
-from fastdeit.dist import SINGLE, World
+from fastdeit.dist import SINGLE, World, all_reduce, barrier, eval_rows, fault_injection, step_seed
 from fastdeit.distill import DistillationLoss
 from fastdeit.engine import EvalResult, Stepper, amp_dtype, evaluate, resolve_device
 from fastdeit.errors import UserError
 from fastdeit.loaders import Loaders, choose_loader, read_skip_list
-from fastdeit.models import build_model, choose_attention, compile_model, is_distilled
+from fastdeit.models import build_model, choose_attention, compile_model, is_distilled, set_attention
 from fastdeit.pipelines.tail import apply_tail
 from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.progress import TrainProgress
-from fastdeit.runfiles import atomic_save, atomic_write_text, git_commit
+from fastdeit.runfiles import atomic_save, atomic_write_text, git_commit, sigint_once
 from fastdeit.targets import LiveTeacher, TargetSource
 
 CKPT_FORMAT = 1
@@ -67,6 +64,8 @@ class Trainer:
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.out = Path(cfg.run.out)
         self.device = resolve_device(cfg.run.device)
+        if self.device.type == "cuda" and world.distributed:
+            self.device = torch.device("cuda", world.local_rank)
         self.amp = amp_dtype(cfg.run.amp, self.device)
         self.train_index, self.val_index = read_skip_list(cfg.data.skip_list, *load_dataset(cfg.data.path))
         self.classes = self.train_index.classes
@@ -74,10 +73,13 @@ class Trainer:
         self.spec = PlanSpec.from_config(cfg)
         self.steps = steps_per_epoch(self.spec, len(self.train_index))
         per_rank_batch(cfg, world.size)  # fails early when the global batch does not split into ranks
-        torch.manual_seed(cfg.run.seed)
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model, len(self.classes), cfg.data.img_size).to(self.device)
         self.attn = self._attention()
-        self.compile_mode = compile_model(self.model, cfg.run.compile, self.device)
+        # DDP wraps the student only (the teacher is frozen); compiling the wrapper lets
+        # Dynamo split the graph at DDP's bucket boundaries, so all-reduce overlaps backward.
+        self.train_model = self._ddp()
+        self.compile_mode = compile_model(self.train_model, cfg.run.compile, self.device)
         self.agreement_live: LiveTeacher | None = None  # labelmap: a live teacher to measure agreement
         self.targets = self._targets()
         self.optimizer = self._optimizer()
@@ -89,7 +91,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
         self.ema = ModelEmaV3(self.model, decay=cfg.model.ema_decay) if cfg.model.ema else None
         self.loaders = Loaders(self.loader_kind, cfg.data, self.spec, self.device, world.rank, world.size)
-        self.stepper = Stepper(self.model, self.optimizer,
+        self.stepper = Stepper(self.train_model, self.optimizer,
                                DistillationLoss(cfg.distill.mode, cfg.distill.alpha, cfg.distill.tau),
                                self.amp, self.scaler, cfg.optim.clip_grad, self.ema)
         self.state = RunState()
@@ -102,6 +104,12 @@ class Trainer:
         known = json.loads(path.read_text()) if path and path.exists() else {}
         backend, times = choose_attention(self.model, self.cfg.model.attn, self.cfg.run.batch_size // self.world.size,
                                           self.amp or torch.float32, self.device, known)
+        if self.world.distributed and backend is not None:  # timing noise must not split the ranks
+            chosen = [backend]
+            torch.distributed.broadcast_object_list(chosen, src=0)
+            if chosen[0] != backend:
+                backend = chosen[0]
+                set_attention(self.model, backend)
         if times:
             self.console.print(f"attention: {backend} (ms per forward+backward: "
                                + ", ".join(f"{k} {v:.3f}" for k, v in times.items()) + ")")
@@ -109,6 +117,17 @@ class Trainer:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(json.dumps(known, indent=1), path)
         return backend
+
+    def _ddp(self) -> torch.nn.Module:
+        if not self.world.distributed:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # A distilled student trained without a teacher leaves its distillation head unused.
+        unused = is_distilled(self.model) and self.cfg.distill.mode == "none"
+        return DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True,
+                                       find_unused_parameters=unused)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """timm's factory: no weight decay on biases, norms and the model's no_weight_decay()
@@ -130,7 +149,8 @@ class Trainer:
         if not is_distilled(self.model):
             raise UserError(f"--distill {d.mode} needs a student with a distillation token: "
                             f"use {self.cfg.model.name}_distilled (or another deit_*_distilled)")
-        source, self.agreement_live = open_targets(self.cfg, self.train_index, self.device, self.amp, self.console)
+        source, self.agreement_live = open_targets(self.cfg, self.train_index, self.device, self.amp, self.console,
+                                                   self.world)
         return source
 
     # --- checkpoints ---------------------------------------------------------------------
@@ -205,22 +225,26 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------
 
-    def fit(self, resume: Path | None = None) -> dict[str, Any]:
-        """Train to the last epoch (from `resume` if given), evaluate, write summary.json."""
+    def fit(self, resume: Path | None = None, restarted: bool = False) -> dict[str, Any]:
+        """Train to the last epoch (from `resume` if given), evaluate, write summary.json.
+        `restarted`: torchrun restarted the worker group; the run folder is this run's own."""
         start = time.perf_counter()
         existing = [n for n in ("checkpoint-last.pt", "metrics.jsonl") if (self.out / n).exists()]
-        if resume is None and existing:
+        if resume is None and existing and not restarted:
             raise UserError(f"{self.out} already holds a run ({existing[0]}): continue it with --resume, "
                             f"or pick another --out")
+        barrier(self.world)  # every rank has looked before rank 0 writes
         self.out.mkdir(parents=True, exist_ok=True)
         if resume is not None:
             self.resume(resume)
             self.log({"kind": "resume", "epoch": self.state.epoch, "step": self.state.step,
-                      "from": str(resume)})
-        atomic_write_text(save_json(self.cfg), self.out / "config.json")
+                      "from": str(resume), "world": self.world.size})
+        if self.world.is_main:
+            atomic_write_text(save_json(self.cfg), self.out / "config.json")
         self.console.print(f"[bold]{self.cfg.model.name}[/] on {len(self.train_index)} images, "
                            f"{len(self.classes)} classes, {self.device}, batch {self.cfg.run.batch_size}, "
-                           f"{self.steps} steps/epoch, lr {scaled_lr(self.cfg):.2e}, distill {self.cfg.distill.mode}")
+                           f"{self.steps} steps/epoch, lr {scaled_lr(self.cfg):.2e}, distill {self.cfg.distill.mode}"
+                           + (f", {self.world.size} ranks" if self.world.distributed else ""))
         self.console.print(f"loader: {self.loader_kind} ({self.loader_why}); attention: {self.attn or '-'}; "
                            f"compile: {self.compile_mode}")
         images, seconds = 0, 0.0
@@ -240,25 +264,15 @@ class Trainer:
                                 f"saved {self.out / 'checkpoint-last.pt'}: continue with --resume") from None
         return self.summarize(images, seconds, time.perf_counter() - start)
 
-    @contextmanager
-    def stop_on_sigint(self) -> Iterator[None]:
+    def stop_on_sigint(self) -> AbstractContextManager[None]:
         """Ctrl-C finishes the current step, saves a checkpoint and stops (a second Ctrl-C
         stops at once, keeping the last checkpoint), so a resumed run stays exact."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
 
-        def handler(signum: int, frame: Any) -> None:
-            if self.stop_requested:
-                raise KeyboardInterrupt
+        def first() -> None:
             self.stop_requested = True
             self.console.print("stopping after this step (Ctrl-C again to stop at once)")
 
-        old = signal.signal(signal.SIGINT, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, old)
+        return sigint_once(first)
 
     def train_epoch(self, bar: TrainProgress) -> dict[str, float]:
         """Run the rest of the current epoch; returns images, seconds, img/s and data-wait."""
@@ -281,12 +295,13 @@ class Trainer:
             teacher = self.targets(tail.images, batch.plan) if self.targets else None
             if self.agreement_live is not None and st.step - first_step < cfg.distill.agreement_batches:
                 agree += self.agreement(tail.images, batch.plan, teacher)
+            torch.manual_seed(step_seed(cfg.run.seed, self.world.rank, st.updates))  # drop path, dropout
             parts = self.stepper.step(tail.images, tail.targets, teacher, st.updates + 1)
             st.updates += 1
             st.step += 1
             self.scheduler.step_update(st.updates)
-            images += len(batch.labels)
-            window["n"] += len(batch.labels)
+            images += len(batch.labels) * self.world.size  # every rank holds an equal shard
+            window["n"] += len(batch.labels) * self.world.size
             tick = time.perf_counter()
             if st.updates % cfg.run.log_every == 0 or st.step == self.steps:
                 rec = self.step_record(parts, window, tick, len(batch.bad))
@@ -301,10 +316,12 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.save()
                 tick = time.perf_counter()
+            fault_injection(st.updates, self.world)
         seconds = time.perf_counter() - t0
         st.elapsed += seconds
         stats = {"images": images, "seconds": seconds, "train_img_s": images / max(seconds, 1e-9),
                  "data_wait": wait / max(seconds, 1e-9)}
+        agree = all_reduce(torch.tensor(agree, dtype=torch.float64, device=self._coll_device()), self.world).tolist()
         if agree[1]:
             stats["target_agreement"] = agree[0] / agree[1]
         return stats
@@ -317,7 +334,8 @@ class Trainer:
 
     def step_record(self, parts: dict[str, torch.Tensor], window: dict, now: float, bad: int) -> dict[str, Any]:
         st = self.state
-        vals = {k: float(v) for k, v in parts.items()}  # the one device sync per logged step
+        stacked = all_reduce(torch.stack([v.detach().float() for v in parts.values()]), self.world, "mean")
+        vals = dict(zip(parts, stacked.tolist()))  # the one device sync per logged step
         if not math.isfinite(vals["loss"]):
             self.save()
             raise UserError(f"the loss became {vals['loss']} at epoch {st.epoch} step {st.step - 1}: "
@@ -358,7 +376,15 @@ class Trainer:
         self.save(best=best)
 
     def evaluate(self, model: torch.nn.Module) -> EvalResult:
-        return evaluate(model, self.loaders.eval(self.val_index), self.device, self.amp)
+        """Each rank evaluates whole eval batches of its own; the counts are summed."""
+        rows = eval_rows(len(self.val_index), self.cfg.data.eval_batch_size, self.world)
+        res = evaluate(model, self.loaders.eval(self.val_index, rows), self.device, self.amp)
+        heads = ["cls", "dist", "joint"] if is_distilled(self.model) else ["joint"]
+        return res.summed(heads, lambda t: all_reduce(t.to(self._coll_device()), self.world).cpu())
+
+    def _coll_device(self) -> torch.device:
+        """Where collectives' tensors live: NCCL needs them on the GPU, gloo on the CPU."""
+        return self.device if self.device.type == "cuda" and self.world.distributed else torch.device("cpu")
 
     def summarize(self, images: int, seconds: float, wall: float) -> dict[str, Any]:
         ev = self.state.last_eval

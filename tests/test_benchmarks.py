@@ -43,3 +43,21 @@ def test_throughput_model_section_runs(tmp_path):
     rows = json.loads(out.read_text())["model"]
     assert rc == 0 and len(rows) == 1 and "error" not in rows[0]
     assert rows[0]["train_img_s"] > 0 and rows[0]["forward_gmacs"] > 0 and rows[0]["mfu"] is None
+
+
+def test_throughput_scaling_section_runs_two_processes(tmp_path):
+    out = tmp_path / "s.json"
+    rc = load("throughput").main(["--section", "scaling", "--device", "cpu", "--procs", "1,2", "--img-size", "32",
+                                  "--patch-size", "8", "--batch-sizes", "4", "--steps", "1", "--warmup", "1",
+                                  "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["scaling"]
+    assert rc == 0 and [r["procs"] for r in rows] == [1, 2] and all("error" not in r for r in rows)
+    assert rows[0]["allreduce_ms"] is None and rows[1]["allreduce_ms"] > 0 and rows[1]["efficiency"] > 0
+
+
+def test_projection_arithmetic():
+    scaling = load("scaling")
+    # Ring all-reduce moves 2 (N-1)/N of the buffer: 8 ranks, 1e9 fp32 values, 400 GB/s -> 17.5 ms.
+    assert abs(scaling.allreduce_seconds(1e9, 8, 400.0) - 2 * 7 / 8 * 4e9 / 400e9) < 1e-12
+    rows = scaling.project("deit_tiny_distilled", 1000.0, epochs=1)
+    assert rows[0]["ranks"] == 8 and 5.0 < rows[0]["params_m"] < 6.5 and rows[0]["hours"] > 0

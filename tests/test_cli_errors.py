@@ -110,6 +110,10 @@ def test_resume_from_another_models_checkpoint(tiny_data, tmp_path):
     assert (tmp_path / "a" / "checkpoint-last.pt").read_bytes() == before  # nothing lost
     fails(tiny_train(tiny_data, tmp_path / "c", "--model", "deit_tiny", "--resume", str(tmp_path / "none.pt")),
           "no checkpoint at")
+    # `--resume` alone on a folder without a checkpoint starts the run (a requeued job's first go).
+    res = runner.invoke(app, tiny_train(tiny_data, tmp_path / "d", "--model", "deit_tiny", *TINY_MODEL,
+                                        "--resume=auto"))
+    assert res.exit_code == 0 and "starting the run" in res.output, res.output
 
 
 def test_corrupt_jpeg_is_skipped_named_and_counted(tiny_data, tmp_path):

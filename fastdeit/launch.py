@@ -1,0 +1,198 @@
+"""`fastdeit train --gpus N`: start the worker group through torchrun, and the worker itself.
+
+The CLI resolves the config, writes it to RUN/config.json and hands torchrun (elastic launch:
+`--standalone` on one machine, c10d rendezvous across machines) the command
+`python -m fastdeit.launch RUN/config.json [--resume PATH]`. Workers read that file, not the
+CLI's flags, so every rank trains the very same config. A worker group that torchrun restarts
+(`--max-restarts`) resumes from RUN/checkpoint-last.pt, on the same plan stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from fastdeit.config import TrainConfig, load_json, per_rank_batch, save_json
+from fastdeit.errors import UserError
+from fastdeit.runfiles import atomic_write_text
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How many workers, where: `gpus` per node (0: CPU workers, `procs` of them)."""
+
+    gpus: int
+    procs: int = 1
+    nodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    max_restarts: int = 0
+
+    @property
+    def per_node(self) -> int:
+        return self.gpus if self.gpus > 0 else self.procs
+
+    @property
+    def world(self) -> int:
+        return self.per_node * self.nodes
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus > 0 else "cpu"
+
+
+def check(spec: Launch, cfg: TrainConfig) -> None:
+    """Every mistake that can be seen before a process starts, as one line."""
+    if spec.gpus < 0 or spec.procs < 1 or spec.nodes < 1 or spec.max_restarts < 0:
+        raise UserError("--gpus must be >= 0, --procs, --nodes >= 1 and --max-restarts >= 0")
+    if spec.gpus > 0 and spec.procs != 1 and spec.procs != spec.gpus:
+        raise UserError("--procs counts CPU workers and goes with --gpus 0; with GPUs there is one worker per GPU")
+    if spec.gpus > 0:
+        visible = torch.cuda.device_count()
+        if spec.gpus > visible:
+            raise UserError(f"--gpus {spec.gpus}: this machine shows {visible} CUDA GPU(s)"
+                            + (f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
+                               if "CUDA_VISIBLE_DEVICES" in os.environ else "") + f": use --gpus {visible} or fewer"
+                            + (", or --gpus 0 --procs P for CPU workers" if visible == 0 else ""))
+        if not torch.distributed.is_nccl_available() and spec.world > 1:
+            raise UserError("this torch build has no NCCL, which multi-GPU training needs: install a CUDA build "
+                            "of torch, or train on CPU workers with --gpus 0 --procs P")
+    if not 0 <= spec.node_rank < spec.nodes:
+        raise UserError(f"--node-rank {spec.node_rank} is not in 0..{spec.nodes - 1} (--nodes {spec.nodes})")
+    if spec.nodes > 1 and not spec.rdzv_endpoint:
+        raise UserError("--nodes > 1 needs --rdzv-endpoint HOST:PORT, an address of node 0 that every node reaches")
+    if spec.rdzv_endpoint:
+        host, _, port = spec.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UserError(f"--rdzv-endpoint {spec.rdzv_endpoint!r} is not HOST:PORT (e.g. node0.cluster:29500)")
+        if spec.node_rank == 0 and _is_local(host) and not _port_free(int(port)):
+            raise UserError(f"port {port} is in use on this machine: pick another --rdzv-endpoint port "
+                            f"(and use it on every node)")
+    per_rank_batch(cfg, spec.world)  # a global batch that does not split is an error here, not in N workers
+
+
+def _is_local(host: str) -> bool:
+    try:
+        addr = socket.gethostbyname(host)
+    except OSError:
+        return False
+    return addr.startswith("127.") or host in (socket.gethostname(), socket.getfqdn()) \
+        or addr == socket.gethostbyname(socket.gethostname())
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def torchrun_args(spec: Launch, config: Path, resume: Path | None) -> list[str]:
+    args = ["--nproc-per-node", str(spec.per_node), "--max-restarts", str(spec.max_restarts)]
+    if spec.nodes == 1 and not spec.rdzv_endpoint:
+        args.append("--standalone")  # a free local port, no endpoint to configure
+    else:
+        args += ["--nnodes", str(spec.nodes), "--node-rank", str(spec.node_rank), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", str(spec.rdzv_endpoint), "--rdzv-id", f"fastdeit-{config.parent.name}"]
+    return [*args, "--module", "fastdeit.launch", str(config), *(["--resume", str(resume)] if resume else [])]
+
+
+def launch(cfg: TrainConfig, spec: Launch, resume: Path | None, console: Console) -> None:
+    """Write RUN/config.json and run the worker group to its end; UserError when it failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    check(spec, cfg)
+    out = Path(cfg.run.out)
+    existing = [n for n in ("checkpoint-last.pt", "metrics.jsonl") if (out / n).exists()]
+    if resume is None and existing:
+        raise UserError(f"{out} already holds a run ({existing[0]}): continue it with --resume, or pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "config.json"
+    atomic_write_text(save_json(cfg), config)
+    console.print(f"launching {spec.world} {'GPU' if spec.gpus else 'CPU'} workers "
+                  f"({spec.nodes} node(s) x {spec.per_node}) through torchrun; config: {config}")
+    # torchrun would set 1 thread per worker (and say so); share the machine's cores instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.per_node)))
+    # torchrun's own failure report is a traceback per worker; ours is one line below.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.errors").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(torchrun_args(spec, config, resume)))
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in e.failures.items()}
+        if set(codes.values()) == {2}:  # the workers named the problem themselves
+            raise UserError(f"training stopped: see the worker's message above (run folder {out})") from None
+        first, failure = e.get_first_failure()
+        raise UserError(f"worker rank {first} failed with exit code {failure.exitcode} (its output is above); "
+                        f"continue the run with --resume") from None
+
+
+def run_worker(cfg: TrainConfig, resume: Path | None) -> dict | None:
+    """One rank of a torchrun worker group: join the process group, train, leave. Returns the
+    summary on rank 0, None on the others; only rank 0 prints."""
+    from fastdeit.dist import init_from_env, shutdown
+    from fastdeit.trainer import Trainer
+
+    device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        world = init_from_env(device)
+        console = Console(stderr=True, soft_wrap=True, quiet=not world.is_main)
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        last = Path(cfg.run.out) / "checkpoint-last.pt"
+        if restarted:
+            resume = last if last.exists() else resume
+            console.print(f"worker group restarted: resuming from {resume or 'the start'}")
+        summary = Trainer(cfg, console, world).fit(resume, restarted=restarted)
+    finally:
+        shutdown()
+    return summary if world.is_main else None
+
+
+SUMMARY_KEYS = ("top1", "top5", "train_img_s", "wall_s")
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """`python -m fastdeit.launch RUN/config.json [--resume PATH]`: what torchrun starts."""
+    p = argparse.ArgumentParser(prog="python -m fastdeit.launch")
+    p.add_argument("config", type=Path)
+    p.add_argument("--resume", type=Path, default=None)
+    a = p.parse_args(argv)
+    try:
+        summary = run_worker(load_json(a.config), a.resume)
+    except UserError as e:  # every rank says it: a rank may fail alone (its own files, its own GPU)
+        rank = int(os.environ.get("RANK", 0))
+        print(f"error: {e}" if rank == 0 else f"[rank {rank}] error: {e}", file=sys.stderr)
+        return 2
+    except (torch.distributed.DistError, RuntimeError) as e:
+        if not _lost_peer(e):
+            raise  # a bug: its traceback is wanted
+        # Another rank died (torchrun names it); this one's traceback would only hide that.
+        print(f"[rank {os.environ.get('RANK', 0)}] lost contact with another rank: {str(e).splitlines()[0][:160]}",
+              file=sys.stderr)
+        return 1
+    if summary is not None:
+        print(json.dumps({k: summary[k] for k in SUMMARY_KEYS}))
+    return 0
+
+
+def _lost_peer(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, torch.distributed.DistError) or any(
+        w in text for w in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL error"))
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
