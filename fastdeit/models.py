@@ -213,6 +213,9 @@ def choose_attention(model: nn.Module, requested: str, batch: int, dtype: torch.
         else:
             backend, times = pick_backend(batch, *shape, dtype, device)
             remembered[key] = backend
+    if backend == "flex" and device.type != "cuda":
+        raise UserError("--attn flex trains on CUDA only: FlexAttention has no backward pass on a CPU; "
+                        "use --attn sdpa, triton or math")
     set_attention(model, backend)
     return backend, times
 
