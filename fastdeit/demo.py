@@ -44,7 +44,7 @@ class DemoRun:
 
 def demo_runs() -> list[DemoRun]:
     return [
-        # A half-width resnet18: a convnet learns the shapes in a few epochs (about 80% top-1 in
+        # A half-width resnet18: a convnet learns the shapes in a few epochs (about 70% top-1 in
         # 12 epochs, 1.5 minutes on 2 cores); batch 64 and a higher lr suit its BatchNorm layers.
         DemoRun("teacher", TEACHER, sets=("model.width=0.5", "optim.lr=0.016", "run.batch_size=64",
                                           "sched.epochs=12", "run.eval_every=4")),
