@@ -129,6 +129,11 @@ def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Cons
     with torch.no_grad(), autocast(device, amp):
         probe = _cell_probs(teacher, torch.zeros(1, 3, size, size, device=device))
     grid = probe.shape[2]
+    trained = getattr(teacher, "trained_img_size", None)
+    if trained and trained != size:  # measured on the demo: a 64 px teacher at 128 px is near chance
+        console.print(f"[yellow]warning:[/] the teacher was trained at {trained} px and its label maps are built "
+                      f"at {size} px: a convnet away from its training scale can be far off "
+                      f"(set distill.labelmap_size={trained})")
     if probe.shape[2] != probe.shape[3]:
         raise UserError(f"the teacher's feature map at {size} px is not square: {tuple(probe.shape[2:])}")
     k = _topk(cfg, index)

@@ -130,6 +130,7 @@ def load_teacher(cfg: DistillConfig, num_classes: int, img_size: int, device: to
         model_cfg = replace(model_cfg, drop_path=0.0, init="", ema=False)
         classes = _head_classes(sd) or num_classes
         model = build_model(model_cfg, classes, int(meta.get("img_size", img_size)))
+        model.trained_img_size = meta.get("img_size")  # label maps are only as good as this scale
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise UserError(f"{cfg.teacher_ckpt} does not fit teacher {model_cfg.name!r}: "
