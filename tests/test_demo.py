@@ -16,7 +16,8 @@ def test_demo_runs_are_valid_configs(tmp_path):
         ("none", "live"), ("none", "live"), ("hard", "live"), ("hard", "replay"), ("hard", "labelmap")]
     cfgs = [run_config(recipe("demo"), r, tmp_path / "data", tmp_path / "out") for r in runs]
     assert cfgs[0].model.width == 0.5 and cfgs[2].distill.teacher_ckpt.endswith("teacher/checkpoint-last.pt")
-    assert cfgs[3].distill.teacher_cache.endswith("teacher-replay") and cfgs[4].distill.labelmap_size == 128
+    # label maps at the teacher's own scale (0: the training size)
+    assert cfgs[3].distill.teacher_cache.endswith("teacher-replay") and cfgs[4].distill.labelmap_size == 0
 
 
 def test_demo_end_to_end_on_tiny_settings(tmp_path):

@@ -110,7 +110,10 @@ def test_labelmap_pooling_follows_the_box():
 
 
 def test_labelmap_targets_report_agreement(tiny_data, teacher, tmp_path):
-    ok(student(tiny_data, tmp_path / "lm", teacher, "--targets", "labelmap", "--set", "distill.labelmap_size=64"))
+    res = runner.invoke(app, student(tiny_data, tmp_path / "lm", teacher, "--targets", "labelmap",
+                                     "--set", "distill.labelmap_size=64"))
+    assert res.exit_code == 0, res.output
+    assert "the teacher was trained at 32 px and its label maps are built at 64 px" in res.stderr
     epochs = [json.loads(x) for x in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()
               if '"kind": "epoch"' in x]
     assert all(0.0 <= e["target_agreement"] <= 1.0 for e in epochs) and len(epochs) == 2
