@@ -121,8 +121,9 @@ def train(
                           max_restarts=max_restarts)
             if device not in (None, "auto", spec.device):
                 raise UserError(f"--device {device} contradicts --gpus {gpus} (which means {spec.device}): drop one")
-        elif procs != 1 or nodes != 1 or rdzv_endpoint:
-            raise UserError("--procs, --nodes and --rdzv-endpoint go with --gpus N (use --gpus 0 for CPU workers)")
+        elif procs != 1 or nodes != 1 or rdzv_endpoint or max_restarts:
+            raise UserError("--procs, --nodes, --rdzv-endpoint and --max-restarts go with --gpus N "
+                            "(use --gpus 0 for CPU workers)")
         cfg = build_train_config(recipe_name, data=data, model=model, out=out, epochs=epochs,
                                  batch_size=batch_size, img_size=img_size, lr=lr, distill=distill, alpha=alpha,
                                  tau=tau, teacher=teacher, teacher_ckpt=teacher_ckpt,
@@ -139,7 +140,7 @@ def train(
             check_launch(spec, cfg)
         if in_torchrun():  # started by torchrun or a scheduler: this process is one rank
             summary = run_worker(cfg, path)
-        elif spec is not None and (spec.world > 1 or spec.nodes > 1):
+        elif spec is not None and (spec.world > 1 or spec.nodes > 1 or spec.max_restarts > 0):
             launch(cfg, spec, path, err)  # rank 0 prints the summary line
             return
         else:

@@ -61,3 +61,22 @@ def test_projection_arithmetic():
     assert abs(scaling.allreduce_seconds(1e9, 8, 400.0) - 2 * 7 / 8 * 4e9 / 400e9) < 1e-12
     rows = scaling.project("deit_tiny_distilled", 1000.0, epochs=1)
     assert rows[0]["ranks"] == 8 and 5.0 < rows[0]["params_m"] < 6.5 and rows[0]["hours"] > 0
+
+
+def test_labelmap_scale_reports_each_size(tiny_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from fastdeit.cli import app
+
+    from tiny import TINY_RUN
+
+    res = CliRunner().invoke(app, ["train", *TINY_RUN, "--data", str(tiny_data), "--model", "resnet10t",
+                                   "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "scale.json"
+    rc = load("labelmap_scale").main(["--data", str(tiny_data), "--teacher-ckpt", str(tmp_path / "t" /
+                                      "checkpoint-last.pt"), "--sizes", "32,64", "--every", "3", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["trained_img_size"] == 32 and report["images"] == 24
+    assert [r["grid"] for r in report["sizes"].values()] == [1, 2]
+    assert report["sizes"]["32"]["map_agrees_with_teacher"] == 1.0  # one cell: the map is the teacher's output

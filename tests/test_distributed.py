@@ -203,6 +203,7 @@ def _one_line(res) -> str:
 @pytest.mark.parametrize("flags, words", [
     (["--gpus", "2"], "CUDA GPU"),
     (["--procs", "2"], "go with --gpus"),
+    (["--max-restarts", "2"], "go with --gpus"),
     (["--gpus", "0", "--procs", "3"], "does not split into 3 ranks"),
     (["--gpus", "0", "--procs", "2", "--device", "cuda"], "contradicts"),
     (["--gpus", "0", "--procs", "2", "--nodes", "2"], "--rdzv-endpoint"),
