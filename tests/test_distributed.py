@@ -82,6 +82,20 @@ def test_two_processes_train_like_one(runs):
     assert 0 <= worst < 1e-5
 
 
+def test_compiled_ddp_trains_like_eager_ddp(runs, tiny_data):
+    """--compile compiles the DDP wrapper (Dynamo splits the graph at DDP's buckets): the
+    epoch-0 losses of the eager two-process run, to 1e-4 (the warm-up lr does not depend on
+    the number of epochs)."""
+    out = runs["root"] / "compiled"
+    res = fastdeit("train", *COMMON, "--data", str(tiny_data), "--out", str(out), "--gpus", "0", "--procs", "2",
+                   "--compile", "default", "--epochs", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    eager, compiled = steps(runs["two"]), steps(out)
+    assert len(compiled) == 4
+    for key, loss in compiled.items():
+        assert abs(loss - eager[key]) < 1e-4, key
+
+
 def test_the_run_folder_is_written_once_by_rank_0(runs):
     run = runs["two"]
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint-last.pt",
