@@ -96,6 +96,19 @@ def test_compiled_ddp_trains_like_eager_ddp(runs, tiny_data):
         assert abs(loss - eager[key]) < 1e-4, key
 
 
+def test_under_a_users_torchrun_each_process_is_one_rank(runs, tiny_data):
+    """`torchrun ... -m fastdeit.cli train ...` (or a scheduler setting RANK/WORLD_SIZE): no
+    second launch, each process trains as its rank, as fastdeit's own launch does."""
+    out = runs["root"] / "torchrun"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "fastdeit.cli", "train", *COMMON, "--data", str(tiny_data), "--out", str(out),
+                          "--epochs", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len([ln for ln in res.stdout.splitlines() if ln.startswith("{")]) == 1  # rank 0's summary only
+    mine, theirs = steps(runs["two"]), steps(out)
+    assert len(theirs) == 4 and all(abs(loss - mine[key]) <= 1e-6 for key, loss in theirs.items())
+
+
 def test_the_run_folder_is_written_once_by_rank_0(runs):
     run = runs["two"]
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint-last.pt",
