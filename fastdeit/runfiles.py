@@ -41,9 +41,10 @@ def atomic_write_text(text: str, path: Path) -> None:
 
 @contextmanager
 def sigint_once(first: Callable[[], None]) -> Iterator[None]:
-    """Within the block, the first Ctrl-C calls `first` (which asks the loop to stop at its
-    next safe point) and a second raises KeyboardInterrupt. Only the main thread can handle
-    signals: elsewhere the block runs unchanged."""
+    """Within the block, the first Ctrl-C or SIGTERM (what a scheduler sends before it
+    preempts, and what torchrun forwards to its workers) calls `first`, which asks the loop to
+    stop at its next safe point; a second raises KeyboardInterrupt. Only the main thread can
+    handle signals: elsewhere the block runs unchanged."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -55,8 +56,9 @@ def sigint_once(first: Callable[[], None]) -> Iterator[None]:
             raise KeyboardInterrupt
         first()
 
-    old = signal.signal(signal.SIGINT, handler)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)

@@ -270,7 +270,7 @@ class Trainer:
 
         def first() -> None:
             self.stop_requested = True
-            self.console.print("stopping after this step (Ctrl-C again to stop at once)")
+            self.console.print("stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
 
         return sigint_once(first)
 

@@ -72,9 +72,10 @@ def test_hard_distillation_from_a_trained_teacher(teacher_run, tiny_data, tmp_pa
     assert res.exit_code == 0 and json.loads(res.stdout.splitlines()[-1])["top1"] == pytest.approx(summary["top1_dist"])
 
 
-# Stop at the last step of epoch 0 (4 steps an epoch), and mid-epoch 1 with loader processes.
-@pytest.mark.parametrize("stop_at, workers", [(4, 0), (6, 2)])
-def test_resume_gives_the_same_losses_as_a_straight_run(tiny_data, tmp_path, monkeypatch, stop_at, workers):
+# Stop at the last step of epoch 0 (4 steps an epoch), and mid-epoch 1 with loader processes;
+# by Ctrl-C, or by SIGTERM as a scheduler preempting the job sends it.
+@pytest.mark.parametrize("stop_at, workers, sig", [(4, 0, signal.SIGINT), (6, 2, signal.SIGTERM)])
+def test_resume_gives_the_same_losses_as_a_straight_run(tiny_data, tmp_path, monkeypatch, stop_at, workers, sig):
     common = ["--data", str(tiny_data), "--model", "deit_tiny_distilled", *TINY_MODEL, "--epochs", "2",
               "--set", f"data.workers={workers}",
               "--set", "run.log_every=1", "--set", "model.drop_path=0.1", "--set", "aug.mixup=0.8",
@@ -90,7 +91,7 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tiny_data, tmp_path, mon
     def step(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == stop_at:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(sig)
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(Stepper, "step", step)
