@@ -39,6 +39,18 @@ else:
                                    (64, 32, 4, 4), (128, 128, 8, 2))]
 
 
+@triton.jit
+def _at(b, h, idx, dims, sb, sh, sn, sd):
+    """Offsets of rows `idx` x head dims `dims` of one (batch, head) in a [B, H, N, D] tensor."""
+    return b * sb + h * sh + idx[:, None] * sn + dims[None, :] * sd
+
+
+@triton.jit
+def _tile(ptr, b, h, idx, dims, sb, sh, sn, sd, ok):
+    """The [len(idx), D] tile at those rows; rows past the sequence (`ok` false) read as 0."""
+    return tl.load(ptr + _at(b, h, idx, dims, sb, sh, sn, sd), mask=ok[:, None], other=0.0)
+
+
 @triton.autotune(configs=_CONFIGS, key=["N", "HEAD_DIM"])
 @triton.jit
 def _fwd_kernel(Q, K, V, OUT, LSE, qk_scale, N, H,
@@ -50,7 +62,7 @@ def _fwd_kernel(Q, K, V, OUT, LSE, qk_scale, N, H,
     dims = tl.arange(0, HEAD_DIM)
     cols0 = tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    q = _tile(Q, b, h, rows, dims, sqb, sqh, sqn, sqd, row_ok)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -65,12 +77,11 @@ def _fwd_kernel(Q, K, V, OUT, LSE, qk_scale, N, H,
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd, mask=col_ok[:, None],
-                    other=0.0)
+        v = _tile(V, b, h, cols, dims, svb, svh, svn, svd, col_ok)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(OUT + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod, acc.to(OUT.dtype.element_ty),
+    tl.store(OUT + _at(b, h, rows, dims, sob, soh, son, sod), acc.to(OUT.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i), mask=row_ok)
 
@@ -83,8 +94,8 @@ def _delta_kernel(OUT, DO, DELTA, N, H, sob, soh, son, sod, sdb, sdh, sdn, sdd,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     ok = rows < N
-    o = tl.load(OUT + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod, mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd, mask=ok[:, None], other=0.0)
+    o = _tile(OUT, b, h, rows, dims, sob, soh, son, sod, ok)
+    do = _tile(DO, b, h, rows, dims, sdb, sdh, sdn, sdd, ok)
     tl.store(DELTA + bh * N + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
 
 
@@ -99,17 +110,15 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H,
     dims = tl.arange(0, HEAD_DIM)
     rows0 = tl.arange(0, BLOCK_M)
     col_ok = cols < N
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd, mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd, mask=col_ok[:, None], other=0.0)
+    k = _tile(K, b, h, cols, dims, skb, skh, skn, skd, col_ok)
+    v = _tile(V, b, h, cols, dims, svb, svh, svn, svd, col_ok)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + rows0
         row_ok = rows < N
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd, mask=row_ok[:, None],
-                    other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd, mask=row_ok[:, None],
-                     other=0.0)
+        q = _tile(Q, b, h, rows, dims, sqb, sqh, sqn, sqd, row_ok)
+        do = _tile(DO, b, h, rows, dims, sdb, sdh, sdn, sdd, row_ok)
         lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -119,7 +128,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H,
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    out = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
+    out = _at(b, h, cols, dims, sgb, sgh, sgn, sgd)
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
@@ -135,27 +144,24 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H,
     dims = tl.arange(0, HEAD_DIM)
     cols0 = tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd, mask=row_ok[:, None],
-                 other=0.0)
+    q = _tile(Q, b, h, rows, dims, sqb, sqh, sqn, sqd, row_ok)
+    do = _tile(DO, b, h, rows, dims, sdb, sdh, sdn, sdd, row_ok)
     lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + cols0
         col_ok = cols < N
-        k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd, mask=col_ok[:, None],
-                    other=0.0)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd, mask=col_ok[:, None],
-                    other=0.0)
+        k = _tile(K, b, h, cols, dims, skb, skh, skn, skd, col_ok)
+        v = _tile(V, b, h, cols, dims, svb, svh, svn, svd, col_ok)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgn + dims[None, :] * sgd,
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + _at(b, h, rows, dims, sgb, sgh, sgn, sgd), (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 def _precision(dtype: torch.dtype) -> str:
