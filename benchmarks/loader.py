@@ -12,17 +12,13 @@ workers), and prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -34,6 +30,7 @@ from fastdeit.loaders import Loaders
 from fastdeit.pipelines import dali
 from fastdeit.pipelines.tail import apply_tail
 from fastdeit.plan import PlanSpec
+from fastdeit.runfiles import measured_on, write_report
 
 
 def fastdeit_rate(kind: str, index, spec: PlanSpec, device: torch.device, workers: int, steps: int,
@@ -109,22 +106,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-           "numpy": np.__version__}
-    if dali.available():
-        import nvidia.dali
-
-        out["dali"] = nvidia.dali.__version__
-    return out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=None, help="ImageFolder root (train/ is read)")
@@ -173,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[kind].append(rate)
     results = {k: float(np.median(v)) for k, v in runs.items()}
     report = {
-        "benchmark": "loader", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device), "versions": versions(),
+        "benchmark": "loader", **measured_on(device),
         "settings": {"batch_size": a.batch_size, "img_size": a.img_size, "workers": a.workers, "steps": a.steps,
                      "warmup": a.warmup, "repeats": a.repeats, "images": len(index),
                      "data": "synthetic 375-500 px" if a.make_data else "user data",
@@ -195,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = report["ratios"].get(f"{k}/baseline")
         table.add_row(k, f"{v:.0f}", f"{min(runs[k]):.0f}-{max(runs[k]):.0f}", "" if ratio is None else f"{ratio:.2f}x")
     Console().print(table)
+    write_report(report, a.out)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(report, indent=2))
         console.print(f"wrote {a.out}")
     return 0
 

@@ -27,10 +27,7 @@ step (the tail, the targets, forward, loss, backward and the optimizer step are 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -54,6 +51,7 @@ from fastdeit.loaders import Loaders
 from fastdeit.models import build_model
 from fastdeit.pipelines.tail import apply_tail
 from fastdeit.plan import PlanSpec
+from fastdeit.runfiles import measured_on, write_report
 from fastdeit.targets import LiveTeacher
 from fastdeit.teacher_cache import CacheReader
 
@@ -255,12 +253,6 @@ def _sdpa_with(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-
-
 def _print_model(rows: list[dict], title: str, gpu: bool) -> None:
     table = Table(title=title)
     flops_col = "TFLOP/s" if gpu else "GFLOP/s"  # a CPU reaches GFLOP/s; no peak table for CPUs
@@ -352,18 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     console = Console(stderr=True)
-    report = {"benchmark": "throughput", "section": a.section, "device": device_name(device),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                           "numpy": np.__version__},
+    report = {"benchmark": "throughput", "section": a.section, **measured_on(device),
               "settings": {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "img_size": a.img_size,
                            "threads": torch.get_num_threads(), "peak_flops": peak_flops(device)},
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
-    if gpu:
-        import triton
-
-        report["versions"]["triton"] = triton.__version__
-        report["versions"]["cuda"] = torch.version.cuda
     if a.section == "model":
         report["model"] = model_section(a, device, console)
         _print_model(report["model"], f"training step, {a.img_size} px, {report['device']}", gpu)
@@ -379,9 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_distill(result, f"distillation targets: {a.student} <- {a.teacher} "
                                f"({result['teacher_to_student_forward']:.2f}x its forward), {a.img_size} px, "
                                f"batch {a.batch_size}, {report['device']}")
+    write_report(report, a.out)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(report, indent=2))
         console.print(f"wrote {a.out}")
     return 0
 

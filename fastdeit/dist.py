@@ -80,12 +80,26 @@ def barrier(world: World) -> None:
 
 
 def all_reduce(values: torch.Tensor, world: World, op: str = "sum") -> torch.Tensor:
-    """Sum (or mean) of a tensor over ranks, in place and returned; a no-op for one process."""
-    if world.distributed:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        if op == "mean":
-            values /= world.size
-    return values
+    """Sum (or mean) of a tensor over ranks, returned on the tensor's own device; the input
+    itself for one process. NCCL reduces GPU tensors only, gloo CPU ones: the tensor is moved
+    to where the backend wants it and back."""
+    if not world.distributed:
+        return values
+    where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = values.to(where)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    if op == "mean":
+        out /= world.size
+    return out.to(values.device)
+
+
+def agree_with_main(value: str, world: World) -> str:
+    """Rank 0's value on every rank (e.g. a choice made from timings, which differ by rank)."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def eval_rows(num_samples: int, batch: int, world: World) -> np.ndarray | None:

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import torch
 
-from fastdeit.config import AugConfig, DataConfig, ModelConfig
+from fastdeit.config import DataConfig, ModelConfig
 from fastdeit.data.folder import load_dataset
 from fastdeit.engine import EvalResult, amp_dtype, evaluate, resolve_device
 from fastdeit.errors import UserError
 from fastdeit.loaders import Loaders, choose_loader
 from fastdeit.models import build_model, read_checkpoint
-from fastdeit.plan import PlanSpec
 
 
 def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,
@@ -38,8 +37,7 @@ def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size
     data_cfg = DataConfig(img_size=meta["img_size"], crop_pct=meta["crop_pct"], workers=workers,
                           eval_batch_size=batch_size)
     kind, _ = choose_loader(loader, dev)
-    spec = PlanSpec(0, meta["img_size"], batch_size, AugConfig(mix_group=batch_size))  # eval draws no plan
-    batches = Loaders(kind, data_cfg, spec, dev).eval(val)
+    batches = Loaders(kind, data_cfg, None, dev).eval(val)
     return evaluate(model.to(dev), batches, dev, amp_dtype("auto", dev))
 
 

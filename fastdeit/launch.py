@@ -23,7 +23,7 @@ from rich.console import Console
 
 from fastdeit.config import TrainConfig, load_json, per_rank_batch, save_json
 from fastdeit.errors import UserError
-from fastdeit.runfiles import atomic_write_text
+from fastdeit.runfiles import atomic_write_text, refuse_existing_run
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,14 @@ def torchrun_args(spec: Launch, config: Path, resume: Path | None) -> list[str]:
 
 
 def launch(cfg: TrainConfig, spec: Launch, resume: Path | None, console: Console) -> None:
-    """Write RUN/config.json and run the worker group to its end; UserError when it failed."""
+    """Write RUN/config.json and run the worker group to its end; UserError when it failed.
+    The caller has run `check(spec, cfg)`."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    check(spec, cfg)
     out = Path(cfg.run.out)
-    existing = [n for n in ("checkpoint-last.pt", "metrics.jsonl") if (out / n).exists()]
-    if resume is None and existing:
-        raise UserError(f"{out} already holds a run ({existing[0]}): continue it with --resume, or pick another --out")
+    if resume is None:
+        refuse_existing_run(out)  # before config.json is written over
     out.mkdir(parents=True, exist_ok=True)
     config = out / "config.json"
     atomic_write_text(save_json(cfg), config)

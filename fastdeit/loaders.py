@@ -55,13 +55,16 @@ def read_skip_list(path: str, train: ImageIndex, val: ImageIndex) -> tuple[Image
 class Loaders:
     """The trainer's data source for one run: train batches per epoch and eval batches."""
 
-    def __init__(self, kind: str, data: DataConfig, spec: PlanSpec, device: torch.device,
+    def __init__(self, kind: str, data: DataConfig, spec: PlanSpec | None, device: torch.device,
                  rank: int = 0, world: int = 1) -> None:
+        """`spec`: the plan of training batches; None for a loader that only evaluates."""
         self.kind, self.data, self.spec, self.device = kind, data, spec, device
         self.rank, self.world = rank, world
         self._dali: dali.DaliTrainLoader | None = None
 
     def train(self, index: ImageIndex, epoch: int, start_step: int) -> Iterator[LoadedBatch]:
+        if self.spec is None:
+            raise ValueError("this Loaders was made for evaluation only (no plan)")
         if self.kind == "dali":
             if self._dali is None:
                 self._dali = dali.DaliTrainLoader(index, self.spec, self.device, self.data.workers,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastdeit.errors import UserError
 
 
 def git_commit() -> str | None:
@@ -25,6 +28,47 @@ def git_commit() -> str | None:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def measured_on(device: torch.device) -> dict[str, Any]:
+    """Where and with what a measurement was taken (device name, versions, UTC date), for the
+    results files of the benchmarks."""
+    import datetime
+    import platform
+
+    import numpy as np
+    import timm
+
+    from fastdeit.pipelines import dali
+
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores")
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                "numpy": np.__version__}
+    if device.type == "cuda":
+        import triton
+
+        versions.update(triton=triton.__version__, cuda=torch.version.cuda)
+    if dali.available():
+        import nvidia.dali
+
+        versions["dali"] = nvidia.dali.__version__
+    return {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions}
+
+
+def write_report(report: dict[str, Any], path: Path | None) -> None:
+    """A benchmark's JSON, where asked for (folders made)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+
+
+def refuse_existing_run(out: Path) -> None:
+    """A run folder that already holds a run is never started over (continue it instead)."""
+    existing = [n for n in ("checkpoint-last.pt", "metrics.jsonl") if (Path(out) / n).exists()]
+    if existing:
+        raise UserError(f"{out} already holds a run ({existing[0]}): continue it with --resume, or pick another --out")
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -24,10 +24,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
+from fastdeit import dist
 from fastdeit.caching import open_targets
 from fastdeit.config import TrainConfig, per_rank_batch, save_json, scaled_lr
 from fastdeit.data.folder import load_dataset
-from fastdeit.dist import SINGLE, World, all_reduce, barrier, eval_rows, fault_injection, step_seed
+from fastdeit.dist import SINGLE, World
 from fastdeit.distill import DistillationLoss
 from fastdeit.engine import EvalResult, Stepper, amp_dtype, evaluate, resolve_device
 from fastdeit.errors import UserError
@@ -36,7 +37,7 @@ from fastdeit.models import build_model, choose_attention, compile_model, is_dis
 from fastdeit.pipelines.tail import apply_tail
 from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.progress import TrainProgress
-from fastdeit.runfiles import atomic_save, atomic_write_text, git_commit, sigint_once
+from fastdeit.runfiles import atomic_save, atomic_write_text, git_commit, refuse_existing_run, sigint_once
 from fastdeit.targets import LiveTeacher, TargetSource
 
 CKPT_FORMAT = 1
@@ -76,6 +77,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model, len(self.classes), cfg.data.img_size).to(self.device)
         self.attn = self._attention()
+        self.stochastic = any(getattr(m, "drop_prob", 0) > 0 or (isinstance(m, torch.nn.Dropout) and m.p > 0)
+                              for m in self.model.modules())
         # DDP wraps the student only (the teacher is frozen); compiling the wrapper lets
         # Dynamo split the graph at DDP's bucket boundaries, so all-reduce overlaps backward.
         self.train_model = self._ddp()
@@ -104,12 +107,9 @@ class Trainer:
         known = json.loads(path.read_text()) if path and path.exists() else {}
         backend, times = choose_attention(self.model, self.cfg.model.attn, self.cfg.run.batch_size // self.world.size,
                                           self.amp or torch.float32, self.device, known)
-        if self.world.distributed and backend is not None:  # timing noise must not split the ranks
-            chosen = [backend]
-            torch.distributed.broadcast_object_list(chosen, src=0)
-            if chosen[0] != backend:
-                backend = chosen[0]
-                set_attention(self.model, backend)
+        if backend is not None and (agreed := dist.agree_with_main(backend, self.world)) != backend:
+            backend = agreed  # timing noise must not split the ranks
+            set_attention(self.model, backend)
         if times:
             self.console.print(f"attention: {backend} (ms per forward+backward: "
                                + ", ".join(f"{k} {v:.3f}" for k, v in times.items()) + ")")
@@ -229,11 +229,9 @@ class Trainer:
         """Train to the last epoch (from `resume` if given), evaluate, write summary.json.
         `restarted`: torchrun restarted the worker group; the run folder is this run's own."""
         start = time.perf_counter()
-        existing = [n for n in ("checkpoint-last.pt", "metrics.jsonl") if (self.out / n).exists()]
-        if resume is None and existing and not restarted:
-            raise UserError(f"{self.out} already holds a run ({existing[0]}): continue it with --resume, "
-                            f"or pick another --out")
-        barrier(self.world)  # every rank has looked before rank 0 writes
+        if resume is None and not restarted:
+            refuse_existing_run(self.out)
+        dist.barrier(self.world)  # every rank has looked before rank 0 writes
         self.out.mkdir(parents=True, exist_ok=True)
         if resume is not None:
             self.resume(resume)
@@ -295,7 +293,8 @@ class Trainer:
             teacher = self.targets(tail.images, batch.plan) if self.targets else None
             if self.agreement_live is not None and st.step - first_step < cfg.distill.agreement_batches:
                 agree += self.agreement(tail.images, batch.plan, teacher)
-            torch.manual_seed(step_seed(cfg.run.seed, self.world.rank, st.updates))  # drop path, dropout
+            if self.stochastic:  # drop path / dropout masks: a function of the step, so resume is exact
+                torch.manual_seed(dist.step_seed(cfg.run.seed, self.world.rank, st.updates))
             parts = self.stepper.step(tail.images, tail.targets, teacher, st.updates + 1)
             st.updates += 1
             st.step += 1
@@ -316,12 +315,12 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.save()
                 tick = time.perf_counter()
-            fault_injection(st.updates, self.world)
+            dist.fault_injection(st.updates, self.world)
         seconds = time.perf_counter() - t0
         st.elapsed += seconds
         stats = {"images": images, "seconds": seconds, "train_img_s": images / max(seconds, 1e-9),
                  "data_wait": wait / max(seconds, 1e-9)}
-        agree = all_reduce(torch.tensor(agree, dtype=torch.float64, device=self._coll_device()), self.world).tolist()
+        agree = dist.all_reduce(torch.tensor(agree, dtype=torch.float64), self.world).tolist()
         if agree[1]:
             stats["target_agreement"] = agree[0] / agree[1]
         return stats
@@ -334,7 +333,7 @@ class Trainer:
 
     def step_record(self, parts: dict[str, torch.Tensor], window: dict, now: float, bad: int) -> dict[str, Any]:
         st = self.state
-        stacked = all_reduce(torch.stack([v.detach().float() for v in parts.values()]), self.world, "mean")
+        stacked = dist.all_reduce(torch.stack([v.detach().float() for v in parts.values()]), self.world, "mean")
         vals = dict(zip(parts, stacked.tolist()))  # the one device sync per logged step
         if not math.isfinite(vals["loss"]):
             self.save()
@@ -377,14 +376,10 @@ class Trainer:
 
     def evaluate(self, model: torch.nn.Module) -> EvalResult:
         """Each rank evaluates whole eval batches of its own; the counts are summed."""
-        rows = eval_rows(len(self.val_index), self.cfg.data.eval_batch_size, self.world)
+        rows = dist.eval_rows(len(self.val_index), self.cfg.data.eval_batch_size, self.world)
         res = evaluate(model, self.loaders.eval(self.val_index, rows), self.device, self.amp)
         heads = ["cls", "dist", "joint"] if is_distilled(self.model) else ["joint"]
-        return res.summed(heads, lambda t: all_reduce(t.to(self._coll_device()), self.world).cpu())
-
-    def _coll_device(self) -> torch.device:
-        """Where collectives' tensors live: NCCL needs them on the GPU, gloo on the CPU."""
-        return self.device if self.device.type == "cuda" and self.world.distributed else torch.device("cpu")
+        return res.summed(heads, lambda t: dist.all_reduce(t, self.world))
 
     def summarize(self, images: int, seconds: float, wall: float) -> dict[str, Any]:
         ev = self.state.last_eval
