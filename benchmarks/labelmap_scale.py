@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdeit.caching import _cell_probs
 from fastdeit.config import DistillConfig
 from fastdeit.data.folder import load_dataset
 from fastdeit.models import load_teacher
 from fastdeit.pipelines.tail import normalize
 from fastdeit.pipelines.torch import square_loader
+from fastdeit.teachers import cell_probs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             for images, _idx, _ok in square_loader(train, size, 100, 0, rows=rows):
                 x = normalize(images)
                 preds.append(teacher(x).argmax(1))
-                probs = _cell_probs(teacher, x)
+                probs = cell_probs(teacher, x)
                 pooled.append(probs.mean((2, 3)).argmax(1))  # the whole-image box weighs cells equally
                 grid = probs.shape[2]
         pred, pool = torch.cat(preds), torch.cat(pooled)

@@ -23,34 +23,42 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig
-from fastdeit.data.folder import scan_split
-from fastdeit.data.synthetic import SyntheticSpec, is_complete, write_synthetic
+from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, recipe, with_section
+from fastdeit.data.folder import ImageIndex, scan_split
+from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
+from fastdeit.device import amp_dtype, sync
 from fastdeit.loaders import Loaders
 from fastdeit.pipelines import dali
-from fastdeit.pipelines.tail import apply_tail
 from fastdeit.plan import PlanSpec
-from fastdeit.runfiles import measured_on, write_report
+from fastdeit.provenance import measured_on, write_report
+from fastdeit.step import make_step
 
 
-def fastdeit_rate(kind: str, index, spec: PlanSpec, device: torch.device, workers: int, steps: int,
+def recipe_config(data: Path, img_size: int, batch: int, device: torch.device) -> TrainConfig:
+    """The deit recipe (RandAugment m9, mixup/cutmix, erasing) at the benchmark's size and batch."""
+    cfg = with_section(recipe("deit"), "aug", repeated_aug=1, mix_group=min(64, batch))
+    cfg = with_section(cfg, "data", path=str(data), img_size=img_size)
+    return with_section(cfg, "run", batch_size=batch, device=device.type)
+
+
+def fastdeit_rate(kind: str, cfg: TrainConfig, index: ImageIndex, device: torch.device, workers: int, steps: int,
                   warmup: int) -> float:
-    """kind: torch, dali (region-of-interest decoding) or dali-full (whole image, then crop)."""
-    data = DataConfig(img_size=spec.img_size, workers=workers, roi_decode=kind != "dali-full")
-    loaders = Loaders("dali" if kind.startswith("dali") else kind, data, spec, device)
-    batches = loaders.train(index, 0, 0)
+    """kind: torch, dali (region-of-interest decoding) or dali-full (whole image, then crop).
+    Each batch is prepared by the run's Step (device transfer and the tail), as training does."""
+    data = replace(cfg.data, workers=workers, roi_decode=kind != "dali-full")
+    loaders = Loaders("dali" if kind.startswith("dali") else kind, data, PlanSpec.from_config(cfg), device)
+    step = make_step(cfg, device, amp_dtype(cfg.run.amp, device), len(index.classes))
     t0, n = 0.0, 0
-    for k, batch in enumerate(batches):
+    for k, batch in enumerate(loaders.train(index, 0, 0)):
         if k == warmup:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
-        out = apply_tail(batch.images.to(device, non_blocking=True), batch.labels, batch.plan, len(index.classes),
-                         spec.aug.smoothing, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        out = step.prepare(batch)
         if k >= warmup:
             n += len(batch.labels)
         if k + 1 == warmup + steps:
             break
-    _sync(device)
+    sync(device)
     del out
     return n / (time.perf_counter() - t0)
 
@@ -89,7 +97,7 @@ def baseline_rate(root: Path, img_size: int, batch: int, device: torch.device, w
     while k < warmup + steps:
         for x, y in loader:
             if k == warmup:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
             x, y = mixup(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             if k >= warmup:
@@ -97,13 +105,30 @@ def baseline_rate(root: Path, img_size: int, batch: int, device: torch.device, w
             k += 1
             if k == warmup + steps:
                 break
-    _sync(device)
+    sync(device)
     return n / (time.perf_counter() - t0)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def make_data(n: int, root: Path | None) -> Path:
+    """N ImageNet-sized synthetic JPEGs (375-500 px, quality 90) in 10 classes, written once."""
+    synthetic = SyntheticSet(classes=10, train_per_class=max(1, n // 10), val_per_class=1, min_size=375, max_size=500)
+    root = root or Path(os.environ.get("TMPDIR", "/tmp")) / f"fastdeit-bench-{n}"
+    if not is_complete(root, synthetic):
+        write_synthetic(root, synthetic)
+    return root
+
+
+def print_table(report: dict, title: str) -> None:
+    results, runs = report["img_per_s"], report["img_per_s_runs"]
+    table = Table(title=title)
+    table.add_column("loader")
+    table.add_column("img/s (median)", justify="right")
+    table.add_column("min-max", justify="right")
+    table.add_column("vs baseline", justify="right")
+    for k, v in results.items():
+        ratio = report["ratios"].get(f"{k}/baseline")
+        table.add_row(k, f"{v:.0f}", f"{min(runs[k]):.0f}-{max(runs[k]):.0f}", "" if ratio is None else f"{ratio:.2f}x")
+    Console().print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,20 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if a.make_data:
-        per_class = max(1, a.make_data // 10)
-        spec = SyntheticSpec(classes=10, train_per_class=per_class, val_per_class=1, min_size=375, max_size=500)
-        root = a.data or Path(os.environ.get("TMPDIR", "/tmp")) / f"fastdeit-bench-{a.make_data}"
-        if not is_complete(root, spec):
-            write_synthetic(root, spec)
-        a.data = root
+        a.data = make_data(a.make_data, a.data)
     if a.data is None:
         p.error("pass --data DIR or --make-data N")
     index = scan_split(a.data, "train")
     group = min(64, a.batch_size)
     if a.batch_size % group:
         p.error(f"--batch-size must be a multiple of {group} (the mix group)")
-    spec = PlanSpec(seed=0, img_size=a.img_size, batch_size=a.batch_size,
-                    aug=replace(AugConfig(), repeated_aug=1, mix_group=group))
+    cfg = recipe_config(a.data, a.img_size, a.batch_size, device)
     console = Console(stderr=True)
     kinds = [k for k in a.loader.split(",") if dali.available() or not k.startswith("dali")]
     if len(kinds) < len(a.loader.split(",")):
@@ -150,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate = baseline_rate(a.data, a.img_size, a.batch_size, device, a.workers, a.steps, a.warmup,
                                      len(index.classes))
             else:
-                rate = fastdeit_rate(kind, index, spec, device, a.workers, a.steps, a.warmup)
+                rate = fastdeit_rate(kind, cfg, index, device, a.workers, a.steps, a.warmup)
             runs[kind].append(rate)
     results = {k: float(np.median(v)) for k, v in runs.items()}
     report = {
@@ -165,16 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                    if k != "baseline" and "baseline" in results},
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
-    table = Table(title=f"train pipeline, {report['device']}, {a.img_size} px, batch {a.batch_size}, "
+    print_table(report, f"train pipeline, {report['device']}, {a.img_size} px, batch {a.batch_size}, "
                         f"{a.workers} workers")
-    table.add_column("loader")
-    table.add_column("img/s (median)", justify="right")
-    table.add_column("min-max", justify="right")
-    table.add_column("vs baseline", justify="right")
-    for k, v in results.items():
-        ratio = report["ratios"].get(f"{k}/baseline")
-        table.add_row(k, f"{v:.0f}", f"{min(runs[k]):.0f}-{max(runs[k]):.0f}", "" if ratio is None else f"{ratio:.2f}x")
-    Console().print(table)
     write_report(report, a.out)
     if a.out:
         console.print(f"wrote {a.out}")

@@ -36,10 +36,11 @@ def worker(a: argparse.Namespace) -> None:
     """One rank: DDP student, random batches, timed steps; rank 0 writes the JSON."""
     import torch.distributed as dist
 
-    from fastdeit.config import ModelConfig
-    from fastdeit.distill import DistillationLoss
-    from fastdeit.engine import Stepper, amp_dtype
+    from fastdeit.build import make_optimizer
+    from fastdeit.config import recipe, with_section
+    from fastdeit.device import amp_dtype
     from fastdeit.models import build_model
+    from fastdeit.step import Prepared, make_step
 
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(a.device, int(os.environ.get("LOCAL_RANK", 0)) if a.device == "cuda" else None)
@@ -47,18 +48,20 @@ def worker(a: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    cfg = with_section(recipe("deit"), "model", name=a.model, patch_size=a.patch_size, drop_path=0.1)
+    cfg = with_section(cfg, "distill", mode="hard")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name=a.model, patch_size=a.patch_size, drop_path=0.1), 1000, a.img_size).to(device)
+    model = build_model(cfg.model, 1000, a.img_size).to(device)
     net = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True,
                                                     device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     amp = amp_dtype("auto", device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
-    stepper = Stepper(net, opt, DistillationLoss("hard"), amp)
+    step = make_step(cfg, device, amp, 1000, model=net, optimizer=make_optimizer(cfg, model, device), rank=rank)
     g = torch.Generator(device=device).manual_seed(rank)
     x = torch.randn(a.batch, 3, a.img_size, a.img_size, device=device, generator=g)
     y = torch.softmax(torch.randn(a.batch, 1000, device=device, generator=g), 1)
     t = torch.randint(0, 1000, (a.batch,), device=device, generator=g)
+    batch = Prepared(images=x, soft_labels=y, teacher=t, plan=None, bad=())
 
     def sync() -> None:
         if device.type == "cuda":
@@ -69,26 +72,15 @@ def worker(a: argparse.Namespace) -> None:
     rates = []
     for _ in range(a.repeats):
         for _ in range(a.warmup):
-            stepper.step(x, y, t, 1)
+            step.update(batch, 1)
         sync()
         t0 = time.perf_counter()
         for _ in range(a.steps):
-            stepper.step(x, y, t, 1)
+            step.update(batch, 1)
         sync()
         rates.append(a.steps * a.batch * world / (time.perf_counter() - t0))
     grad_numel = sum(p.numel() for p in model.parameters())
-    allreduce_ms = None
-    if world > 1:  # the gradients' bytes in one flat buffer: what DDP's buckets move per step
-        flat = torch.zeros(grad_numel, device=device)
-        times = []
-        for k in range(a.warmup + a.steps):
-            sync()
-            t0 = time.perf_counter()
-            dist.all_reduce(flat)
-            sync()
-            if k >= a.warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-        allreduce_ms = float(np.median(times))
+    allreduce_ms = allreduce_time(grad_numel, device, a.warmup, a.steps, sync) if world > 1 else None
     if rank == 0:
         Path(a.worker).write_text(json.dumps({
             "procs": world, "img_s": float(np.median(rates)), "img_s_spread": [min(rates), max(rates)],
@@ -96,6 +88,23 @@ def worker(a: argparse.Namespace) -> None:
             "grad_mb": grad_numel * 4 / 1e6, "threads_per_proc": torch.get_num_threads()}))
     if world > 1:
         dist.destroy_process_group()
+
+
+def allreduce_time(numel: int, device: torch.device, warmup: int, steps: int, sync) -> float:
+    """Median milliseconds of an all-reduce of `numel` fp32 values in one flat buffer: the
+    gradients' bytes, what DDP's buckets move per step."""
+    import torch.distributed as dist
+
+    flat = torch.zeros(numel, device=device)
+    times = []
+    for k in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        dist.all_reduce(flat)
+        sync()
+        if k >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
 
 
 def scaling_section(a: argparse.Namespace, device: torch.device, console) -> list[dict]:

@@ -27,6 +27,7 @@ step (the tail, the targets, forward, loss, backward and the optimizer step are 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -41,19 +42,18 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastdeit.caching import build_labelmap, build_replay, open_reader_source
-from fastdeit.config import apply_overrides, recipe, with_section
-from fastdeit.data.folder import scan_split
-from fastdeit.data.synthetic import SyntheticSpec, is_complete, write_synthetic
-from fastdeit.distill import DistillationLoss
-from fastdeit.engine import Stepper, amp_dtype
+from fastdeit.build import Data, load_data, make_optimizer, open_teacher
+from fastdeit.caching import build_labelmap, build_replay
+from fastdeit.config import TeacherTargets, TrainConfig, apply_overrides, choices, recipe, with_section
+from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
+from fastdeit.device import amp_dtype, sync
+from fastdeit.dist import SINGLE
 from fastdeit.loaders import Loaders
 from fastdeit.models import build_model
-from fastdeit.pipelines.tail import apply_tail
 from fastdeit.plan import PlanSpec
-from fastdeit.runfiles import measured_on, write_report
-from fastdeit.targets import LiveTeacher
-from fastdeit.teacher_cache import CacheReader
+from fastdeit.provenance import measured_on, write_report
+from fastdeit.rundir import atomic_save
+from fastdeit.step import Prepared, Step, make_step
 
 
 def forward_gmacs(model: torch.nn.Module, size: int, device: torch.device) -> float:
@@ -65,68 +65,69 @@ def forward_gmacs(model: torch.nn.Module, size: int, device: torch.device) -> fl
     return counter.get_total_flops() / 2 / 1e9
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def distill_config(a: argparse.Namespace, device: torch.device, data: Path, work: Path) -> TrainConfig:
+    """The deit recipe at the benchmark's size and batch, hard distillation from a teacher of
+    random weights saved in `work` (speed does not depend on the weights)."""
+    classes = len(load_data(with_section(recipe("deit"), "data", path=str(data))).classes)
+    torch.manual_seed(0)
+    atomic_save(timm.create_model(a.teacher, num_classes=classes).state_dict(), work / "teacher.pt")
+    cfg = apply_overrides(recipe("deit"), [f"aug.mix_group={min(64, a.batch_size)}", "aug.repeated_aug=1",
+                                           "data.workers=0", f"data.eval_batch_size={a.batch_size}", "sched.epochs=1"])
+    cfg = with_section(cfg, "data", path=str(data), img_size=a.img_size)
+    cfg = with_section(cfg, "run", batch_size=a.batch_size, device=device.type, out=str(work / "run"))
+    cfg = with_section(cfg, "model", name=a.student, drop_path=0.0)
+    return with_section(cfg, "distill", mode="hard", teacher=a.teacher, teacher_ckpt=str(work / "teacher.pt"))
+
+
+def distill_steps(cfg: TrainConfig, work: Path, console: Console) -> dict[str, Step]:
+    """The training Step of `cfg` with each teacher source: none, the live teacher, a replay
+    cache and label maps (both built into `work` first, for epoch 0), opened and assembled
+    exactly as a training run does it (build.open_teacher, step.make_step). They share one
+    student; each has its own optimizer."""
+    data = load_data(cfg)
+    device = torch.device(cfg.run.device)
+    amp = amp_dtype(cfg.run.amp, device)
+    build_replay(cfg, data.train, work / "replay", 1, console)
+    build_labelmap(cfg, data.train, work / "labelmap", console)
+    torch.manual_seed(cfg.run.seed)
+    student = build_model(cfg.model, len(data.classes), cfg.data.img_size).to(device)
+    steps = {}
+    for name in ("none", *choices(TeacherTargets)):
+        run = with_section(cfg, "distill", mode="none") if name == "none" else with_section(
+            cfg, "distill", targets=name, teacher_cache=str(work / name) if name != "live" else "")
+        source, _ = open_teacher(run, data, student, SINGLE, device, amp, console)
+        steps[name] = make_step(run, device, amp, len(data.classes), source, model=student,
+                                optimizer=make_optimizer(run, student, device))
+    return steps
 
 
 def distill_section(a: argparse.Namespace, device: torch.device, console: Console) -> dict:
     data = a.data or Path(tempfile.gettempdir()) / f"fastdeit-bench-distill-{a.img_size}"
     if a.data is None:
-        spec = SyntheticSpec(classes=10, train_per_class=max(1, a.batch_size * (a.steps + a.warmup) // 10) + 1,
-                             val_per_class=1, min_size=a.img_size, max_size=int(a.img_size * 1.5))
-        if not is_complete(data, spec):
-            write_synthetic(data, spec)
-    index = scan_split(data, "train")
-    classes = len(index.classes)
+        synthetic = SyntheticSet(classes=10, train_per_class=max(1, a.batch_size * (a.steps + a.warmup) // 10) + 1,
+                                 val_per_class=1, min_size=a.img_size, max_size=int(a.img_size * 1.5))
+        if not is_complete(data, synthetic):
+            write_synthetic(data, synthetic)
     work = Path(tempfile.mkdtemp(prefix="fastdeit-bench-"))
-    teacher_ckpt = work / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(timm.create_model(a.teacher, num_classes=classes).state_dict(), teacher_ckpt)
-    cfg = recipe("deit")
-    cfg = apply_overrides(cfg, [f"aug.mix_group={min(64, a.batch_size)}", "aug.repeated_aug=1", "data.workers=0",
-                                f"data.eval_batch_size={a.batch_size}", "sched.epochs=1"])
-    cfg = with_section(cfg, "data", path=str(data), img_size=a.img_size)
-    cfg = with_section(cfg, "run", batch_size=a.batch_size, device=device.type, out=str(work / "run"))
-    cfg = with_section(cfg, "model", name=a.student, drop_path=0.0)
-    cfg = with_section(cfg, "distill", mode="hard", teacher=a.teacher, teacher_ckpt=str(teacher_ckpt))
-    spec, amp = PlanSpec.from_config(cfg), amp_dtype(cfg.run.amp, device)
-    n_batches = a.warmup + a.steps
-    batches = []
-    for batch in Loaders("torch", cfg.data, spec, device).train(index, 0, 0):
-        batches.append(batch)
-        if len(batches) == n_batches:
-            break
-    if len(batches) < n_batches:
-        raise SystemExit(f"the data set holds {len(batches)} batches, {n_batches} are needed")
+    cfg = distill_config(a, device, data, work)
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the benchmark
-    build_replay(cfg, index, work / "replay", 1, quiet)
-    build_labelmap(cfg, index, work / "labelmap", quiet)
-    teacher = LiveTeacher(timm.create_model(a.teacher, num_classes=classes).to(device).eval(), amp)
-    teacher.teacher.load_state_dict(torch.load(teacher_ckpt, weights_only=True))
-    sources = {"none": None, "live": teacher,
-               "replay": open_reader_source(cfg, index, CacheReader(work / "replay")),
-               "labelmap": open_reader_source(cfg, index, CacheReader(work / "labelmap"))}
-    student = build_model(cfg.model, classes, a.img_size).to(device)
-    macs = {"student": forward_gmacs(student, a.img_size, device),
-            "teacher": forward_gmacs(teacher.teacher, a.img_size, device)}
+    steps = distill_steps(cfg, work, quiet)
+    batches = first_batches(cfg, load_data(cfg), device, a.warmup + a.steps)
+    student = steps["none"].model
+    live = steps["live"].teacher.teacher
+    macs = {"student": forward_gmacs(student, a.img_size, device), "teacher": forward_gmacs(live, a.img_size, device)}
     state = {k: v.clone() for k, v in student.state_dict().items()}
-    runs: dict[str, list[float]] = {name: [] for name in sources}
+    runs: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(a.repeats):  # rounds interleave the sources, so drifts hit them alike
-        for name, source in sources.items():
+        for name, step in steps.items():
             student.load_state_dict(state)
-            opt = torch.optim.AdamW(student.parameters(), lr=1e-4,
-                                    **({"fused": True} if device.type == "cuda" else {}))
-            stepper = Stepper(student, opt, DistillationLoss("none" if source is None else "hard"), amp)
+            step = dataclasses.replace(step, optimizer=make_optimizer(cfg, student, device))  # fresh moments
             console.print(f"round {r + 1}/{a.repeats}: {name} ...")
             for k, batch in enumerate(batches):
                 if k == a.warmup:
                     sync(device)
                     t0 = time.perf_counter()
-                x = apply_tail(batch.images.to(device), batch.labels, batch.plan, classes, cfg.aug.smoothing,
-                               amp or torch.float32)
-                targets = None if source is None else source(x.images, batch.plan)
-                stepper.step(x.images, x.targets, targets, k + 1)
+                step(batch, k + 1)
             sync(device)
             runs[name].append(a.steps * a.batch_size / (time.perf_counter() - t0))
     rates = {k: float(np.median(v)) for k, v in runs.items()}
@@ -134,6 +135,16 @@ def distill_section(a: argparse.Namespace, device: torch.device, console: Consol
             "forward_gmacs": macs, "teacher_to_student_forward": macs["teacher"] / macs["student"],
             "img_per_s": rates, "img_per_s_runs": runs,
             "step_cost_vs_none": {k: rates["none"] / v - 1.0 for k, v in rates.items() if k != "none"}}
+
+
+def first_batches(cfg: TrainConfig, data: Data, device: torch.device, n: int) -> list:
+    """The first `n` batches of epoch 0, decoded once beforehand (the torch reference loader)."""
+    batches = []
+    for batch in Loaders("torch", cfg.data, PlanSpec.from_config(cfg), device).train(data.train, 0, 0):
+        batches.append(batch)
+        if len(batches) == n:
+            return batches
+    raise SystemExit(f"the data set holds {len(batches)} batches, {n} are needed")
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name, from the vendors' data sheets.
@@ -175,23 +186,24 @@ def model_section(a: argparse.Namespace, device: torch.device, console: Console)
 
 def measure_student(a: argparse.Namespace, name: str, batch: int, attn: str, comp: str,
                     device: torch.device) -> dict:
-    """Forward-only and training-step img/s of one student variant, with FLOPs and memory."""
-    from fastdeit.config import ModelConfig
+    """Forward-only and training-step img/s of one student variant, with FLOPs and memory: the
+    training step is the run's own Step (make_step, make_optimizer) on random inputs."""
     from fastdeit.models import compile_model, set_attention
 
     amp, classes, peak = amp_dtype("auto", device), 1000, peak_flops(device)
+    cfg = with_section(recipe("deit"), "model", name=name, patch_size=a.patch_size, drop_path=0.1)
+    cfg = with_section(cfg, "distill", mode="hard")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name=name, patch_size=a.patch_size, drop_path=0.1), classes, a.img_size)
-    model = model.to(device)
+    model = build_model(cfg.model, classes, a.img_size).to(device)
     gmacs = forward_gmacs(model, a.img_size, device)
     set_attention(model, attn)
     mode = compile_model(model, comp, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
-    stepper = Stepper(model, opt, DistillationLoss("hard"), amp)
+    step = make_step(cfg, device, amp, classes, model=model, optimizer=make_optimizer(cfg, model, device))
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, a.img_size, a.img_size, device=device, generator=g).to(amp or torch.float32)
     y = torch.softmax(torch.randn(batch, classes, device=device, generator=g), 1)
     t = torch.randint(0, classes, (batch,), device=device, generator=g)
+    prepared = Prepared(images=x, soft_labels=y, teacher=t, plan=None, bad=())
 
     def forward() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -201,14 +213,14 @@ def measure_student(a: argparse.Namespace, name: str, batch: int, attn: str, com
         torch.cuda.reset_peak_memory_stats(device)
     model.eval()
     fwd = [_median_rate(forward, batch, a.steps, a.warmup, device) for _ in range(a.repeats)]
-    step = [_median_rate(lambda: stepper.step(x, y, t, 1), batch, a.steps, a.warmup, device)
-            for _ in range(a.repeats)]
+    rates = [_median_rate(lambda: step.update(prepared, 1), batch, a.steps, a.warmup, device)
+             for _ in range(a.repeats)]
     train_flops = 3 * 2 * gmacs * 1e9  # forward + backward (twice the forward) per image
-    rate = float(np.median(step))
+    rate = float(np.median(rates))
     return {"model": name, "img_size": a.img_size, "batch": batch, "attn": attn, "compile": mode,
             "forward_gmacs": gmacs, "forward_img_s": float(np.median(fwd)),
             "forward_img_s_spread": [min(fwd), max(fwd)],
-            "train_img_s": rate, "train_img_s_spread": [min(step), max(step)],
+            "train_img_s": rate, "train_img_s_spread": [min(rates), max(rates)],
             "train_tflop_s": rate * train_flops / 1e12, "mfu": rate * train_flops / peak if peak else None,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 

@@ -14,11 +14,36 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fastdeit.errors import UserError
+from fastdeit.errors import ConfigError, UserError
+from fastdeit.randaugment import parse_rand_augment
 
-COMPILE_MODES = ("none", "auto", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+# The allowed values of every choice, defined once: config validation, the CLI's help and
+# checks, and the modules that dispatch on them all read these.
+Loader = Literal["auto", "dali", "torch"]  # auto: dali when CUDA and DALI are there, else torch
+AttnBackend = Literal["auto", "sdpa", "flex", "triton", "math"]  # auto: the fastest correct one measured
+DistillMode = Literal["none", "soft", "hard"]
+TeacherTargets = Literal["live", "replay", "labelmap"]  # where the teacher's predictions come from
+CacheMode = Literal["replay", "labelmap"]  # the kinds of teacher cache (`fastdeit cache-teacher --mode`)
+Device = Literal["auto", "cpu", "cuda"]
+Amp = Literal["auto", "bf16", "fp16", "fp32"]  # auto: bf16 on CUDA, fp32 on a CPU
+CompileMode = Literal["none", "auto", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"]
+Interpolation = Literal["bicubic", "bilinear"]
+Head = Literal["cls", "dist", "joint"]  # the heads of a distilled student; joint (their mean) is every model's
+
+
+def choices(typ: Any) -> tuple[str, ...]:
+    """The allowed values of a Literal choice type."""
+    return typing.get_args(typ)
+
+
+def check_choice(name: str, value: str, typ: Any) -> None:
+    """One line naming `name` and the allowed values when `value` is not one of them."""
+    if value not in choices(typ):
+        raise ConfigError(name, f"must be one of {', '.join(choices(typ))}, got {value!r}")
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -30,7 +55,7 @@ class DataConfig:
     crop_pct: float = 0.875  # eval: resize the shorter side to img_size / crop_pct, then centre-crop
     workers: int = 4  # torch loader processes (0 = in the main process), or DALI CPU threads
     eval_batch_size: int = 256
-    loader: str = "auto"  # dali | torch | auto (dali when CUDA and DALI are there, else torch)
+    loader: Loader = "auto"
     skip_list: str = ""  # a file of paths (as `fastdeit check-data` prints them) never to decode
     roi_decode: bool = True  # DALI: decode only the plan's crop box (else the whole image, then crop)
 
@@ -44,7 +69,7 @@ class ModelConfig:
     embed_dim: int = 0
     num_heads: int = 0
     width: float = 1.0  # channel multiplier of timm ResNets (the demo's teacher is a half-width resnet18)
-    attn: str = "auto"  # sdpa | flex | triton | math | auto (the fastest correct one measured on the device)
+    attn: AttnBackend = "auto"
     init: str = ""  # weights to start from: an official DeiT .pth or a fastdeit checkpoint
     ema: bool = False
     ema_decay: float = 0.99996
@@ -77,7 +102,7 @@ class AugConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm's grammar; "" disables
-    interpolation: str = "bicubic"
+    interpolation: Interpolation = "bicubic"
     reprob: float = 0.25
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -89,12 +114,12 @@ class AugConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    mode: str = "none"  # none | soft | hard
+    mode: DistillMode = "none"
     alpha: float = 0.5
     tau: float = 1.0
     teacher: str = ""  # a timm model name; may be read from a fastdeit teacher checkpoint
     teacher_ckpt: str = ""
-    targets: str = "live"  # live | replay | labelmap: where the teacher's predictions come from
+    targets: TeacherTargets = "live"
     teacher_cache: str = ""  # the cache folder for replay / labelmap
     topk: int = 5  # logits (replay) or class scores per map cell (labelmap) kept in a cache
     labelmap_size: int = 0  # the teacher's input size when building label maps (0 = data.img_size)
@@ -105,14 +130,14 @@ class DistillConfig:
 class RunConfig:
     out: str = ""
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = "auto"
     batch_size: int = 1024  # the global batch: the same samples are seen whatever the world size
-    amp: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32
+    amp: Amp = "auto"
     log_every: int = 20  # steps between metrics.jsonl step records
     ckpt_every: int = 1000  # steps between mid-epoch checkpoints besides epoch ends (0 = epoch ends only)
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     progress: bool = True
-    compile: str = "none"  # none | auto | default | max-autotune | max-autotune-no-cudagraphs | reduce-overhead
+    compile: CompileMode = "none"  # auto: max-autotune-no-cudagraphs on CUDA, default on a CPU
     cache_dir: str = ""  # where measured choices (attention backend) are remembered; "" = not on disk
 
 
@@ -144,44 +169,6 @@ class TrainConfig:
             sections[f.name] = sec_cls(**{k: _coerce(f"{f.name}.{k}", v, _field_type(sec_cls, k))
                                           for k, v in values.items()})
         return cls(**sections)
-
-
-@dataclass(frozen=True)
-class RandAugmentSpec:
-    """A parsed timm RandAugment string such as rand-m9-mstd0.5-inc1."""
-
-    magnitude: float = 10.0
-    num_layers: int = 2
-    prob: float = 0.5
-    magnitude_std: float = 0.0
-    magnitude_max: float = 10.0
-    increasing: bool = False
-
-
-def parse_rand_augment(text: str) -> RandAugmentSpec:
-    """Parse timm's RandAugment grammar (m, n, p, mstd, mmax, inc); weighted sets are not supported."""
-    parts = text.split("-")
-    if parts[0] != "rand":
-        raise UserError(f"aug.rand_augment must start with 'rand-', got {text!r}")
-    spec: dict[str, Any] = {}
-    names = {"m": "magnitude", "n": "num_layers", "p": "prob", "mstd": "magnitude_std",
-             "mmax": "magnitude_max", "inc": "increasing"}
-    for part in parts[1:]:
-        key = part.rstrip("0123456789.")
-        num = part[len(key):]
-        if key not in names or not num:
-            raise UserError(f"aug.rand_augment: cannot read {part!r} in {text!r} (known: m, n, p, mstd, mmax, inc)")
-        try:
-            val = float(num)
-        except ValueError:
-            raise UserError(f"aug.rand_augment: {part!r} in {text!r} is not a number") from None
-        if key == "mstd" and val > 100:
-            val = float("inf")  # timm: mstd > 100 means uniform sampling in [0, m]
-        spec[names[key]] = int(val) if key == "n" else bool(int(val)) if key == "inc" else val
-    out = RandAugmentSpec(**spec)
-    if out.num_layers < 0 or not 0 <= out.prob <= 1 or out.magnitude < 0:
-        raise UserError(f"aug.rand_augment {text!r}: n must be >= 0, p in [0, 1], m >= 0")
-    return out
 
 
 # --- recipes ------------------------------------------------------------------------------
@@ -235,6 +222,9 @@ def _field_type(sec_cls: type, key: str) -> Any:
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Convert a JSON value or a --set string to the field's declared type, or fail clearly."""
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        check_choice(key, value, typ)
+        return value
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -268,7 +258,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         pass
     else:
         return value
-    raise UserError(f"{key} must be {_type_name(typ)}, got {value!r}")
+    raise ConfigError(key, f"must be {_type_name(typ)}, got {value!r}")
 
 
 def _type_name(typ: Any) -> str:
@@ -303,62 +293,64 @@ def with_section(cfg: TrainConfig, section: str, **values: Any) -> TrainConfig:
 # --- validation and derived values ---------------------------------------------------------
 
 def validate(cfg: TrainConfig) -> None:
-    """Every check that needs only the config, before any work starts."""
+    """Every check that needs only the config, before any work starts. Messages name config
+    keys (the CLI shows its flags in their place)."""
+    _check_choices(cfg)
     d, m, o, s, a, k, r = cfg.data, cfg.model, cfg.optim, cfg.sched, cfg.aug, cfg.distill, cfg.run
-    checks: list[tuple[bool, str]] = [
-        (d.img_size >= 8, f"data.img_size must be at least 8, got {d.img_size}"),
-        (0.1 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0.1, 1], got {d.crop_pct}"),
-        (d.workers >= 0, "data.workers must be >= 0"),
-        (d.loader in ("auto", "dali", "torch"), f"--loader must be auto, dali or torch, got {d.loader!r}"),
-        (d.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
-        (m.patch_size >= 1, "model.patch_size must be >= 1"),
-        (0.0 <= m.drop_path < 1.0, "model.drop_path must be in [0, 1)"),
-        (0.0 < m.ema_decay < 1.0, "model.ema_decay must be in (0, 1)"),
-        (0.0 < m.width <= 4.0, f"model.width must be in (0, 4], got {m.width}"),
-        (m.attn in ("auto", "sdpa", "flex", "triton", "math"),
-         f"--attn must be auto, sdpa, flex, triton or math, got {m.attn!r}"),
-        (r.compile in COMPILE_MODES, f"--compile mode must be one of {', '.join(COMPILE_MODES)}, got {r.compile!r}"),
-        (o.lr > 0 and o.base_batch > 0, "optim.lr and optim.base_batch must be positive"),
-        (o.weight_decay >= 0 and o.clip_grad >= 0, "optim.weight_decay and optim.clip_grad must be >= 0"),
-        (s.epochs >= 1, f"sched.epochs must be >= 1, got {s.epochs}"),
-        (0 <= s.warmup_epochs <= s.epochs, "sched.warmup_epochs must be between 0 and sched.epochs"),
-        (0 < a.scale[0] <= a.scale[1] <= 1.0, f"aug.scale must satisfy 0 < lo <= hi <= 1, got {a.scale}"),
-        (0 < a.ratio[0] <= a.ratio[1], f"aug.ratio must satisfy 0 < lo <= hi, got {a.ratio}"),
-        (a.interpolation in ("bicubic", "bilinear"), "aug.interpolation must be bicubic or bilinear"),
-        (all(0 <= p <= 1 for p in (a.hflip, a.reprob, a.switch_prob)),
-         "aug.hflip, aug.reprob and aug.switch_prob are probabilities in [0, 1]"),
-        (a.mixup >= 0 and a.cutmix >= 0, "aug.mixup and aug.cutmix are Beta parameters, >= 0"),
-        (0 <= a.smoothing < 1, "aug.smoothing must be in [0, 1)"),
-        (a.repeated_aug >= 1, "aug.repeated_aug must be >= 1 (1 = off)"),
-        (a.mix_group >= 1, "aug.mix_group must be >= 1"),
-        (k.mode in ("none", "soft", "hard"), f"--distill must be none, soft or hard, got {k.mode!r}"),
-        (0 <= k.alpha <= 1, f"--alpha must be in [0, 1], got {k.alpha}"),
-        (k.tau > 0, f"--tau must be positive, got {k.tau}"),
-        (k.targets in ("live", "replay", "labelmap"), f"--targets must be live, replay or labelmap, got {k.targets!r}"),
-        (k.targets != "replay" or bool(k.teacher_cache),
-         "--targets replay needs --teacher-cache CACHE (build one with fastdeit cache-teacher --mode replay)"),
-        (k.topk >= 1 and k.labelmap_size >= 0 and k.agreement_batches >= 0,
-         "distill.topk must be >= 1, distill.labelmap_size and distill.agreement_batches >= 0"),
-        (k.mode == "none" or bool(k.teacher or k.teacher_ckpt),
-         f"--distill {k.mode} needs a teacher: pass --teacher NAME and/or --teacher-ckpt PATH"),
-        (r.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {r.device!r}"),
-        (r.amp in ("auto", "bf16", "fp16", "fp32"), "run.amp must be auto, bf16, fp16 or fp32"),
-        (r.batch_size >= 1, f"--batch-size must be >= 1, got {r.batch_size}"),
-        (r.log_every >= 1 and r.ckpt_every >= 0 and r.eval_every >= 1,
-         "run.log_every and run.eval_every must be >= 1, run.ckpt_every >= 0"),
+    checks: list[tuple[bool, str, str]] = [
+        (d.img_size >= 8, "data.img_size", f"must be at least 8, got {d.img_size}"),
+        (0.1 < d.crop_pct <= 1.0, "data.crop_pct", f"must be in (0.1, 1], got {d.crop_pct}"),
+        (d.workers >= 0, "data.workers", "must be >= 0"),
+        (d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1"),
+        (m.patch_size >= 1, "model.patch_size", "must be >= 1"),
+        (0.0 <= m.drop_path < 1.0, "model.drop_path", "must be in [0, 1)"),
+        (0.0 < m.ema_decay < 1.0, "model.ema_decay", "must be in (0, 1)"),
+        (0.0 < m.width <= 4.0, "model.width", f"must be in (0, 4], got {m.width}"),
+        (o.lr > 0 and o.base_batch > 0, "optim.lr", "and optim.base_batch must be positive"),
+        (o.weight_decay >= 0 and o.clip_grad >= 0, "optim.weight_decay", "and optim.clip_grad must be >= 0"),
+        (s.epochs >= 1, "sched.epochs", f"must be >= 1, got {s.epochs}"),
+        (0 <= s.warmup_epochs <= s.epochs, "sched.warmup_epochs", "must be between 0 and sched.epochs"),
+        (0 < a.scale[0] <= a.scale[1] <= 1.0, "aug.scale", f"must satisfy 0 < lo <= hi <= 1, got {a.scale}"),
+        (0 < a.ratio[0] <= a.ratio[1], "aug.ratio", f"must satisfy 0 < lo <= hi, got {a.ratio}"),
+        (all(0 <= p <= 1 for p in (a.hflip, a.reprob, a.switch_prob)), "aug.hflip",
+         "aug.reprob and aug.switch_prob are probabilities in [0, 1]"),
+        (a.mixup >= 0 and a.cutmix >= 0, "aug.mixup", "and aug.cutmix are Beta parameters, >= 0"),
+        (0 <= a.smoothing < 1, "aug.smoothing", "must be in [0, 1)"),
+        (a.repeated_aug >= 1, "aug.repeated_aug", "must be >= 1 (1 = off)"),
+        (a.mix_group >= 1, "aug.mix_group", "must be >= 1"),
+        (0 <= k.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {k.alpha}"),
+        (k.tau > 0, "distill.tau", f"must be positive, got {k.tau}"),
+        (k.targets != "replay" or bool(k.teacher_cache), "distill.targets",
+         "replay needs distill.teacher_cache CACHE (build one with fastdeit cache-teacher --mode replay)"),
+        (k.topk >= 1 and k.labelmap_size >= 0 and k.agreement_batches >= 0, "distill.topk",
+         "must be >= 1, distill.labelmap_size and distill.agreement_batches >= 0"),
+        (k.mode == "none" or bool(k.teacher or k.teacher_ckpt), "distill.mode",
+         f"{k.mode} needs a teacher: set distill.teacher NAME and/or distill.teacher_ckpt PATH"),
+        (r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}"),
+        (r.log_every >= 1 and r.ckpt_every >= 0 and r.eval_every >= 1, "run.log_every",
+         "and run.eval_every must be >= 1, run.ckpt_every >= 0"),
     ]
-    for ok, msg in checks:
+    for ok, key, text in checks:
         if not ok:
-            raise UserError(msg)
-    mixing = a.mixup > 0 or a.cutmix > 0
-    if mixing and a.mix_group % 2:
-        raise UserError(f"aug.mix_group must be even when mixup/cutmix is on (partners pair up), "
-                        f"got {a.mix_group}")
+            raise ConfigError(key, text)
+    if (a.mixup > 0 or a.cutmix > 0) and a.mix_group % 2:
+        raise ConfigError("aug.mix_group", f"must be even when mixup/cutmix is on (partners pair up), "
+                                           f"got {a.mix_group}")
     if r.batch_size % a.mix_group:
-        raise UserError(f"--batch-size {r.batch_size} is not a multiple of aug.mix_group {a.mix_group}: "
-                        f"mixup/cutmix pairs samples within groups of {a.mix_group}")
+        raise ConfigError("run.batch_size", f"{r.batch_size} is not a multiple of aug.mix_group {a.mix_group}: "
+                                            f"mixup/cutmix pairs samples within groups of {a.mix_group}")
     if a.rand_augment:
         parse_rand_augment(a.rand_augment)
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    """Every Literal field holds one of its values (a config built in code skips _coerce)."""
+    for sec in fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in fields(section):
+            typ = _field_type(type(section), f.name)
+            if typing.get_origin(typ) is Literal:
+                check_choice(f"{sec.name}.{f.name}", getattr(section, f.name), typ)
 
 
 def scaled_lr(cfg: TrainConfig) -> float:
@@ -369,8 +361,8 @@ def scaled_lr(cfg: TrainConfig) -> float:
 def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
     b, g = cfg.run.batch_size, cfg.aug.mix_group
     if b % world_size or (b // world_size) % g:
-        raise UserError(f"--batch-size {b} does not split into {world_size} ranks of whole mix groups "
-                        f"of {g}: make it a multiple of {world_size * g}")
+        raise ConfigError("run.batch_size", f"{b} does not split into {world_size} ranks of whole mix groups "
+                                            f"of {g}: make it a multiple of {world_size * g}")
     return b // world_size
 
 

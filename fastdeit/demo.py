@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,17 +19,27 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from fastdeit.build import load_data
 from fastdeit.caching import build_replay
-from fastdeit.config import TrainConfig, apply_overrides, recipe, validate, with_section
-from fastdeit.data.folder import load_dataset
-from fastdeit.data.synthetic import SyntheticSpec, is_complete, write_synthetic
+from fastdeit.config import (
+    CacheMode,
+    Head,
+    TeacherTargets,
+    TrainConfig,
+    apply_overrides,
+    choices,
+    recipe,
+    validate,
+    with_section,
+)
+from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.errors import UserError
 from fastdeit.pipelines import dali
-from fastdeit.runfiles import atomic_write_text, git_commit
-from fastdeit.trainer import Trainer
+from fastdeit.provenance import git_commit
+from fastdeit.rundir import RunDir
+from fastdeit.trainer import train
 
 TEACHER = "resnet18"
-RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint-last.pt", "checkpoint-best.pt", "summary.json"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ class DemoRun:
     folder: str
     model: str
     distill: str = "none"
-    targets: str = "live"  # live | replay | labelmap (replay caches are built before the run)
+    targets: TeacherTargets = "live"  # replay caches are built before the run
     sets: tuple[str, ...] = ()  # --set overrides of the demo recipe for this run
 
 
@@ -57,14 +66,14 @@ def demo_runs() -> list[DemoRun]:
     ]
 
 
-def ensure_data(root: Path, console: Console, spec: SyntheticSpec | None = None) -> Path:
-    spec = spec or SyntheticSpec()
-    if is_complete(root, spec):
+def ensure_data(root: Path, console: Console, synthetic: SyntheticSet | None = None) -> Path:
+    synthetic = synthetic or SyntheticSet()
+    if is_complete(root, synthetic):
         console.print(f"data: reusing {root}")
         return root
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("generating synthetic data", total=None)
-        write_synthetic(root, spec, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        write_synthetic(root, synthetic, progress=lambda done, total: bar.update(task, completed=done, total=total))
     console.print(f"data: wrote {root}")
     return root
 
@@ -74,11 +83,16 @@ def _fresh(folder: Path, console: Console) -> None:
     but a folder holding anything else is never touched."""
     if not folder.exists():
         return
-    others = [p.name for p in folder.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp")]
+    others = RunDir(folder).foreign_files()
     if others:
         raise UserError(f"{folder} holds files that are not a fastdeit run ({others[0]}): pick another --out")
     console.print(f"replacing the earlier demo run in {folder}")
     shutil.rmtree(folder)
+
+
+def demo_cache(out: Path, targets: TeacherTargets) -> Path:
+    """The teacher cache the demo builds for its runs with these targets (shared by them)."""
+    return out / f"teacher-{targets}"
 
 
 def run_config(base: TrainConfig, run: DemoRun, data: Path, out: Path) -> TrainConfig:
@@ -90,36 +104,35 @@ def run_config(base: TrainConfig, run: DemoRun, data: Path, out: Path) -> TrainC
     cfg = with_section(cfg, "run", out=str(out / run.folder))
     cfg = apply_overrides(cfg, list(run.sets))
     if run.distill != "none":
-        cfg = with_section(cfg, "distill", mode=run.distill, teacher_ckpt=str(out / "teacher" / "checkpoint-last.pt"),
+        cfg = with_section(cfg, "distill", mode=run.distill, teacher_ckpt=str(RunDir(out / "teacher").last),
                            targets=run.targets,
-                           teacher_cache=str(out / f"teacher-{run.targets}") if run.targets != "live" else None)
+                           teacher_cache=str(demo_cache(out, run.targets)) if run.targets != "live" else None)
     validate(cfg)
     return cfg
 
 
 def run_demo(out: Path, data_root: Path, console: Console, base: TrainConfig | None = None,
-             runs: list[DemoRun] | None = None, spec: SyntheticSpec | None = None) -> list[dict[str, Any]]:
+             runs: list[DemoRun] | None = None, synthetic: SyntheticSet | None = None) -> list[dict[str, Any]]:
     """Train the demo's runs on the synthetic data; returns the table's rows."""
     start = time.perf_counter()
-    data = ensure_data(data_root, console, spec)
+    data = ensure_data(data_root, console, synthetic)
     base = base or recipe("demo")
     rows: list[dict[str, Any]] = []
     summaries = {}
-    for cache in ("teacher-replay", "teacher-labelmap"):  # built from the teacher this demo trains
-        if (out / cache / "manifest.json").exists():
-            shutil.rmtree(out / cache)
+    for targets in choices(CacheMode):  # caches of an earlier demo's teacher: built again
+        if (demo_cache(out, targets) / "manifest.json").exists():
+            shutil.rmtree(demo_cache(out, targets))
     for run in runs or demo_runs():
         cfg = run_config(base, run, data, out)
         _fresh(Path(cfg.run.out), console)
         console.rule(f"{run.folder}: {run.model}, distill {run.distill}, targets {run.targets}")
         t0 = time.perf_counter()
         if run.targets == "replay":
-            train, _ = load_dataset(data)
-            build_replay(cfg, train, Path(cfg.distill.teacher_cache), cfg.sched.epochs, console)
-        summary = Trainer(cfg, console).fit()
+            build_replay(cfg, load_data(cfg).train, Path(cfg.distill.teacher_cache), cfg.sched.epochs, console)
+        summary = train(cfg, console)
         summary["wall_s"] = time.perf_counter() - t0  # with the cache it built
         summaries[run.folder] = summary
-        heads = [h for h in ("cls", "dist") if f"top1_{h}" in summary] + ["joint"]
+        heads = [h for h in choices(Head) if h == "joint" or f"top1_{h}" in summary]
         for head in heads:
             rows.append({
                 "run": run.folder, "model": run.model, "distill": run.distill,
@@ -139,7 +152,7 @@ def run_demo(out: Path, data_root: Path, console: Console, base: TrainConfig | N
                       f"{r['eval_img_s']:.0f}", f"{r['wall_s']:.0f} s")
     Console(width=max(120, Console().width)).print(table)
     total = time.perf_counter() - start
-    atomic_write_text(json.dumps({"rows": rows, "runs": summaries, "total_wall_s": total,
-                                  "git_commit": git_commit()}, indent=2), out / "summary.json")
-    console.print(f"demo done in {total:.0f} s; table and run summaries in {out / 'summary.json'}")
+    folder = RunDir(out)  # the demo's folder holds its runs, and their summary as a run's own
+    folder.write_summary({"rows": rows, "runs": summaries, "total_wall_s": total, "git_commit": git_commit()})
+    console.print(f"demo done in {total:.0f} s; table and run summaries in {folder.summary}")
     return rows

@@ -10,7 +10,6 @@ NCCL on GPUs, gloo on CPUs. Nothing here launches processes: that is torchrun's 
 from __future__ import annotations
 
 import os
-import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -117,12 +116,3 @@ def step_seed(seed: int, rank: int, updates: int) -> int:
     """Seed of the torch RNG for one training step on one rank (stochastic depth, dropout):
     a function of the step, so a resumed or restarted run draws what it would have drawn."""
     return int(np.random.SeedSequence([seed, rank, updates]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def fault_injection(updates: int, world: World) -> None:
-    """Testing hook for fault tolerance: FASTDEIT_KILL_AT=N kills the last rank (SIGKILL, as
-    a crashed machine would) after update N, on the first attempt of a torchrun group only."""
-    at = os.environ.get("FASTDEIT_KILL_AT")
-    if at and updates == int(at) and world.rank == world.size - 1 \
-            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -15,14 +15,13 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
-MODES = ("none", "soft", "hard")
+from fastdeit.config import DistillMode, check_choice
 
 
 class DistillationLoss(nn.Module):
-    def __init__(self, mode: str = "none", alpha: float = 0.5, tau: float = 1.0) -> None:
+    def __init__(self, mode: DistillMode = "none", alpha: float = 0.5, tau: float = 1.0) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"distillation mode must be one of {MODES}, got {mode!r}")
+        check_choice("distill.mode", mode, DistillMode)
         self.mode, self.alpha, self.tau = mode, alpha, tau
         self.base = SoftTargetCrossEntropy()
 

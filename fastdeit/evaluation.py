@@ -1,48 +1,110 @@
-"""`fastdeit eval`: a checkpoint's top-1 / top-5 on a val split."""
+"""Evaluation: top-1 / top-5 of every head over val batches, and `fastdeit eval` of a checkpoint."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from fastdeit.config import DataConfig, ModelConfig
+from fastdeit.config import DataConfig, Loader
 from fastdeit.data.folder import load_dataset
-from fastdeit.engine import EvalResult, amp_dtype, evaluate, resolve_device
+from fastdeit.device import amp_dtype, autocast, resolve_device, sync
 from fastdeit.errors import UserError
 from fastdeit.loaders import Loaders, choose_loader
-from fastdeit.models import build_model, read_checkpoint
+from fastdeit.models import build_model, head_logits
+from fastdeit.pipelines.tail import normalize
+from fastdeit.rundir import model_config_of, read_ema_weights, read_weights
+
+
+@dataclass
+class EvalResult:
+    """Counts of correct predictions per head; percentages are derived."""
+
+    n: int
+    correct1: dict[str, float]
+    correct5: dict[str, float]
+    bad: int
+    seconds: float
+
+    def top1(self, head: str = "joint") -> float:
+        return 100.0 * self.correct1[head] / max(self.n, 1)
+
+    def top5(self, head: str = "joint") -> float:
+        return 100.0 * self.correct5[head] / max(self.n, 1)
+
+    @property
+    def heads(self) -> list[str]:
+        return list(self.correct1)
+
+    @property
+    def img_s(self) -> float:
+        return self.n / max(self.seconds, 1e-9)
+
+    def summed(self, heads: list[str], reduce: Callable[[torch.Tensor], torch.Tensor]) -> EvalResult:
+        """The counts summed over ranks by `reduce` (an all-reduce; every rank passes the same
+        heads, including a rank that evaluated nothing). Counts are whole numbers held in
+        float64, so the sum is exact."""
+        counts = torch.tensor([self.n, self.bad, *(self.correct1.get(h, 0.0) for h in heads),
+                               *(self.correct5.get(h, 0.0) for h in heads)], dtype=torch.float64)
+        c, k = reduce(counts).tolist(), len(heads)
+        return EvalResult(n=int(c[0]), correct1=dict(zip(heads, c[2:2 + k])), correct5=dict(zip(heads, c[2 + k:])),
+                          bad=int(c[1]), seconds=self.seconds)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
+             amp_dtype: torch.dtype | None = None) -> EvalResult:
+    """Top-1/top-5 of every head over (uint8 images, labels, ok) batches; rows whose file
+    failed to decode (ok False) are left out and counted in `bad`."""
+    model.eval()
+    n, bad = 0, 0
+    c1: dict[str, float] = {}
+    c5: dict[str, float] = {}
+    start = time.perf_counter()
+    for images, labels, ok in batches:
+        keep = ok.bool()
+        bad += int((~keep).sum())
+        images, labels = images[keep].to(device, non_blocking=True), labels[keep].to(device)
+        if len(labels) == 0:
+            continue
+        with autocast(device, amp_dtype):
+            logits = head_logits(model, normalize(images))
+        for head, out in logits.items():
+            k = min(5, out.shape[1])
+            top = out.float().topk(k, dim=1).indices
+            hit = top == labels.view(-1, 1)
+            c1[head] = c1.get(head, 0.0) + float(hit[:, 0].sum())
+            c5[head] = c5.get(head, 0.0) + float(hit.any(dim=1).sum())
+        n += len(labels)
+    sync(device)
+    return EvalResult(n=n, correct1=c1, correct5=c5, bad=bad, seconds=time.perf_counter() - start)
 
 
 def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,
-                        workers: int = 2, use_ema: bool = False, loader: str = "auto") -> EvalResult:
+                        workers: int = 2, use_ema: bool = False, loader: Loader = "auto") -> EvalResult:
     """Top-1/top-5 of a fastdeit checkpoint on the val split of `data`, with the checkpoint's
     own image size and crop."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    weights, meta = read_checkpoint(ckpt)
+    weights, meta = read_weights(ckpt)
     if not meta:
         raise UserError(f"{ckpt} is not a fastdeit checkpoint (no meta): "
                         f"fine-tune from it with --set model.init={ckpt}")
     if use_ema:
-        weights = _ema_weights(ckpt)
+        weights = read_ema_weights(ckpt)
     _, val = load_dataset(data)
     if list(val.classes) != meta["classes"]:
         raise UserError(f"{data} has classes {list(val.classes)[:5]}..., the checkpoint was trained on "
                         f"{meta['classes'][:5]}...")
     dev = resolve_device(device)
-    model_cfg = ModelConfig(**meta["model"], drop_path=0.0)
-    model = build_model(model_cfg, meta["num_classes"], meta["img_size"])
+    model = build_model(model_config_of(meta, drop_path=0.0), meta["num_classes"], meta["img_size"])
     model.load_state_dict(weights)
-    data_cfg = DataConfig(img_size=meta["img_size"], crop_pct=meta["crop_pct"], workers=workers,
-                          eval_batch_size=batch_size)
+    data_cfg = replace(DataConfig(), img_size=meta["img_size"], crop_pct=meta["crop_pct"], workers=workers,
+                       eval_batch_size=batch_size)
     kind, _ = choose_loader(loader, dev)
     batches = Loaders(kind, data_cfg, None, dev).eval(val)
     return evaluate(model.to(dev), batches, dev, amp_dtype("auto", dev))
-
-
-def _ema_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    ema = torch.load(ckpt, map_location="cpu", weights_only=True).get("ema") or {}
-    if not ema:
-        raise UserError(f"{ckpt} holds no EMA weights (train with --set model.ema=true)")
-    return {k.removeprefix("module."): v for k, v in ema.items()}

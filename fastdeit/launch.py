@@ -1,6 +1,7 @@
-"""`fastdeit train --gpus N`: start the worker group through torchrun, and the worker itself.
+"""How `fastdeit train` runs: as one process, as one rank under a user's torchrun, or as a
+worker group this process starts through torchrun (`--gpus N`); and the worker itself.
 
-The CLI resolves the config, writes it to RUN/config.json and hands torchrun (elastic launch:
+For a worker group the CLI resolves the config, writes it to RUN/config.json and hands torchrun (elastic launch:
 `--standalone` on one machine, c10d rendezvous across machines) the command
 `python -m fastdeit.launch RUN/config.json [--resume PATH]`. Workers read that file, not the
 CLI's flags, so every rank trains the very same config. A worker group that torchrun restarts
@@ -13,21 +14,26 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 
-from fastdeit.config import TrainConfig, load_json, per_rank_batch, save_json
+from fastdeit.config import TrainConfig, load_json, per_rank_batch
+from fastdeit.dist import World, in_torchrun
 from fastdeit.errors import UserError
-from fastdeit.runfiles import atomic_write_text, refuse_existing_run
+from fastdeit.rundir import RunDir
+
+SUMMARY_KEYS = ("top1", "top5", "train_img_s", "wall_s")  # the summary line a run prints on stdout
 
 
 @dataclass(frozen=True)
-class Launch:
+class Topology:
     """How many workers, where: `gpus` per node (0: CPU workers, `procs` of them)."""
 
     gpus: int
@@ -50,34 +56,68 @@ class Launch:
         return "cuda" if self.gpus > 0 else "cpu"
 
 
-def check(spec: Launch, cfg: TrainConfig) -> None:
+def topology(gpus: int | None, procs: int = 1, nodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+             max_restarts: int = 0, device: str | None = None) -> Topology | None:
+    """The worker topology the train command's flags ask for; None for one plain process."""
+    if gpus is None:
+        if procs != 1 or nodes != 1 or rdzv_endpoint or max_restarts:
+            raise UserError("--procs, --nodes, --rdzv-endpoint and --max-restarts go with --gpus N "
+                            "(use --gpus 0 for CPU workers)")
+        return None
+    topo = Topology(gpus=gpus, procs=procs, nodes=nodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                    max_restarts=max_restarts)
+    if device not in (None, "auto", topo.device):
+        raise UserError(f"--device {device} contradicts --gpus {gpus} (which means {topo.device}): drop one")
+    return topo
+
+
+def start(cfg: TrainConfig, topo: Topology | None, resume: str | None, console: Console) -> dict[str, Any] | None:
+    """`fastdeit train` in its launch mode: one rank of a torchrun group when this process was
+    started by one; a worker group through torchrun for `--gpus N` (more than one worker, more
+    than one node, or restarts); else one plain process. `resume`: a checkpoint path, or
+    `auto` (the flag alone). Returns the summary where this process holds it (None when the
+    workers printed it)."""
+    from fastdeit.trainer import train
+
+    path = RunDir(cfg.run.out).resume_path(resume, console)
+    if in_torchrun():
+        return run_worker(cfg, path)
+    if topo is not None:
+        check(topo, cfg)
+        if topo.world > 1 or topo.nodes > 1 or topo.max_restarts > 0:
+            launch(cfg, topo, path, console)  # rank 0 prints the summary line
+            return None
+    return train(cfg, console, resume=path)
+
+
+def check(topo: Topology, cfg: TrainConfig) -> None:
     """Every mistake that can be seen before a process starts, as one line."""
-    if spec.gpus < 0 or spec.procs < 1 or spec.nodes < 1 or spec.max_restarts < 0:
+    if topo.gpus < 0 or topo.procs < 1 or topo.nodes < 1 or topo.max_restarts < 0:
         raise UserError("--gpus must be >= 0, --procs, --nodes >= 1 and --max-restarts >= 0")
-    if spec.gpus > 0 and spec.procs != 1 and spec.procs != spec.gpus:
+    if topo.gpus > 0 and topo.procs != 1 and topo.procs != topo.gpus:
         raise UserError("--procs counts CPU workers and goes with --gpus 0; with GPUs there is one worker per GPU")
-    if spec.gpus > 0:
+    if topo.gpus > 0:
         visible = torch.cuda.device_count()
-        if spec.gpus > visible:
-            raise UserError(f"--gpus {spec.gpus}: this machine shows {visible} CUDA GPU(s)"
+        if topo.gpus > visible:
+            raise UserError(f"--gpus {topo.gpus}: this machine shows {visible} CUDA GPU(s)"
                             + (f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
                                if "CUDA_VISIBLE_DEVICES" in os.environ else "") + f": use --gpus {visible} or fewer"
                             + (", or --gpus 0 --procs P for CPU workers" if visible == 0 else ""))
-        if not torch.distributed.is_nccl_available() and spec.world > 1:
+        if not torch.distributed.is_nccl_available() and topo.world > 1:
             raise UserError("this torch build has no NCCL, which multi-GPU training needs: install a CUDA build "
                             "of torch, or train on CPU workers with --gpus 0 --procs P")
-    if not 0 <= spec.node_rank < spec.nodes:
-        raise UserError(f"--node-rank {spec.node_rank} is not in 0..{spec.nodes - 1} (--nodes {spec.nodes})")
-    if spec.nodes > 1 and not spec.rdzv_endpoint:
+    if not 0 <= topo.node_rank < topo.nodes:
+        raise UserError(f"--node-rank {topo.node_rank} is not in 0..{topo.nodes - 1} (--nodes {topo.nodes})")
+    if topo.nodes > 1 and not topo.rdzv_endpoint:
         raise UserError("--nodes > 1 needs --rdzv-endpoint HOST:PORT, an address of node 0 that every node reaches")
-    if spec.rdzv_endpoint:
-        host, _, port = spec.rdzv_endpoint.rpartition(":")
+    if topo.rdzv_endpoint:
+        host, _, port = topo.rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UserError(f"--rdzv-endpoint {spec.rdzv_endpoint!r} is not HOST:PORT (e.g. node0.cluster:29500)")
-        if spec.node_rank == 0 and _is_local(host) and not _port_free(int(port)):
+            raise UserError(f"--rdzv-endpoint {topo.rdzv_endpoint!r} is not HOST:PORT (e.g. node0.cluster:29500)")
+        if topo.node_rank == 0 and _is_local(host) and not _port_free(int(port)):
             raise UserError(f"port {port} is in use on this machine: pick another --rdzv-endpoint port "
                             f"(and use it on every node)")
-    per_rank_batch(cfg, spec.world)  # a global batch that does not split is an error here, not in N workers
+    per_rank_batch(cfg, topo.world)  # a global batch that does not split is an error here, not in N workers
 
 
 def _is_local(host: str) -> bool:
@@ -99,37 +139,37 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def torchrun_args(spec: Launch, config: Path, resume: Path | None) -> list[str]:
-    args = ["--nproc-per-node", str(spec.per_node), "--max-restarts", str(spec.max_restarts)]
-    if spec.nodes == 1 and not spec.rdzv_endpoint:
+def torchrun_args(topo: Topology, config: Path, resume: Path | None) -> list[str]:
+    args = ["--nproc-per-node", str(topo.per_node), "--max-restarts", str(topo.max_restarts)]
+    if topo.nodes == 1 and not topo.rdzv_endpoint:
         args.append("--standalone")  # a free local port, no endpoint to configure
     else:
-        args += ["--nnodes", str(spec.nodes), "--node-rank", str(spec.node_rank), "--rdzv-backend", "c10d",
-                 "--rdzv-endpoint", str(spec.rdzv_endpoint), "--rdzv-id", f"fastdeit-{config.parent.name}"]
+        args += ["--nnodes", str(topo.nodes), "--node-rank", str(topo.node_rank), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", str(topo.rdzv_endpoint), "--rdzv-id", f"fastdeit-{config.parent.name}"]
     return [*args, "--module", "fastdeit.launch", str(config), *(["--resume", str(resume)] if resume else [])]
 
 
-def launch(cfg: TrainConfig, spec: Launch, resume: Path | None, console: Console) -> None:
+def launch(cfg: TrainConfig, topo: Topology, resume: Path | None, console: Console) -> None:
     """Write RUN/config.json and run the worker group to its end; UserError when it failed.
-    The caller has run `check(spec, cfg)`."""
+    The caller has run `check(topo, cfg)`."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    out = Path(cfg.run.out)
+    run_dir = RunDir(cfg.run.out)
     if resume is None:
-        refuse_existing_run(out)  # before config.json is written over
-    out.mkdir(parents=True, exist_ok=True)
-    config = out / "config.json"
-    atomic_write_text(save_json(cfg), config)
-    console.print(f"launching {spec.world} {'GPU' if spec.gpus else 'CPU'} workers "
-                  f"({spec.nodes} node(s) x {spec.per_node}) through torchrun; config: {config}")
+        run_dir.refuse_existing()  # before config.json is written over
+    run_dir.create()
+    run_dir.write_config(cfg)
+    config, out = run_dir.config, run_dir.root
+    console.print(f"launching {topo.world} {'GPU' if topo.gpus else 'CPU'} workers "
+                  f"({topo.nodes} node(s) x {topo.per_node}) through torchrun; config: {config}")
     # torchrun would set 1 thread per worker (and say so); share the machine's cores instead.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.per_node)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // topo.per_node)))
     # torchrun's own failure report is a traceback per worker; ours is one line below.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.elastic.multiprocessing.errors").setLevel(logging.CRITICAL)
     try:
-        run(parse_args(torchrun_args(spec, config, resume)))
+        run(parse_args(torchrun_args(topo, config, resume)))
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in e.failures.items()}
         if set(codes.values()) == {2}:  # the workers named the problem themselves
@@ -143,24 +183,36 @@ def run_worker(cfg: TrainConfig, resume: Path | None) -> dict | None:
     """One rank of a torchrun worker group: join the process group, train, leave. Returns the
     summary on rank 0, None on the others; only rank 0 prints."""
     from fastdeit.dist import init_from_env, shutdown
-    from fastdeit.trainer import Trainer
+    from fastdeit.trainer import train
 
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         world = init_from_env(device)
         console = Console(stderr=True, soft_wrap=True, quiet=not world.is_main)
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        last = Path(cfg.run.out) / "checkpoint-last.pt"
+        last = RunDir(cfg.run.out).last
         if restarted:
             resume = last if last.exists() else resume
             console.print(f"worker group restarted: resuming from {resume or 'the start'}")
-        summary = Trainer(cfg, console, world).fit(resume, restarted=restarted)
+        summary = train(cfg, console, world, resume, restarted=restarted, on_step=_fault_hooks(world))
     finally:
         shutdown()
     return summary if world.is_main else None
 
 
-SUMMARY_KEYS = ("top1", "top5", "train_img_s", "wall_s")
+def _fault_hooks(world: World) -> list:
+    """For the fault-tolerance tests only: FASTDEIT_KILL_AT=N kills the last rank (SIGKILL, as
+    a crashed machine would) after update N, on the first attempt of a torchrun group. Read
+    once here: a normal run's steps carry no hook at all."""
+    at = os.environ.get("FASTDEIT_KILL_AT")
+    if not at or world.rank != world.size - 1 or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return []
+
+    def kill(updates: int) -> None:
+        if updates == int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return [kill]
 
 
 def worker_main(argv: list[str] | None = None) -> int:

@@ -12,19 +12,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdeit.config import DataConfig
+from fastdeit.config import DataConfig, Loader
 from fastdeit.data.folder import ImageIndex
-from fastdeit.errors import UserError
+from fastdeit.errors import ConfigError, UserError
 from fastdeit.pipelines import dali
 from fastdeit.pipelines.torch import LoadedBatch, eval_loader, train_loader
 from fastdeit.plan import PlanSpec
 
 
-def choose_loader(name: str, device: torch.device) -> tuple[str, str]:
+def choose_loader(name: Loader, device: torch.device) -> tuple[str, str]:
     """(loader, why): `auto` takes DALI when CUDA and DALI are both there, else torch."""
     if name == "dali" and not dali.available():
-        raise UserError("--loader dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130), "
-                        "or use --loader torch")
+        raise ConfigError("data.loader", "dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130), "
+                                         "or use torch")
     if name != "auto":
         return name, f"--loader {name}"
     if device.type == "cuda" and dali.available():
@@ -55,7 +55,7 @@ def read_skip_list(path: str, train: ImageIndex, val: ImageIndex) -> tuple[Image
 class Loaders:
     """The trainer's data source for one run: train batches per epoch and eval batches."""
 
-    def __init__(self, kind: str, data: DataConfig, spec: PlanSpec | None, device: torch.device,
+    def __init__(self, kind: Loader, data: DataConfig, spec: PlanSpec | None, device: torch.device,
                  rank: int = 0, world: int = 1) -> None:
         """`spec`: the plan of training batches; None for a loader that only evaluates."""
         self.kind, self.data, self.spec, self.device = kind, data, spec, device

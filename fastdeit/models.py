@@ -7,7 +7,7 @@ resampled when the grid differs (fine-tuning at another size).
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -19,8 +19,9 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from fastdeit.config import DistillConfig, ModelConfig
-from fastdeit.errors import UserError
+from fastdeit.config import AttnBackend, CompileMode, DistillConfig, ModelConfig, choices
+from fastdeit.errors import ConfigError, UserError
+from fastdeit.rundir import model_config_of, read_weights
 
 DEIT_SIZES = ("tiny", "small", "base")
 
@@ -52,7 +53,7 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
     kwargs: dict = {"num_classes": num_classes, "drop_path_rate": cfg.drop_path}
     if is_vit(name):
         if img_size % cfg.patch_size:
-            raise UserError(f"--img-size {img_size} is not a multiple of model.patch_size {cfg.patch_size}")
+            raise ConfigError("data.img_size", f"{img_size} is not a multiple of model.patch_size {cfg.patch_size}")
         kwargs.update(img_size=img_size, patch_size=cfg.patch_size)
         for key in ("depth", "embed_dim", "num_heads"):
             if getattr(cfg, key):
@@ -75,27 +76,10 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
     return model
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(model weights, meta) from an official DeiT .pth ({"model": sd}), a fastdeit checkpoint
-    (its meta names the model config and image size), or a bare state_dict. Loaded with
-    weights_only=True: a weights file cannot run code."""
-    if not Path(path).is_file():
-        raise UserError(f"weights file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read weights from {path}: {str(e).splitlines()[0]}") from None
-    sd = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{path} holds no model state_dict")
-    meta = obj.get("meta", {}) if isinstance(obj.get("meta"), dict) else {}
-    return sd, meta
-
-
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load weights to fine-tune from: the position embedding is resampled to the model's
     grid; classifier heads of another class count are left freshly initialised."""
-    sd, _ = read_checkpoint(path)
+    sd, _ = read_weights(path)
     if isinstance(model, VisionTransformer):
         sd = checkpoint_filter_fn(sd, model)
     own = model.state_dict()
@@ -120,9 +104,8 @@ def load_teacher(cfg: DistillConfig, num_classes: int, img_size: int, device: to
             raise UserError(f"cannot fetch pretrained weights of teacher {cfg.teacher!r} "
                             f"({str(e).splitlines()[0]}); pass --teacher-ckpt PATH") from None
     else:
-        sd, meta = read_checkpoint(Path(cfg.teacher_ckpt))
-        known = {f.name for f in fields(ModelConfig)}
-        model_cfg = ModelConfig(**{k: v for k, v in meta.get("model", {}).items() if k in known})
+        sd, meta = read_weights(Path(cfg.teacher_ckpt))
+        model_cfg = model_config_of(meta)
         if cfg.teacher:
             model_cfg = replace(model_cfg, name=cfg.teacher)
         elif not meta:
@@ -166,22 +149,22 @@ class FastAttention(Attention):
         if attn_mask is not None or is_causal or getattr(self, "gate", None) is not None \
                 or (self.training and self.attn_drop.p > 0):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        b, n, _ = x.shape  # [B, N, C]: batch, tokens (patches + class and distillation tokens), channels
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, D]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, D]
         q, k = self.q_norm(q), self.k_norm(k)
-        x = self.attend(q, k, v, scale=self.scale)
-        x = x.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        x = self.attend(q, k, v, scale=self.scale)  # [B, H, N, D]
+        x = x.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)  # [B, N, H * D]
         x = getattr(self, "norm", nn.Identity())(x)
         return self.proj_drop(self.proj(x))
 
 
-def set_attention(model: nn.Module, backend: str) -> int:
-    """Route every timm Attention of `model` through `backend`; returns how many."""
+def set_attention(model: nn.Module, backend: AttnBackend) -> int:
+    """Route every timm Attention of `model` through `backend` (not `auto`); returns how many."""
     from fastdeit.kernels import attention as kernels  # Triton is imported only when asked for
 
     if backend not in kernels.BACKENDS:
-        raise UserError(f"--attn must be one of {', '.join(kernels.BACKENDS)} or auto, got {backend!r}")
+        raise ConfigError("model.attn", f"must be one of {', '.join(choices(AttnBackend))}, got {backend!r}")
     attend = partial(kernels.attention, backend=backend)
     count = 0
     for module in model.modules():
@@ -192,7 +175,7 @@ def set_attention(model: nn.Module, backend: str) -> int:
     return count
 
 
-def choose_attention(model: nn.Module, requested: str, batch: int, dtype: torch.dtype, device: torch.device,
+def choose_attention(model: nn.Module, requested: AttnBackend, batch: int, dtype: torch.dtype, device: torch.device,
                      remembered: dict[str, str]) -> tuple[str | None, dict[str, float]]:
     """Set the model's attention backend: the requested one, or for `auto` the fastest
     correct one measured on this device and shape (looked up first in `remembered`, a
@@ -215,13 +198,13 @@ def choose_attention(model: nn.Module, requested: str, batch: int, dtype: torch.
             backend, times = pick_backend(batch, *shape, dtype, device)
             remembered[key] = backend
     if backend == "flex" and device.type != "cuda":
-        raise UserError("--attn flex trains on CUDA only: FlexAttention has no backward pass on a CPU; "
-                        "use --attn sdpa, triton or math")
+        raise ConfigError("model.attn", "flex trains on CUDA only: FlexAttention has no backward pass on a CPU; "
+                                        "use sdpa, triton or math")
     set_attention(model, backend)
     return backend, times
 
 
-def compile_model(model: nn.Module, mode: str, device: torch.device) -> str:
+def compile_model(model: nn.Module, mode: CompileMode, device: torch.device) -> str:
     """torch.compile the module in place (state_dict keys unchanged), static shapes. `auto`:
     max-autotune-no-cudagraphs on CUDA (CUDA graphs do not mix with DDP's hooks), default on
     a CPU. Returns the mode used."""

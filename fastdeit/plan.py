@@ -18,8 +18,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from fastdeit.config import AugConfig, RandAugmentSpec, TrainConfig, parse_rand_augment
+from fastdeit.config import AugConfig, TrainConfig
 from fastdeit.errors import UserError
+from fastdeit.randaugment import RandAugmentParams, parse_rand_augment
 
 # timm's RandAugment transform sets (_RAND_TRANSFORMS / _RAND_INCREASING_TRANSFORMS), in order.
 RA_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
@@ -51,7 +52,7 @@ class PlanSpec:
         return cls(seed=cfg.run.seed, img_size=cfg.data.img_size, batch_size=cfg.run.batch_size, aug=cfg.aug)
 
     @property
-    def rand_augment(self) -> RandAugmentSpec | None:
+    def rand_augment(self) -> RandAugmentParams | None:
         return parse_rand_augment(self.aug.rand_augment) if self.aug.rand_augment else None
 
     @property
@@ -179,7 +180,7 @@ def _crops(rng: np.random.Generator, sizes: np.ndarray, scale: tuple, ratio: tup
     return np.stack([left, top, w, h], axis=1).astype(np.int32)
 
 
-def _rand_augment(rng: np.random.Generator, b: int, ra: RandAugmentSpec | None) -> tuple[np.ndarray, np.ndarray]:
+def _rand_augment(rng: np.random.Generator, b: int, ra: RandAugmentParams | None) -> tuple[np.ndarray, np.ndarray]:
     if ra is None or ra.num_layers == 0:
         return np.full((b, 0), -1, np.int8), np.zeros((b, 0), np.float32)
     n = ra.num_layers

@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from fastdeit.config import CacheMode, TrainConfig
+from fastdeit.data.folder import ImageIndex
 from fastdeit.errors import UserError
+from fastdeit.plan import PlanSpec
+from fastdeit.rundir import atomic_write, atomic_write_bytes
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -60,10 +64,22 @@ def dtype_text(dtype: np.dtype) -> str:
     return str(dtype.descr)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def identity(cfg: TrainConfig, mode: CacheMode, index: ImageIndex, teacher: nn.Module) -> dict[str, Any]:
+    """What a cache's rows mean; a run and its cache must agree on every key."""
+    d = cfg.distill
+    name = d.teacher or getattr(teacher, "fastdeit_name", type(teacher).__name__)
+    out = {"format": FORMAT, "mode": mode, "teacher": name, "teacher_sha256": weights_sha256(teacher.state_dict()),
+           "dataset": index.fingerprint(), "num_classes": len(index.classes)}
+    if mode == "replay":
+        out["plan"] = PlanSpec.from_config(cfg).to_json()
+    else:
+        out["labelmap_size"] = d.labelmap_size or cfg.data.img_size
+    return json.loads(json.dumps(out))  # as the manifest stores it (tuples become lists)
+
+
+def is_complete(root: Path, rows: int) -> bool:
+    """A cache with a manifest and at least `rows` rows in finished shards."""
+    return (Path(root) / MANIFEST).exists() and CacheReader(root).rows_available() >= rows
 
 
 def _sha256_file(path: Path) -> str:
@@ -99,7 +115,7 @@ class CacheWriter:
                 raise UserError(f"{self.root} holds a cache of another {diff[0]} ({old.get(diff[0])!r} vs "
                                 f"{manifest.get(diff[0])!r}): pick another --out")
         self.manifest = dict(manifest)
-        _atomic_bytes(existing, json.dumps(self.manifest, indent=1).encode())
+        atomic_write_bytes(json.dumps(self.manifest, indent=1).encode(), existing)
         self.done_shards = self._complete_prefix()
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
@@ -132,11 +148,13 @@ class CacheWriter:
 
     def _write(self, rows: np.ndarray) -> None:
         path = self.root / f"shard-{self.done_shards:05d}.npy"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, rows, allow_pickle=False)
-        os.replace(tmp, path)
-        _atomic_bytes(path.with_suffix(".sha256"), _sha256_file(path).encode())
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, rows, allow_pickle=False)
+
+        atomic_write(path, write)
+        atomic_write_bytes(_sha256_file(path).encode(), path.with_suffix(".sha256"))
         self.done_shards += 1
 
     def finish(self, **progress: Any) -> None:
@@ -145,7 +163,7 @@ class CacheWriter:
             self._write(np.concatenate(self.buffer))
             self.buffer, self.buffered = [], 0
         self.manifest.update(progress)
-        _atomic_bytes(self.root / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+        atomic_write_bytes(json.dumps(self.manifest, indent=1).encode(), self.root / MANIFEST)
 
 
 class CacheReader:

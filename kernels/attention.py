@@ -25,8 +25,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastdeit.config import AttnBackend, choices
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = ("sdpa", "flex", "triton", "math")
+BACKENDS = tuple(b for b in choices(AttnBackend) if b != "auto")  # the config's choices, less the measured one
 HEAD_DIMS = (16, 32, 64, 128)
 POISON = False  # tests: fill outputs with NaN before each launch, so unwritten elements show
 _LOG2E = 1.4426950408889634
@@ -183,9 +185,9 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        b, h, n, d = q.shape
-        o = _empty(q, (b, h, n, d))
-        lse = _empty(q, (b * h, n), torch.float32)
+        b, h, n, d = q.shape  # q, k, v: [B, H, N, D]
+        o = _empty(q, (b, h, n, d))  # [B, H, N, D]
+        lse = _empty(q, (b * h, n), torch.float32)  # [B * H, N]: the row log-sum-exp, for the backward
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_M"]), b * h)
@@ -201,7 +203,7 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         b, h, n, d = q.shape
         do = do.contiguous()
-        delta = _empty(q, (b * h, n), torch.float32)
+        delta = _empty(q, (b * h, n), torch.float32)  # [B * H, N]: rowsum(dO * O)
         _delta_kernel[(triton.cdiv(n, 64), b * h)](o, do, delta, n, h, *_strides(o), *_strides(do),
                                                    HEAD_DIM=d, BLOCK_M=64)
         dq, dk, dv = _empty(q, (b, h, n, d)), _empty(k, (b, h, n, d)), _empty(v, (b, h, n, d))  # contiguous
@@ -225,8 +227,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    attn = (q * scale) @ k.transpose(-2, -1)
-    return attn.softmax(dim=-1) @ v
+    attn = (q * scale) @ k.transpose(-2, -1)  # [B, H, N, D] @ [B, H, D, N] -> [B, H, N, N]
+    return attn.softmax(dim=-1) @ v  # [B, H, N, D]
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
@@ -251,7 +253,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: AttnBackend = "sdpa",
               scale: float | None = None) -> torch.Tensor:
     """Self-attention with the named backend (see the module docstring)."""
     if backend == "sdpa":

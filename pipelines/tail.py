@@ -1,4 +1,4 @@
-"""The batch tail, on the device: normalize, random erasing, mixup/cutmix, smoothed targets, cast.
+"""The batch tail, on the device: normalize, random erasing, mixup/cutmix, smoothed soft labels, cast.
 
 Shared by every pipeline (they all hand over a uint8 batch and its plan). The order follows
 DeiT: erasing is a per-sample transform after normalization, mixing is batch-level after it.
@@ -24,7 +24,7 @@ _M32 = 0xFFFFFFFF
 @dataclass
 class TailOutput:
     images: torch.Tensor  # [b, 3, S, S] in the compute dtype, normalized, erased, mixed
-    targets: torch.Tensor  # [b, classes] float32: smoothed one-hot labels mixed with the plan's λ
+    soft_labels: torch.Tensor  # [b, classes] float32: smoothed one-hot labels mixed with the plan's λ
 
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -133,7 +133,7 @@ def _mix(x: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
 
 def apply_tail(images: torch.Tensor, labels: torch.Tensor, plan: BatchPlan, num_classes: int,
                smoothing: float, dtype: torch.dtype = torch.float32) -> TailOutput:
-    """uint8 images (on the device) + their plan -> the student's input and soft targets.
+    """uint8 images (on the device) + their plan -> the student's input and its soft labels.
     Branches read the plan's host arrays, never device tensors: no device sync."""
     dev = images.device
     x = normalize(images)
@@ -143,4 +143,4 @@ def apply_tail(images: torch.Tensor, labels: torch.Tensor, plan: BatchPlan, num_
         x = _mix(x, plan)
         lam = torch.from_numpy(plan.lam).to(dev).view(-1, 1)
         y = lam * y + (1 - lam) * y[torch.from_numpy(plan.partner).to(dev)]
-    return TailOutput(images=x.to(dtype), targets=y)
+    return TailOutput(images=x.to(dtype), soft_labels=y)

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 from fastdeit.data.synthetic import write_synthetic
 
-from tiny import TINY_SPEC
+from tiny import TINY_SET
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny-data")
-    write_synthetic(root, TINY_SPEC)
+    write_synthetic(root, TINY_SET)
     return root
 
 

@@ -1,17 +1,8 @@
 """The benchmark scripts run (tiny settings): they must not rot. Speed is not asserted here."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tiny import load_benchmark as load
 
 
 def test_loader_benchmark_runs_and_writes_json(tiny_data, tmp_path):

@@ -79,6 +79,12 @@ def test_train_and_val_classes_differ(tiny_data, tmp_path):
      "needs a student with a distillation token"),
     (["--model", "deit_tiny", "--batch-size", "128", "--set", "aug.mix_group=8"], "fewer than one global batch"),
     (["--model", "deit_tiny", "--set", "optim.opt=adamq"], "optim.opt 'adamq': Optimizer adamq not found"),
+    # a config key is named by the flag the user gave, or by the key given with --set
+    (["--model", "deit_tiny", "--distill", "warm"], "--distill must be one of none, soft, hard, got 'warm'"),
+    (["--model", "deit_tiny", "--set", "distill.mode=warm"], "distill.mode must be one of none, soft, hard"),
+    (["--model", "deit_tiny", "--attn", "fast"], "--attn must be one of auto, sdpa, flex, triton, math"),
+    (["--model", "deit_tiny_distilled", "--distill", "hard", "--teacher", "resnet10t", "--targets", "replay"],
+     "--targets replay needs --teacher-cache CACHE"),
 ])
 def test_bad_flags(tiny_data, tmp_path, extra, words):
     fails(tiny_train(tiny_data, tmp_path / "r", *extra, *TINY_MODEL), words)

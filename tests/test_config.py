@@ -5,7 +5,6 @@ import pytest
 from fastdeit.config import (
     TrainConfig,
     apply_overrides,
-    parse_rand_augment,
     per_rank_batch,
     recipe,
     save_json,
@@ -14,6 +13,7 @@ from fastdeit.config import (
     with_section,
 )
 from fastdeit.errors import UserError
+from fastdeit.randaugment import parse_rand_augment
 
 
 def test_deit_recipe_is_the_papers():
@@ -65,9 +65,10 @@ def test_json_round_trip_and_unknown_keys():
 @pytest.mark.parametrize("changes, words", [
     (dict(run={"batch_size": 1000}), "not a multiple of aug.mix_group"),
     (dict(aug={"mix_group": 7}, run={"batch_size": 21}), "must be even when mixup"),
-    (dict(distill={"mode": "hard"}), "needs a teacher"),
-    (dict(distill={"mode": "warm"}), "--distill must be none, soft or hard"),
-    (dict(run={"device": "tpu"}), "--device must be"),
+    (dict(distill={"mode": "hard"}), "distill.mode hard needs a teacher"),
+    (dict(distill={"mode": "warm"}), "distill.mode must be one of none, soft, hard, got 'warm'"),
+    (dict(run={"device": "tpu"}), "run.device must be one of auto, cpu, cuda"),
+    (dict(model={"attn": "fast"}), "model.attn must be one of auto, sdpa, flex, triton, math"),
     (dict(aug={"rand_augment": "rand-q4"}), "cannot read 'q4'"),
     (dict(aug={"scale": (0.9, 0.1)}), "aug.scale must satisfy"),
     (dict(sched={"warmup_epochs": 400.0}), "warmup_epochs"),

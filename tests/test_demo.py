@@ -5,7 +5,7 @@ from rich.console import Console
 from fastdeit.config import apply_overrides, recipe
 from fastdeit.demo import DemoRun, demo_runs, run_config, run_demo
 
-from tiny import TINY_SPEC
+from tiny import TINY_SET
 
 SMALL_VIT = ("model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8")
 
@@ -29,7 +29,7 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
             DemoRun("labelmap", "deit_tiny_distilled", distill="hard", targets="labelmap", sets=SMALL_VIT)]
     with open(tmp_path / "log.txt", "w") as log:
         console = Console(file=log)
-        rows = run_demo(tmp_path / "out", tmp_path / "data", console, base=base, runs=runs, spec=TINY_SPEC)
+        rows = run_demo(tmp_path / "out", tmp_path / "data", console, base=base, runs=runs, synthetic=TINY_SET)
         heads = [("deit_tiny_distilled", t, h) for t in ("live", "replay", "labelmap")
                  for h in ("cls", "dist", "joint")]
         assert [(r["model"], r["targets"], r["head"]) for r in rows] == [
@@ -42,6 +42,6 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
             run = summary["runs"][r["run"]]
             assert r["top1"] == (run["top1"] if r["head"] == "joint" else run[f"top1_{r['head']}"])
         # a second demo reuses the data and replaces its own earlier runs
-        run_demo(tmp_path / "out", tmp_path / "data", console, base=base, runs=runs[:1], spec=TINY_SPEC)
+        run_demo(tmp_path / "out", tmp_path / "data", console, base=base, runs=runs[:1], synthetic=TINY_SET)
     log_text = (tmp_path / "log.txt").read_text()
     assert "data: reusing" in log_text and "replacing the earlier demo run" in log_text

@@ -173,10 +173,9 @@ def test_eval_rows_split_whole_batches(world):
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from fastdeit.config import ModelConfig
-    from fastdeit.distill import DistillationLoss
-    from fastdeit.engine import Stepper
+    from fastdeit.config import ModelConfig, recipe, with_section
     from fastdeit.models import build_model
+    from fastdeit.step import Prepared, make_step
 
     torch.set_num_threads(1)
     if world > 1:
@@ -185,7 +184,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     model = build_model(ModelConfig(name="deit_tiny_distilled", patch_size=8, depth=2, embed_dim=32, num_heads=2,
                                     drop_path=0.0), 5, 32)
     net = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
-    stepper = Stepper(net, torch.optim.AdamW(model.parameters(), lr=1e-3), DistillationLoss("hard"))
+    step = make_step(with_section(recipe("deit"), "distill", mode="hard"), torch.device("cpu"), None, 5, model=net,
+                     optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
     g = torch.Generator().manual_seed(1)
     per = 8 // world
     grads = []
@@ -193,7 +193,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         x, y = torch.randn(8, 3, 32, 32, generator=g), torch.softmax(torch.randn(8, 5, generator=g), 1)
         t = torch.randint(0, 5, (8,), generator=g)
         rows = slice(rank * per, (rank + 1) * per)
-        stepper.step(x[rows], y[rows], t[rows], k + 1)
+        step.update(Prepared(x[rows], y[rows], t[rows], plan=None, bad=()), k + 1)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     if rank == 0:
         torch.save({"grads": grads, "params": model.state_dict()}, out)

@@ -24,7 +24,7 @@ def test_auto_choice_says_why(monkeypatch):
     assert choose_loader("torch", torch.device("cpu"))[0] == "torch"
     monkeypatch.setattr(dali, "available", lambda: False)
     assert choose_loader("auto", torch.device("cuda"))[1].startswith("DALI is not installed")
-    with pytest.raises(UserError, match="--loader dali: NVIDIA DALI is not installed"):
+    with pytest.raises(UserError, match="data.loader dali: NVIDIA DALI is not installed"):
         choose_loader("dali", torch.device("cpu"))
 
 

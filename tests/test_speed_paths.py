@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch._dynamo
 
-from fastdeit.config import ModelConfig
-from fastdeit.distill import DistillationLoss
-from fastdeit.engine import Stepper
+from fastdeit.config import ModelConfig, recipe, with_section
 from fastdeit.models import FastAttention, build_model, choose_attention, compile_model, set_attention
+from fastdeit.step import Prepared, make_step
 
 TINY = ModelConfig(name="deit_tiny_distilled", patch_size=8, depth=2, embed_dim=32, num_heads=2, drop_path=0.0)
+HARD = with_section(recipe("deit"), "distill", mode="hard")  # the step's loss: hard distillation
 
 
 def model_pair(backend: str):
@@ -84,13 +84,13 @@ def test_compiled_student_matches_eager_and_does_not_recompile():
         torch.manual_seed(0)
         model = build_model(TINY, 5, 32)
         compile_model(model, mode, torch.device("cpu"))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        stepper = Stepper(model, opt, DistillationLoss("hard"))
+        step = make_step(HARD, torch.device("cpu"), None, 5, model=model,
+                         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
         losses[mode] = []
         for k, (x, y, t) in enumerate(batches):
             if k == 1 and mode != "none":
                 torch._dynamo.config.error_on_recompile = True  # from the second step on
-            losses[mode].append(float(stepper.step(x, y, t, k + 1)["loss"]))
+            losses[mode].append(float(step.update(Prepared(x, y, t, plan=None, bad=()), k + 1)["loss"]))
         torch._dynamo.config.error_on_recompile = False
     assert losses["none"] == pytest.approx(losses["default"], abs=1e-5)
     assert set(model.state_dict()) == set(build_model(TINY, 5, 32).state_dict())  # in-place compile: same keys

@@ -5,9 +5,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastdeit.data.synthetic import CLASSES, SyntheticSpec, is_complete, write_synthetic
+from fastdeit.data.synthetic import CLASSES, SyntheticSet, is_complete, write_synthetic
 
-SMALL = SyntheticSpec(classes=10, train_per_class=40, val_per_class=20, seed=11)
+SMALL = SyntheticSet(classes=10, train_per_class=40, val_per_class=20, seed=11)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -16,10 +16,10 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path):
-    spec = SyntheticSpec(classes=3, train_per_class=5, val_per_class=2, seed=4)
+    spec = SyntheticSet(classes=3, train_per_class=5, val_per_class=2, seed=4)
     a = tree_digest(write_synthetic(tmp_path / "a", spec))
     b = tree_digest(write_synthetic(tmp_path / "b", spec))
-    c = tree_digest(write_synthetic(tmp_path / "c", SyntheticSpec(classes=3, train_per_class=5, val_per_class=2)))
+    c = tree_digest(write_synthetic(tmp_path / "c", SyntheticSet(classes=3, train_per_class=5, val_per_class=2)))
     assert len(a) == 21 and a == b and a != c
     assert is_complete(tmp_path / "a", spec) and not is_complete(tmp_path / "a", SMALL)
 

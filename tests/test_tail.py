@@ -33,7 +33,7 @@ def test_no_mixing_gives_smoothed_one_hot():
     x, y = batch()
     out = apply_tail(x, y, plan_for(), 10, 0.1)
     assert torch.allclose(out.images, normalize(x))
-    assert torch.allclose(out.targets, mixup_target(y, 10, 1.0, 0.1))
+    assert torch.allclose(out.soft_labels, mixup_target(y, 10, 1.0, 0.1))
 
 
 def test_mixup_is_timms_batch_mixup():
@@ -44,7 +44,7 @@ def test_mixup_is_timms_batch_mixup():
     out = apply_tail(x, y, plan, 10, 0.1)
     xn = normalize(x)
     assert torch.allclose(out.images, xn * lam + xn.flip(0) * (1 - lam), atol=1e-6)
-    assert torch.allclose(out.targets, mixup_target(y, 10, lam, 0.1), atol=1e-6)
+    assert torch.allclose(out.soft_labels, mixup_target(y, 10, lam, 0.1), atol=1e-6)
 
 
 def test_cutmix_pastes_the_partners_box():
@@ -59,8 +59,8 @@ def test_cutmix_pastes_the_partners_box():
     assert torch.equal(out.images, ref)
     lam = 1 - (y1 - y0) * (x1 - x0) / 24 ** 2
     assert plan.lam[0] == pytest.approx(lam)
-    assert torch.allclose(out.targets, mixup_target(y, 10, lam, 0.0), atol=1e-6)
-    assert torch.allclose(out.targets.sum(1), torch.ones(16))
+    assert torch.allclose(out.soft_labels, mixup_target(y, 10, lam, 0.0), atol=1e-6)
+    assert torch.allclose(out.soft_labels.sum(1), torch.ones(16))
 
 
 def test_mix_groups_mix_within_the_group():
@@ -108,7 +108,7 @@ def test_erase_noise_is_standard_normal_and_keyed():
 def test_tail_casts_to_compute_dtype():
     x, y = batch()
     out = apply_tail(x, y, plan_for(mixup=0.8), 10, 0.1, dtype=torch.bfloat16)
-    assert out.images.dtype == torch.bfloat16 and out.targets.dtype == torch.float32
+    assert out.images.dtype == torch.bfloat16 and out.soft_labels.dtype == torch.float32
 
 
 def test_box_noise_is_the_full_noise_cropped():

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from fastdeit import caching
 from fastdeit.cli import app
-from fastdeit.targets import LiveTeacher, pooled_scores, topk_log_probs
 from fastdeit.teacher_cache import CacheReader, CacheWriter, replay_dtype
+from fastdeit.teachers import LiveTeacher, pooled_scores, topk_log_probs
 
 from tiny import TINY_MODEL, TINY_RUN
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fastdeit.cli import app
-from fastdeit.engine import Stepper
+from fastdeit.step import Step
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -86,18 +86,18 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tiny_data, tmp_path, mon
 
     # The same run, interrupted by Ctrl-C during its step number `stop_at`...
     calls = {"n": 0}
-    real_step = Stepper.step
+    real_update = Step.update
 
-    def step(self, *a, **k):
+    def update(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == stop_at:
             signal.raise_signal(sig)
-        return real_step(self, *a, **k)
+        return real_update(self, *a, **k)
 
-    monkeypatch.setattr(Stepper, "step", step)
+    monkeypatch.setattr(Step, "update", update)
     res = runner.invoke(app, ["train", *TINY_RUN, *common, "--out", str(split)])
     assert res.exit_code == 2 and "continue with --resume" in res.output
-    monkeypatch.setattr(Stepper, "step", real_step)
+    monkeypatch.setattr(Step, "update", real_update)
     # ...then resumed: it continues the same plan stream from the same step.
     train(*common, "--out", str(split), "--resume", str(split / "checkpoint-last.pt"))
     a = {(r["epoch"], r["step"]): r["loss"] for r in records(straight, "step")}

@@ -28,7 +28,7 @@ MARKER = ".fastdeit-synthetic.json"
 
 
 @dataclass(frozen=True)
-class SyntheticSpec:
+class SyntheticSet:
     """What to generate. The default is the demo data set."""
 
     classes: int = 10
@@ -149,10 +149,10 @@ def _shape_mask(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
     return m
 
 
-def render(cls_index: int, rng: np.random.Generator, spec: SyntheticSpec) -> Image.Image:
+def render(cls_index: int, rng: np.random.Generator, synthetic: SyntheticSet) -> Image.Image:
     """Draw one image of class `cls_index` from `rng`."""
-    w = int(rng.integers(spec.min_size, spec.max_size + 1))
-    h = int(rng.integers(spec.min_size, spec.max_size + 1))
+    w = int(rng.integers(synthetic.min_size, synthetic.max_size + 1))
+    h = int(rng.integers(synthetic.min_size, synthetic.max_size + 1))
     img = _background(rng, w, h)
     draw = ImageDraw.Draw(img)
     _clutter(draw, rng, w, h)
@@ -173,10 +173,10 @@ def _encode(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _jobs(spec: SyntheticSpec) -> list[tuple[str, int, int]]:
+def _jobs(synthetic: SyntheticSet) -> list[tuple[str, int, int]]:
     jobs = []
-    for split, per_class in (("train", spec.train_per_class), ("val", spec.val_per_class)):
-        for c in range(spec.classes):
+    for split, per_class in (("train", synthetic.train_per_class), ("val", synthetic.val_per_class)):
+        for c in range(synthetic.classes):
             jobs.extend((split, c, i) for i in range(per_class))
     return jobs
 
@@ -186,24 +186,24 @@ def _split_id(split: str) -> int:
 
 
 def write_synthetic(
-    root: Path, spec: SyntheticSpec, progress: Callable[[int, int], None] | None = None
+    root: Path, synthetic: SyntheticSet, progress: Callable[[int, int], None] | None = None
 ) -> Path:
     """Write the data set under `root` (train/<class>/*.jpg, val/<class>/*.jpg).
 
     Files are written to a temporary name and renamed, and a marker file is written last,
     so an interrupted run leaves no half-written image and is simply redone.
     """
-    if not 2 <= spec.classes <= len(CLASSES):
-        raise ValueError(f"--classes must be between 2 and {len(CLASSES)}, got {spec.classes}")
-    if spec.train_per_class < 1 or spec.val_per_class < 1:
+    if not 2 <= synthetic.classes <= len(CLASSES):
+        raise ValueError(f"--classes must be between 2 and {len(CLASSES)}, got {synthetic.classes}")
+    if synthetic.train_per_class < 1 or synthetic.val_per_class < 1:
         raise ValueError("--train-per-class and --val-per-class must be at least 1")
     root = Path(root)
-    jobs = _jobs(spec)
+    jobs = _jobs(synthetic)
 
     def one(job: tuple[str, int, int]) -> None:
         split, c, i = job
-        rng = np.random.default_rng(np.random.SeedSequence([spec.seed, _split_id(split), c, i]))
-        data = _encode(render(c, rng, spec), spec.quality)
+        rng = np.random.default_rng(np.random.SeedSequence([synthetic.seed, _split_id(split), c, i]))
+        data = _encode(render(c, rng, synthetic), synthetic.quality)
         folder = root / split / f"{c:02d}_{CLASSES[c]}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{i:05d}.jpg"
@@ -217,14 +217,14 @@ def write_synthetic(
             done += 1
             if progress is not None:
                 progress(done, len(jobs))
-    (root / MARKER).write_text(json.dumps(spec.to_json(), indent=1))
+    (root / MARKER).write_text(json.dumps(synthetic.to_json(), indent=1))
     return root
 
 
-def is_complete(root: Path, spec: SyntheticSpec) -> bool:
-    """True when `root` holds exactly this spec's data set (its marker is written last)."""
+def is_complete(root: Path, synthetic: SyntheticSet) -> bool:
+    """True when `root` holds exactly this synthetic set (its marker is written last)."""
     marker = Path(root) / MARKER
     try:
-        return json.loads(marker.read_text()) == spec.to_json()
+        return json.loads(marker.read_text()) == synthetic.to_json()
     except (OSError, ValueError):
         return False

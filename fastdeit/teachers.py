@@ -1,6 +1,7 @@
-"""Where distillation targets come from. A TargetSource maps (the student's input batch, its
-plan) to the teacher's output for exactly those samples: logits [b, classes] (float32), or
-hard labels [b] (int64).
+"""Where the teacher's outputs come from. A TeacherSource maps (the student's input batch, its
+plan) to the teacher's output for exactly those samples: logits [b, classes] (float32), or hard
+labels [b] (int64). (The student's own labels, smoothed and mixed by the tail, are the batch's
+`soft_labels`; "teacher" here always means the distillation teacher's outputs.)
 
 - `live` is the paper's behaviour and the reference: the frozen teacher runs without
   gradients, in eval mode and the compute dtype, on the same mixed augmented batch.
@@ -8,23 +9,31 @@ hard labels [b] (int64).
   position) keys: the teacher's argmax, and its top-k logits for soft distillation.
 - `labelmap` pools a cached per-image map of class probabilities over the plan's crop box
   (RoIAlign) and mixes the pooled distributions with the plan's λ, as ReLabel does.
+
+`open_teacher_source` opens the one a run's config asks for, checking the cache against the run.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+from rich.console import Console
 from torch import nn
 from torchvision.ops import roi_align
 
+from fastdeit.config import DistillMode, TrainConfig
+from fastdeit.data.folder import ImageIndex
+from fastdeit.device import autocast
+from fastdeit.errors import UserError
 from fastdeit.plan import BatchPlan
-from fastdeit.teacher_cache import CacheReader
+from fastdeit.rundir import RunDir
+from fastdeit.teacher_cache import CacheReader, identity
 
 
-class TargetSource(Protocol):
+class TeacherSource(Protocol):
     name: str
 
     def __call__(self, images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
@@ -41,10 +50,15 @@ class LiveTeacher:
 
     def __call__(self, images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
         # no_grad rather than inference_mode: the logits are saved by the loss's backward.
-        amp = (torch.autocast(images.device.type, dtype=self.amp_dtype)
-               if self.amp_dtype is not None else nullcontext())
-        with torch.no_grad(), amp:
+        with torch.no_grad(), autocast(images.device, self.amp_dtype):
             return self.teacher(images).float()
+
+
+def agreement(live: LiveTeacher, images: torch.Tensor, plan: BatchPlan, teacher: torch.Tensor) -> tuple[int, int]:
+    """(equal, total): how many of a source's hard labels for this batch the live teacher gives."""
+    want = live(images, plan).argmax(1)
+    got = teacher if teacher.dim() == 1 else teacher.argmax(1)
+    return int((want == got).sum()), len(want)
 
 
 def replay_records(logits: torch.Tensor, topk: int, dtype: np.dtype) -> np.ndarray:
@@ -71,12 +85,13 @@ def topk_log_probs(idx: torch.Tensor, val: torch.Tensor, lse: torch.Tensor, num_
     return torch.log_softmax(logp / tau, dim=1)
 
 
-class ReplayTargets:
-    """Targets read from a replay cache; rows are epoch * rows_per_epoch + position."""
+class ReplayTeacher:
+    """The teacher's outputs read from a replay cache; rows are epoch * rows_per_epoch + position."""
 
     name = "replay"
 
-    def __init__(self, reader: CacheReader, rows_per_epoch: int, num_classes: int, mode: str, tau: float) -> None:
+    def __init__(self, reader: CacheReader, rows_per_epoch: int, num_classes: int, mode: DistillMode,
+                 tau: float) -> None:
         self.reader, self.rows_per_epoch = reader, rows_per_epoch
         self.num_classes, self.mode, self.tau = num_classes, mode, tau
 
@@ -123,12 +138,12 @@ def pooled_scores(rec: np.ndarray, crops: np.ndarray, sizes: np.ndarray, grid: i
     return scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
 
 
-class LabelMapTargets:
-    """Targets pooled from cached label maps over the plan's boxes, mixed with its λ."""
+class LabelMapTeacher:
+    """The teacher's outputs pooled from cached label maps over the plan's boxes, mixed with its λ."""
 
     name = "labelmap"
 
-    def __init__(self, reader: CacheReader, sizes: np.ndarray, grid: int, num_classes: int, mode: str,
+    def __init__(self, reader: CacheReader, sizes: np.ndarray, grid: int, num_classes: int, mode: DistillMode,
                  tau: float) -> None:
         self.reader, self.sizes, self.grid = reader, sizes, grid
         self.num_classes, self.mode, self.tau = num_classes, mode, tau
@@ -143,3 +158,63 @@ class LabelMapTargets:
         if self.mode == "hard":
             return scores.argmax(dim=1)
         return torch.log(scores.clamp_min(1e-8)) * self.tau
+
+
+def cell_probs(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities at every cell of a convnet's last feature map: the classifier
+    applied position by position (its average over cells is the teacher's own logit)."""
+    feats = teacher.forward_features(images)  # [b, features, h, w]
+    fc = teacher.get_classifier()
+    if feats.dim() != 4 or not isinstance(fc, nn.Linear):
+        raise UserError("--targets labelmap needs a convnet teacher (timm forward_features giving [b, c, h, w] "
+                        "and a linear classifier)")
+    logits = torch.einsum("bfhw,kf->bkhw", feats.float(), fc.weight.float()) + fc.bias.float().view(1, -1, 1, 1)
+    return logits.softmax(dim=1)  # [b, classes, h, w]
+
+
+def cache_folder(cfg: TrainConfig) -> Path:
+    """The teacher cache a run reads: distill.teacher_cache, else the label maps built in the run folder."""
+    return Path(cfg.distill.teacher_cache) if cfg.distill.teacher_cache else RunDir(cfg.run.out).labelmap_cache
+
+
+def source_from_cache(cfg: TrainConfig, index: ImageIndex, reader: CacheReader) -> TeacherSource:
+    """The source that reads an (already validated) cache of either mode."""
+    m, d = reader.manifest, cfg.distill
+    if m["mode"] == "replay":
+        return ReplayTeacher(reader, int(m["rows_per_epoch"]), len(index.classes), d.mode, d.tau)
+    return LabelMapTeacher(reader, index.sizes, int(m["grid"]), len(index.classes), d.mode, d.tau)
+
+
+def open_teacher_source(cfg: TrainConfig, index: ImageIndex, teacher: nn.Module, device: torch.device,
+                        amp: torch.dtype | None, console: Console) -> tuple[TeacherSource, LiveTeacher | None]:
+    """The run's teacher source, and for label maps a live teacher to measure agreement with.
+    A cache must exist (label maps are built beforehand, see build.prepare_label_maps) and
+    match the run: teacher, data, plan, epochs; otherwise one line says what differs."""
+    d = cfg.distill
+    live = LiveTeacher(teacher, amp)
+    if d.targets == "live":
+        return live, None
+    cache = cache_folder(cfg)
+    reader = CacheReader(cache)
+    if reader.manifest.get("mode") != d.targets:
+        raise UserError(f"{cache} is a {reader.manifest.get('mode')} cache, not a {d.targets} one")
+    reader.validate(identity(cfg, d.targets, index, teacher))
+    if d.targets == "replay":
+        _check_replay(cfg, reader, cache, amp, device, console)
+    return source_from_cache(cfg, index, reader), (live if d.targets == "labelmap" else None)
+
+
+def _check_replay(cfg: TrainConfig, reader: CacheReader, cache: Path, amp: torch.dtype | None,
+                  device: torch.device, console: Console) -> None:
+    covered = reader.rows_available() // int(reader.manifest["rows_per_epoch"])
+    if covered < cfg.sched.epochs:
+        raise UserError(f"teacher cache {cache} covers epochs 0-{covered - 1}, not epoch {covered} of this "
+                        f"{cfg.sched.epochs}-epoch run: extend it with fastdeit cache-teacher --mode replay "
+                        f"--epochs {cfg.sched.epochs}")
+    if cfg.distill.mode == "soft":
+        console.print(f"note: soft targets are rebuilt from the cache's top-{reader.manifest['topk']} logits, "
+                      f"the rest of the probability spread evenly over the other classes")
+    built = reader.manifest.get("built_with", {})
+    if built.get("amp") != str(amp) or built.get("device", "").split(":")[0] != device.type:
+        console.print(f"note: {cache} was built on {built.get('device')} ({built.get('amp')}); this run is on "
+                      f"{device} ({amp}): pixels and rounding differ slightly, labels almost never")

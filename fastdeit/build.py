@@ -1,0 +1,196 @@
+"""The composition root: a run's parts, built in one place from (config, world).
+
+`build_run` goes through the phases in this order (the order fixes the initial weights and
+the RNG streams, so it is part of what makes runs reproducible):
+
+    data        the train and val indexes, the skip list applied; the loader choice
+    student     seeded timm model -> attention backend (`auto`: measured on the device,
+                remembered) -> DDP (students only; the teacher is frozen) -> torch.compile
+    teacher     loaded; label maps built first when the run needs them and none exist (an
+                explicit phase with its own progress bar), then the teacher source opened
+    optimizer   timm's factory, the per-update cosine schedule, the fp16 grad scaler, EMA
+    loaders     DALI or the torch reference, executing the plan
+    step        the Step (step.py) that prepares batches and updates the student
+
+The Trainer receives the parts and only loops.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from fastdeit import dist
+from fastdeit.caching import build_labelmap
+from fastdeit.config import TrainConfig, per_rank_batch, scaled_lr
+from fastdeit.data.folder import ImageIndex, load_dataset
+from fastdeit.device import amp_dtype, resolve_device
+from fastdeit.dist import World
+from fastdeit.errors import ConfigError
+from fastdeit.loaders import Loaders, choose_loader, read_skip_list
+from fastdeit.models import build_model, choose_attention, compile_model, is_distilled, load_teacher, set_attention
+from fastdeit.plan import PlanSpec, steps_per_epoch
+from fastdeit.rundir import atomic_write_text
+from fastdeit.step import Step, make_step
+from fastdeit.teacher_cache import is_complete
+from fastdeit.teachers import LiveTeacher, TeacherSource, cache_folder, open_teacher_source
+
+
+@dataclass(frozen=True)
+class Data:
+    train: ImageIndex
+    val: ImageIndex
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.train.classes
+
+
+@dataclass
+class RunParts:
+    """Everything a training run is made of; built by `build_run`."""
+
+    cfg: TrainConfig
+    world: World
+    device: torch.device
+    amp: torch.dtype | None  # the autocast dtype; None for fp32
+    data: Data
+    steps_per_epoch: int
+    model: nn.Module  # the student itself (checkpoints, eval, EMA); the step trains its DDP/compiled wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    scaler: torch.amp.GradScaler | None
+    ema: ModelEmaV3 | None
+    loaders: Loaders
+    step: Step
+    live_check: LiveTeacher | None  # label maps: the live teacher their agreement is measured against
+    chosen: dict[str, str]  # what was picked and why: loader, attention, compile (the run's banner)
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    return Data(*read_skip_list(cfg.data.skip_list, *load_dataset(cfg.data.path)))
+
+
+def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
+    """A run's parts, phase by phase (see the module docstring)."""
+    device = resolve_device(cfg.run.device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+    amp = amp_dtype(cfg.run.amp, device)
+    data = load_data(cfg)
+    loader, loader_why = choose_loader(cfg.data.loader, device)
+    steps = steps_per_epoch(PlanSpec.from_config(cfg), len(data.train))
+    per_rank_batch(cfg, world.size)  # fails early when the global batch does not split into ranks
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model, len(data.classes), cfg.data.img_size).to(device)
+    attn = attention_backend(cfg, model, world, device, amp, console)
+    # DDP wraps the student only (the teacher is frozen); compiling the wrapper lets Dynamo
+    # split the graph at DDP's bucket boundaries, so all-reduce overlaps backward.
+    trained = wrap_ddp(cfg, model, world, device)
+    compiled = compile_model(trained, cfg.run.compile, device)
+    teacher, live_check = open_teacher(cfg, data, model, world, device, amp, console)
+    optimizer = make_optimizer(cfg, model, device)
+    scheduler = make_scheduler(cfg, optimizer, steps)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    ema = ModelEmaV3(model, decay=cfg.model.ema_decay) if cfg.model.ema else None
+    loaders = Loaders(loader, cfg.data, PlanSpec.from_config(cfg), device, world.rank, world.size)
+    step = make_step(cfg, device, amp, len(data.classes), teacher, model=trained, optimizer=optimizer,
+                     scaler=scaler, ema=ema, rank=world.rank)
+    return RunParts(cfg, world, device, amp, data, steps, model, optimizer, scheduler, scaler, ema, loaders, step,
+                    live_check, {"loader": f"{loader} ({loader_why})", "attention": attn or "-", "compile": compiled})
+
+
+def attention_backend(cfg: TrainConfig, model: nn.Module, world: World, device: torch.device,
+                      amp: torch.dtype | None, console: Console) -> str | None:
+    """Set the student's attention backend; `auto` choices are remembered in
+    run.cache_dir/attention.json, and every rank takes rank 0's (timing noise must not split them)."""
+    path = Path(cfg.run.cache_dir) / "attention.json" if cfg.run.cache_dir else None
+    known = json.loads(path.read_text()) if path and path.exists() else {}
+    backend, times = choose_attention(model, cfg.model.attn, cfg.run.batch_size // world.size,
+                                      amp or torch.float32, device, known)
+    if backend is not None and (agreed := dist.agree_with_main(backend, world)) != backend:
+        backend = agreed
+        set_attention(model, backend)
+    if times:
+        console.print(f"attention: {backend} (ms per forward+backward: "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in times.items()) + ")")
+        if path and world.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(json.dumps(known, indent=1), path)
+    return backend
+
+
+def wrap_ddp(cfg: TrainConfig, model: nn.Module, world: World, device: torch.device) -> nn.Module:
+    if not world.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # A distilled student trained without a teacher leaves its distillation head unused.
+    unused = is_distilled(model) and cfg.distill.mode == "none"
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                   find_unused_parameters=unused)
+
+
+def open_teacher(cfg: TrainConfig, data: Data, student: nn.Module, world: World, device: torch.device,
+                 amp: torch.dtype | None, console: Console) -> tuple[TeacherSource | None, LiveTeacher | None]:
+    """The teacher source of a distillation run (and for label maps the live teacher their
+    agreement is measured against); (None, None) without distillation."""
+    d = cfg.distill
+    if d.mode == "none":
+        return None, None
+    if not is_distilled(student):
+        raise ConfigError("distill.mode", f"{d.mode} needs a student with a distillation token: use "
+                                          f"{cfg.model.name}_distilled (or another deit_*_distilled)")
+    # A replay run reads the teacher's outputs: its weights only serve to check the cache.
+    teacher = load_teacher(d, len(data.classes), cfg.data.img_size, device if d.targets != "replay" else
+                           torch.device("cpu"))
+    prepare_label_maps(cfg, data.train, teacher, world, console)
+    return open_teacher_source(cfg, data.train, teacher, device, amp, console)
+
+
+def prepare_label_maps(cfg: TrainConfig, index: ImageIndex, teacher: nn.Module, world: World,
+                       console: Console) -> None:
+    """Label maps a run needs and nobody has built: one teacher pass per image, with a
+    progress bar, by rank 0 (a build cut short resumes); the other ranks poll for the
+    manifest, which is written last (a file poll, not a collective: the build may outlast
+    any collective's timeout)."""
+    cache = cache_folder(cfg)
+    if cfg.distill.targets != "labelmap" or is_complete(cache, len(index)):
+        return
+    if world.is_main:
+        console.print(f"no complete label map cache at {cache} yet: building it (one teacher pass per image)")
+        build_labelmap(cfg, index, cache, console, teacher)
+        return
+    while not is_complete(cache, len(index)):
+        time.sleep(2)
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """timm's factory at the scaled lr: no weight decay on biases, norms and the model's
+    no_weight_decay() set (pos_embed, cls/dist tokens); fused AdamW on CUDA."""
+    o = cfg.optim
+    extra = {"fused": True} if device.type == "cuda" and o.opt == "adamw" else {}
+    if o.opt in ("adamw", "adam", "lamb", "lambw", "nadamw"):
+        extra.update(betas=o.betas, eps=o.eps)
+    try:
+        return create_optimizer_v2(model, opt=o.opt, lr=scaled_lr(cfg), weight_decay=o.weight_decay, **extra)
+    except (ValueError, KeyError, AssertionError, TypeError) as e:
+        raise ConfigError("optim.opt", f"{o.opt!r}: {e}") from None
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int) -> CosineLRScheduler:
+    """Per-update cosine with warm-up; at epoch boundaries it equals DeiT's per-epoch values."""
+    s = cfg.sched
+    return CosineLRScheduler(optimizer, t_initial=s.epochs * steps, lr_min=s.min_lr,
+                             warmup_t=round(s.warmup_epochs * steps), warmup_lr_init=s.warmup_lr, t_in_epochs=False)
+

@@ -1,0 +1,68 @@
+"""Throughput of the training loop: images, seconds and the share spent waiting for data,
+per epoch and per logging window. Time spent on something else (saving a checkpoint) is
+paused out of both, so img/s counts training only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+class Meter:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.running = False  # within an epoch
+        self.t0 = self.tick = 0.0  # epoch start; end of the last step (or pause)
+        self.images, self.wait, self.paused_s = 0, 0.0, 0.0
+        self._window(0.0)
+
+    def start_epoch(self) -> None:
+        now = self.clock()
+        self.running = True
+        self.t0 = self.tick = now
+        self.images, self.wait, self.paused_s = 0, 0.0, 0.0
+        self._window(now)
+
+    def _window(self, now: float) -> None:
+        self.w_t, self.w_images, self.w_wait, self.w_paused = now, 0, 0.0, 0.0
+
+    def data_ready(self) -> None:
+        """The loader handed over a batch: the time since the last step ended was waiting."""
+        waited = self.clock() - self.tick
+        self.wait += waited
+        self.w_wait += waited
+
+    def step_done(self, images: int) -> None:
+        self.images += images
+        self.w_images += images
+        self.tick = self.clock()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        t = self.clock()
+        try:
+            yield
+        finally:
+            self.tick = self.clock()
+            self.paused_s += self.tick - t
+            self.w_paused += self.tick - t
+
+    def window(self) -> tuple[float, float]:
+        """(img/s, data-wait fraction) since the last window, up to the end of the last step;
+        starts the next window."""
+        dt = max(self.tick - self.w_t - self.w_paused, 1e-9)
+        out = (self.w_images / dt, self.w_wait / dt)
+        self._window(self.tick)
+        return out
+
+    def seconds(self) -> float:
+        """Training seconds of the epoch so far (0 outside an epoch)."""
+        return self.clock() - self.t0 - self.paused_s if self.running else 0.0
+
+    def end_epoch(self) -> dict[str, float]:
+        """The epoch's images, seconds, img/s and data-wait fraction."""
+        seconds = self.seconds()
+        self.running = False
+        return {"images": self.images, "seconds": seconds, "train_img_s": self.images / max(seconds, 1e-9),
+                "data_wait": self.wait / max(seconds, 1e-9)}

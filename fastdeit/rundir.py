@@ -1,0 +1,192 @@
+"""The run folder and the checkpoint format: the one module that names run files, writes them
+atomically and reads checkpoints back.
+
+A run folder (`run.out`):
+
+    config.json          the resolved config; the workers of a multi-process run read it
+    metrics.jsonl        one JSON object per logged step, per epoch and per resume (appended)
+    checkpoint-last.pt   the training state (CHECKPOINT_FORMAT below), every epoch and every
+                         `run.ckpt_every` steps
+    checkpoint-best.pt   a copy of the last checkpoint at the best joint top-1 so far
+    summary.json         the run's final numbers
+    teacher-labelmap/    label maps built for the run when no `distill.teacher_cache` was given
+
+Every file is written under a temporary name and renamed (`atomic_write`), so a crash never
+leaves a torn file. Checkpoints are read with `weights_only=True`: a file cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from fastdeit.config import ModelConfig, TrainConfig, save_json
+from fastdeit.errors import UserError
+from fastdeit.plan import PlanSpec
+
+CHECKPOINT_FORMAT = 1  # bump when the layout of a training checkpoint changes
+# What a training checkpoint holds besides the state dicts of the run's components.
+_CHECKPOINT_KEYS = ("format", "meta", "config", "state", "rng")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` fills a temporary file beside `path`, which then replaces `path` in one step."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save, atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+class RunDir:
+    """A run folder: its file names, the existing-run check, and the writes into it."""
+
+    NAMES = ("config.json", "metrics.jsonl", "checkpoint-last.pt", "checkpoint-best.pt", "summary.json")
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.json")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    last = property(lambda self: self.root / "checkpoint-last.pt")
+    best = property(lambda self: self.root / "checkpoint-best.pt")
+    summary = property(lambda self: self.root / "summary.json")
+    labelmap_cache = property(lambda self: self.root / "teacher-labelmap")
+
+    def refuse_existing(self) -> None:
+        """A folder that already holds a run is never started over (continue it instead)."""
+        existing = [p.name for p in (self.last, self.metrics) if p.exists()]
+        if existing:
+            raise UserError(f"{self.root} already holds a run ({existing[0]}): continue it with --resume, "
+                            f"or pick another --out")
+
+    def resume_path(self, resume: str | None, console: Console) -> Path | None:
+        """The checkpoint `--resume` means: `auto` (the flag alone) is this folder's last
+        checkpoint, or a fresh start when there is none yet (a requeued job's first go)."""
+        if not resume:
+            return None
+        if resume != "auto":
+            return Path(resume)
+        if not self.last.exists():
+            console.print(f"--resume: no checkpoint in {self.root} yet; starting the run")
+            return None
+        return self.last
+
+    def foreign_files(self) -> list[str]:
+        """Names in the folder that no run writes (a run never deletes a folder holding them)."""
+        if not self.root.exists():
+            return []
+        ours = {*self.NAMES, self.labelmap_cache.name}
+        return [p.name for p in self.root.iterdir() if p.name not in ours and not p.name.endswith(".tmp")]
+
+    def create(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        atomic_write_text(save_json(cfg), self.config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(json.dumps(summary, indent=2), self.summary)
+
+    def save(self, checkpoint: dict[str, Any], best: bool = False) -> None:
+        atomic_save(checkpoint, self.last)
+        if best:
+            atomic_write(self.best, lambda tmp: shutil.copyfile(self.last, tmp))
+
+
+# --- the checkpoint format ------------------------------------------------------------------
+
+def checkpoint_meta(cfg: TrainConfig, classes: tuple[str, ...]) -> dict[str, Any]:
+    """What `fastdeit eval` and a teacher load need to rebuild the model and its eval view."""
+    m = cfg.model
+    return {"model": {"name": m.name, "patch_size": m.patch_size, "depth": m.depth, "embed_dim": m.embed_dim,
+                      "num_heads": m.num_heads, "width": m.width},
+            "img_size": cfg.data.img_size, "num_classes": len(classes), "classes": list(classes),
+            "crop_pct": cfg.data.crop_pct}
+
+
+def training_checkpoint(cfg: TrainConfig, classes: tuple[str, ...], components: dict[str, dict],
+                        state: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint: the state dicts of the run's components (model, optimizer,
+    scheduler, scaler, EMA; {} where absent), the loop's position, the RNG states."""
+    return {"format": CHECKPOINT_FORMAT, "meta": checkpoint_meta(cfg, classes), "config": cfg.to_dict(),
+            **components, "state": state, "rng": rng}
+
+
+def read_training_checkpoint(path: Path, cfg: TrainConfig, classes: tuple[str, ...]) -> dict[str, Any]:
+    """A checkpoint this run can continue from: the same model and the same plan, or one line
+    saying what differs."""
+    if not Path(path).is_file():
+        raise UserError(f"--resume: no checkpoint at {path}")
+    ck = _load(path)
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or any(k not in ck for k in _CHECKPOINT_KEYS):
+        raise UserError(f"--resume: {path} is not a fastdeit training checkpoint")
+    theirs, ours = ck["meta"]["model"], checkpoint_meta(cfg, classes)["model"]
+    if theirs != ours:
+        raise UserError(f"--resume: {path} is a checkpoint of {theirs['name']} {theirs}, "
+                        f"not of this run's {ours['name']} {ours}")
+    old, new = PlanSpec.from_config(TrainConfig.from_dict(ck["config"])).to_json(), PlanSpec.from_config(cfg).to_json()
+    if old != new:
+        keys = [k for k in old if old[k] != new[k]]
+        raise UserError(f"--resume: the checkpoint's augmentation plan differs in {keys}; "
+                        f"resume with the same seed, batch size, image size and aug settings")
+    return ck
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model weights, meta) from a fastdeit checkpoint (its meta names the model config and
+    image size), an official DeiT .pth ({"model": state_dict}) or a bare state_dict; meta is
+    {} for the last two."""
+    if not Path(path).is_file():
+        raise UserError(f"weights file {path} does not exist")
+    obj = _load(path, what="weights")
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path} holds no model state_dict")
+    meta = obj.get("meta", {}) if isinstance(obj.get("meta"), dict) else {}
+    return sd, meta
+
+
+def read_ema_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights of a fastdeit checkpoint, keyed as the model's own."""
+    ema = _load(path, what="weights")
+    ema = ema.get("ema") if isinstance(ema, dict) else None
+    if not ema:
+        raise UserError(f"{path} holds no EMA weights (train with --set model.ema=true)")
+    return {k.removeprefix("module."): v for k, v in ema.items()}
+
+
+def model_config_of(meta: dict[str, Any], **changes: Any) -> ModelConfig:
+    """The ModelConfig a checkpoint's meta describes (fields it does not name keep their defaults)."""
+    known = set(ModelConfig.__dataclass_fields__)
+    return ModelConfig(**{**{k: v for k, v in meta.get("model", {}).items() if k in known}, **changes})
+
+
+def _load(path: Path, what: str = "checkpoint") -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {what} from {path}: {str(e).splitlines()[0]}") from None

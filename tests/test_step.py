@@ -1,0 +1,80 @@
+"""The step has one home: training, `cache-teacher --verify` and the throughput benchmark
+prepare a batch through the same Step and get the same tensors and the same loss. And the
+loop's meter counts training time only."""
+
+import os
+
+import pytest
+import timm
+import torch
+from rich.console import Console
+
+from fastdeit.build import build_run, load_data
+from fastdeit.caching import verify_steps
+from fastdeit.cli import build_train_config
+from fastdeit.config import with_section
+from fastdeit.dist import SINGLE
+from fastdeit.loaders import Loaders
+from fastdeit.meter import Meter
+from fastdeit.plan import PlanSpec
+
+from tiny import load_benchmark
+
+QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - for the whole module
+
+
+def test_training_verify_and_the_benchmark_prepare_the_same_batch(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), tmp_path / "teacher.pt")
+    # The tiny model and a plan that uses every part of the tail: erasing, mixup and cutmix.
+    cfg = build_train_config("demo", {
+        "data.path": tiny_data, "model.name": "deit_tiny_distilled", "run.out": tmp_path / "run",
+        "sched.epochs": 1, "data.img_size": 32, "run.batch_size": 16, "distill.mode": "hard",
+        "distill.teacher": "resnet10t", "distill.teacher_ckpt": tmp_path / "teacher.pt", "run.device": "cpu"},
+        ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8", "aug.mix_group=8",
+         "aug.mixup=0.8", "aug.cutmix=1.0", "aug.reprob=0.5", "data.workers=0", "run.progress=false"])
+    work = tmp_path / "bench"
+    work.mkdir()
+    bench = load_benchmark("throughput").distill_steps(cfg, work, QUIET)  # builds work/replay and work/labelmap
+    replay = with_section(cfg, "distill", targets="replay", teacher_cache=str(work / "replay"))
+    training = build_run(replay, SINGLE, QUIET).step
+    _, verifying = verify_steps(replay, load_data(cfg).train, work / "replay")
+
+    train_index = load_data(cfg).train
+    batch = next(iter(Loaders("torch", cfg.data, PlanSpec.from_config(cfg), torch.device("cpu"))
+                      .train(train_index, 0, 0)))
+    ours = training.prepare(batch)
+    assert (ours.soft_labels.max(1).values < 0.9).any() and ours.teacher.dtype == torch.int64
+    for other in (verifying.prepare(batch), bench["replay"].prepare(batch)):
+        assert torch.equal(other.images, ours.images) and torch.equal(other.soft_labels, ours.soft_labels)
+        assert torch.equal(other.teacher, ours.teacher)
+    # the live teacher's labels are the cached ones, on the same device and pipeline
+    assert torch.equal(bench["live"].prepare(batch).teacher.argmax(1), ours.teacher)
+
+    bench["replay"].model.load_state_dict(training.model.state_dict())
+    theirs = bench["replay"].prepare(batch)
+    assert torch.equal(training.update(ours, 1)["loss"], bench["replay"].update(theirs, 1)["loss"])
+
+
+def test_meter_counts_training_time_only():
+    now = [0.0]
+    meter = Meter(clock=lambda: now[0])
+    meter.start_epoch()
+    for _ in range(4):
+        now[0] += 0.5  # waiting for the loader
+        meter.data_ready()
+        now[0] += 1.5  # the step
+        meter.step_done(10)
+    assert meter.window() == (pytest.approx(5.0), pytest.approx(0.25))  # 40 images in 8 s, 2 of them waiting
+    with meter.paused():  # a checkpoint: neither training nor waiting
+        now[0] += 100.0
+    now[0] += 0.5
+    meter.data_ready()
+    now[0] += 1.5
+    meter.step_done(10)
+    assert meter.seconds() == pytest.approx(10.0)
+    assert meter.window() == (pytest.approx(5.0), pytest.approx(0.25))
+    stats = meter.end_epoch()
+    assert stats["images"] == 50 and stats["seconds"] == pytest.approx(10.0)
+    assert stats["train_img_s"] == pytest.approx(5.0) and stats["data_wait"] == pytest.approx(0.25)
+    assert meter.seconds() == 0.0  # between epochs
