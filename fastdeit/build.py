@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -54,6 +55,11 @@ class Data:
     def classes(self) -> tuple[str, ...]:
         return self.train.classes
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """The training data's fingerprint (checkpoints carry it: a resume must train on the same)."""
+        return self.train.fingerprint()
+
 
 @dataclass
 class RunParts:
@@ -87,6 +93,9 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
         device = torch.device("cuda", world.local_rank)
     amp = amp_dtype(cfg.run.amp, device)
     data = load_data(cfg)
+    if len(data.classes) == 1:
+        console.print(f"warning: {cfg.data.path} has a single class ({data.classes[0]}): a classifier has nothing "
+                      f"to learn from it", markup=False)
     loader, loader_why = choose_loader(cfg.data.loader, device)
     steps = steps_per_epoch(PlanSpec.from_config(cfg), len(data.train))
     per_rank_batch(cfg, world.size)  # fails early when the global batch does not split into ranks

@@ -36,6 +36,7 @@ from fastdeit.teacher_cache import (
     dtype_text,
     identity,
     labelmap_dtype,
+    read_manifest,
     replay_dtype,
 )
 from fastdeit.teachers import LiveTeacher, agreement, cell_probs, labelmap_records, replay_records, source_from_cache
@@ -72,8 +73,10 @@ def build_replay(cfg: TrainConfig, index: ImageIndex, out: Path, epochs: int, co
                 "shard_rows": max(1, SHARD_ROWS // b) * b, "record_dtype": dtype_text(dtype),
                 "rows_per_epoch": steps * b,
                 "built_with": {"loader": kind, "device": str(step.device), "amp": str(step.amp)}}
-    writer = CacheWriter(out, manifest, dtype)
-    first = writer.rows_done // b  # whole global batches already on disk
+    writer = _writer(out, manifest, dtype, epochs * steps * b, console)
+    if writer is None:
+        return read_manifest(out)
+    first = writer.start_appending() // b  # whole global batches already on disk
     loaders = Loaders(kind, cfg.data, spec, step.device)
     with _progress(console) as bar:
         task = bar.add_task("replay cache", total=epochs * steps, completed=min(first, epochs * steps), img_s="-")
@@ -85,6 +88,20 @@ def build_replay(cfg: TrainConfig, index: ImageIndex, out: Path, epochs: int, co
                 bar.update(task, advance=1, img_s=f"{seen / max(_now(step.device) - t0, 1e-9):.0f}")
     writer.finish()
     return writer.manifest
+
+
+def _writer(out: Path, manifest: dict, dtype: np.dtype, rows: int, console: Console) -> CacheWriter | None:
+    """The cache's writer, its finished shards checked; None when they already hold `rows`
+    rows (a build asked for less than a cache has never shrinks it)."""
+    writer = CacheWriter(out, manifest, dtype)
+    for name in writer.rebuilt:
+        console.print(f"{out / name} does not match its checksum (corrupted, or copied from another cache): "
+                      f"building it again")
+    if writer.rows_available >= rows:
+        console.print(f"{out} already holds the {rows} rows asked for ({writer.rows_available} in all): "
+                      f"nothing to build")
+        return None
+    return writer
 
 
 def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Console,
@@ -99,7 +116,7 @@ def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Cons
     grid = probe.shape[2]
     trained = getattr(teacher, "trained_img_size", None)
     if trained and trained != size:  # measured on the demo: a 64 px teacher at 128 px is near chance
-        console.print(f"[yellow]warning:[/] the teacher was trained at {trained} px and its label maps are built "
+        console.print(f"warning: the teacher was trained at {trained} px and its label maps are built "
                       f"at {size} px: a convnet away from its training scale can be far off "
                       f"(set distill.labelmap_size={trained})")
     if probe.shape[2] != probe.shape[3]:
@@ -109,11 +126,13 @@ def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Cons
     manifest = {**identity(cfg, "labelmap", index, teacher), "topk": k, "grid": grid,
                 "shard_rows": 4096, "record_dtype": dtype_text(dtype),
                 "built_with": {"device": str(device), "amp": str(amp)}}
-    writer = CacheWriter(out, manifest, dtype)
-    loader = square_loader(index, size, cfg.data.eval_batch_size, cfg.data.workers,
-                           rows=np.arange(writer.rows_done, len(index)))
+    writer = _writer(out, manifest, dtype, len(index), console)
+    if writer is None:
+        return read_manifest(out)
+    first = writer.start_appending()
+    loader = square_loader(index, size, cfg.data.eval_batch_size, cfg.data.workers, rows=np.arange(first, len(index)))
     with _progress(console) as bar, torch.no_grad():
-        task = bar.add_task("label maps", total=len(index), completed=writer.rows_done, img_s="-")
+        task = bar.add_task("label maps", total=len(index), completed=first, img_s="-")
         seen, t0 = 0, _now(device)
         for images, _idx, _ok in loader:
             with autocast(device, amp):

@@ -16,9 +16,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from fastdeit.config import (
     AttnBackend,
@@ -35,11 +35,13 @@ from fastdeit.config import (
     validate,
     with_section,
 )
-from fastdeit.errors import UserError
+from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STOPPED, Stopped, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train DeiT students, with distillation through the distillation token, fast.")
-err = Console(stderr=True, soft_wrap=True)  # log lines stay whole (paths are greppable)
+# Log lines stay whole (paths are greppable), and text is never read as markup: a path or a
+# shape in square brackets is printed as it is.
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 # The config keys that have a flag of their own (train and cache-teacher): an error about a
 # key is shown with its flag, unless the key was given with --set.
@@ -74,11 +76,14 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err.print(f"[red]error:[/] {escape(flagged(str(e), kwargs.get('overrides') or []))}", highlight=False)
-            raise typer.Exit(2) from None
+            err.print(Text.assemble(("error:", "red"), " ", flagged(str(e), kwargs.get("overrides") or [])))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except Stopped as e:
+            err.print(str(e), markup=False)
+            raise typer.Exit(EXIT_STOPPED) from None
         except KeyboardInterrupt:
             err.print("interrupted: what was finished is on disk; the same command resumes where it can")
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return guarded
 
@@ -227,25 +232,38 @@ def cache_teacher(
 def check_data(
     data: Path = typer.Argument(..., help="ImageFolder root holding train/ and val/."),
     out: Path = typer.Option(None, help="Also write the list to this file (for --set data.skip_list=FILE)."),
+    loader: str = typer.Option("auto", help="The decoders to try: torch (PIL) | dali | auto (both where DALI is "
+                               "installed: each refuses files the other reads)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda: where DALI decodes."),
 ) -> None:
-    """Decode every image once (fast: JPEGs at 1/8 scale) and list the unreadable ones."""
-    from fastdeit.data.folder import find_unreadable, load_dataset
+    """Decode every image once and list the ones a decoder refuses (a skip list)."""
+    from fastdeit.data.folder import load_dataset
+    from fastdeit.device import resolve_device
+    from fastdeit.loaders import check_decoders, find_undecodable
 
+    check_choice("--loader", loader, Loader)
+    if out is not None and out.is_dir():
+        raise UserError(f"--out {out} is a folder: name the file to write the list to")
+    decoders, dev = check_decoders(loader), resolve_device(device)
+    bad, refused = [], {d: 0 for d in decoders}
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("reading headers", total=None)
         train, val = load_dataset(data, progress=lambda d, t: bar.update(task, completed=d, total=t))
-        bad = []
         for split, index in (("train", train), ("val", val)):
-            task = bar.add_task(f"decoding {split}", total=len(index))
-            rows = find_unreadable(index, progress=lambda d, t, task=task: bar.update(task, completed=d))
-            bad += [f"{split}/{index.paths[i]}" for i in rows]
+            tasks = {d: bar.add_task(f"decoding {split} ({d})", total=len(index)) for d in decoders}
+            found = find_undecodable(index, decoders, dev,
+                                     lambda d, n, t, tasks=tasks: bar.update(tasks[d], completed=n))
+            bad += [f"{split}/{index.paths[i]}" for i in found]
+            for who in found.values():
+                for d in who:
+                    refused[d] += 1
     for line in bad:
         print(line)
     if out is not None:
         out.write_text("".join(f"{line}\n" for line in bad))
-    total = len(train) + len(val)
-    err.print(f"{len(bad)} unreadable of {total} images" +
-              (f"; skip them with --set data.skip_list={out}" if out is not None and bad else ""))
+    err.print(f"{len(bad)} unreadable of {len(train) + len(val)} images ("
+              + ", ".join(f"{d} refused {n}" for d, n in refused.items()) + ")"
+              + (f"; skip them with --set data.skip_list={out}" if out is not None and bad else ""))
 
 
 @app.command("eval")
@@ -265,6 +283,8 @@ def eval_cmd(
 
     check_choice("--head", head, Head)
     check_choice("--loader", loader, Loader)
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0 (0: load in this process), got {workers}")
     res = evaluate_checkpoint(ckpt, data, device, batch_size, workers, ema, loader)
     if head not in res.heads:
         raise UserError(f"--head {head}: this model has only the joint head (not distilled)")
@@ -274,7 +294,7 @@ def eval_cmd(
     table.add_row(head, f"{res.top1(head):.2f}", f"{res.top5(head):.2f}", str(res.n), f"{res.img_s:.0f}")
     Console(stderr=True).print(table)
     if res.bad:
-        err.print(f"[yellow]warning:[/] {res.bad} unreadable val images were left out")
+        err.print(f"warning: {res.bad} unreadable val images were left out")
     print(json.dumps({"head": head, "top1": res.top1(head), "top5": res.top5(head), "images": res.n,
                       "img_s": res.img_s, "unreadable": res.bad}))
 

@@ -17,3 +17,23 @@ class ConfigError(UserError):
     def __init__(self, key: str, text: str) -> None:
         super().__init__(f"{key} {text}")
         self.key, self.text = key, text
+
+
+class Stopped(Exception):
+    """The run stopped on request (Ctrl-C, SIGTERM) at a step boundary, its checkpoint saved:
+    not an error. The CLI exits with code 3."""
+
+
+# Exit codes of the `fastdeit` command (documented in the README).
+EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def differences(ours: object, theirs: object, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, our value, their value) for every leaf where two JSON-like values differ,
+    so that an error line can say what differs instead of printing both whole."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        out = []
+        for key in sorted(set(ours) | set(theirs), key=str):
+            out += differences(ours.get(key), theirs.get(key), f"{prefix}{key}.")
+        return out
+    return [] if ours == theirs else [(prefix.rstrip("."), ours, theirs)]

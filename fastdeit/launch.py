@@ -26,7 +26,7 @@ from rich.console import Console
 
 from fastdeit.config import TrainConfig, load_json, per_rank_batch
 from fastdeit.dist import World, in_torchrun
-from fastdeit.errors import UserError
+from fastdeit.errors import EXIT_BAD_INPUT, EXIT_STOPPED, Stopped, UserError
 from fastdeit.rundir import RunDir
 
 SUMMARY_KEYS = ("top1", "top5", "train_img_s", "wall_s")  # the summary line a run prints on stdout
@@ -156,8 +156,7 @@ def launch(cfg: TrainConfig, topo: Topology, resume: Path | None, console: Conso
     from torch.distributed.run import parse_args, run
 
     run_dir = RunDir(cfg.run.out)
-    if resume is None:
-        run_dir.refuse_existing()  # before config.json is written over
+    run_dir.check_start(resume)  # before config.json is written over
     run_dir.create()
     run_dir.write_config(cfg)
     config, out = run_dir.config, run_dir.root
@@ -171,8 +170,10 @@ def launch(cfg: TrainConfig, topo: Topology, resume: Path | None, console: Conso
     try:
         run(parse_args(torchrun_args(topo, config, resume)))
     except ChildFailedError as e:
-        codes = {rank: f.exitcode for rank, f in e.failures.items()}
-        if set(codes.values()) == {2}:  # the workers named the problem themselves
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes == {EXIT_STOPPED}:
+            raise Stopped(f"stopped on request; continue the run with --resume (run folder {out})") from None
+        if codes <= {EXIT_BAD_INPUT, EXIT_STOPPED}:  # the workers named the problem themselves
             raise UserError(f"training stopped: see the worker's message above (run folder {out})") from None
         first, failure = e.get_first_failure()
         raise UserError(f"worker rank {first} failed with exit code {failure.exitcode} (its output is above); "
@@ -188,7 +189,7 @@ def run_worker(cfg: TrainConfig, resume: Path | None) -> dict | None:
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         world = init_from_env(device)
-        console = Console(stderr=True, soft_wrap=True, quiet=not world.is_main)
+        console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False, quiet=not world.is_main)
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         last = RunDir(cfg.run.out).last
         if restarted:
@@ -223,10 +224,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         summary = run_worker(load_json(a.config), a.resume)
-    except UserError as e:  # every rank says it: a rank may fail alone (its own files, its own GPU)
-        rank = int(os.environ.get("RANK", 0))
-        print(f"error: {e}" if rank == 0 else f"[rank {rank}] error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, Stopped) as e:  # every rank says it: a rank may fail alone (its own files, its own GPU)
+        rank, stopped = int(os.environ.get("RANK", 0)), isinstance(e, Stopped)
+        print(("" if rank == 0 else f"[rank {rank}] ") + ("" if stopped else "error: ") + str(e), file=sys.stderr)
+        return EXIT_STOPPED if stopped else EXIT_BAD_INPUT
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _lost_peer(e):
             raise  # a bug: its traceback is wanted

@@ -6,14 +6,14 @@ for training, and (uint8 images, labels, ok) batches for evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fastdeit.config import DataConfig, Loader
-from fastdeit.data.folder import ImageIndex
+from fastdeit.data.folder import ImageIndex, find_unreadable
 from fastdeit.errors import ConfigError, UserError
 from fastdeit.pipelines import dali
 from fastdeit.pipelines.torch import LoadedBatch, eval_loader, train_loader
@@ -32,6 +32,36 @@ def choose_loader(name: Loader, device: torch.device) -> tuple[str, str]:
     if device.type != "cuda":
         return "torch", "no CUDA device; --loader dali runs DALI on the CPU"
     return "torch", "DALI is not installed (pip install nvidia-dali-cuda130)"
+
+
+def check_decoders(name: Loader) -> tuple[str, ...]:
+    """The decoders `fastdeit check-data --loader NAME` tries: auto means the torch reference's
+    (PIL) and, where DALI is installed, DALI's, since each refuses files the other reads."""
+    if name == "auto":
+        return ("torch", "dali") if dali.available() else ("torch",)
+    choose_loader(name, torch.device("cpu"))  # DALI asked for but not installed: one line
+    return (name,)
+
+
+def find_undecodable(index: ImageIndex, decoders: tuple[str, ...], device: torch.device,
+                     progress: Callable[[str, int, int], None] | None = None) -> dict[int, list[str]]:
+    """Rows of `index` that a decoder refuses -> the decoders that refuse them. PIL decodes
+    JPEGs at 1/8 scale (every byte is still read); DALI decodes whole images, on the GPU when
+    there is one."""
+    bad: dict[int, list[str]] = {}
+    rows = list(range(len(index)))
+
+    def report(decoder: str) -> Callable[[int, int], None]:
+        return lambda done, total: progress(decoder, done, total) if progress else None
+
+    if "torch" in decoders:
+        for i in find_unreadable(index, rows, progress=report("torch")):
+            bad.setdefault(i, []).append("torch")
+    if "dali" in decoders:
+        device_id = (device.index or 0) if device.type == "cuda" else None
+        for i in dali.dali_unreadable(index, rows, device_id, progress=report("dali")):
+            bad.setdefault(i, []).append("dali")
+    return dict(sorted(bad.items()))
 
 
 def read_skip_list(path: str, train: ImageIndex, val: ImageIndex) -> tuple[ImageIndex, ImageIndex]:
@@ -61,6 +91,7 @@ class Loaders:
         self.kind, self.data, self.spec, self.device = kind, data, spec, device
         self.rank, self.world = rank, world
         self._dali: dali.DaliTrainLoader | None = None
+        self._val_checked: tuple[ImageIndex, ImageIndex] | None = None  # (val index, with PIL's rejects skipped)
 
     def train(self, index: ImageIndex, epoch: int, start_step: int) -> Iterator[LoadedBatch]:
         if self.spec is None:
@@ -75,6 +106,16 @@ class Loaders:
     def eval(self, index: ImageIndex, rows: np.ndarray | None = None) -> Iterable:
         d = self.data
         if self.kind == "dali":
-            return dali.dali_eval_batches(index, d.img_size, d.crop_pct, d.eval_batch_size, self.device,
-                                          d.workers, rows)
+            return dali.dali_eval_batches(self._pil_checked(index, rows), d.img_size, d.crop_pct, d.eval_batch_size,
+                                          self.device, d.workers, rows)
         return eval_loader(index, d.img_size, d.crop_pct, d.eval_batch_size, d.workers, rows)
+
+    def _pil_checked(self, index: ImageIndex, rows: np.ndarray | None) -> ImageIndex:
+        """The val index with the files PIL cannot decode skipped, checked once per run: DALI
+        decodes some files the reference rejects (a JPEG with a corrupt scan), and both
+        pipelines must evaluate the same images."""
+        if self._val_checked is None or self._val_checked[0] is not index:
+            mine = range(len(index)) if rows is None else (int(i) for i in rows)
+            bad = find_unreadable(index, [i for i in mine if i not in index.skip])
+            self._val_checked = (index, index.with_skip([index.paths[i] for i in bad]))
+        return self._val_checked[1]

@@ -17,9 +17,13 @@ leaves a torn file. Checkpoints are read with `weights_only=True`: a file cannot
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import shutil
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ import torch
 from rich.console import Console
 
 from fastdeit.config import ModelConfig, TrainConfig, save_json
-from fastdeit.errors import UserError
+from fastdeit.errors import UserError, differences
 from fastdeit.plan import PlanSpec
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of a training checkpoint changes
@@ -37,11 +41,19 @@ _CHECKPOINT_KEYS = ("format", "meta", "config", "state", "rng")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` fills a temporary file beside `path`, which then replaces `path` in one step."""
+    """`write` fills a temporary file beside `path`, which then replaces `path` in one step.
+    When the write fails (a full disk), the temporary file is removed and the previous
+    `path`, if any, is kept."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is kept" if path.exists() else ""
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise UserError(f"cannot write {path}: {why}{kept}") from None
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -71,13 +83,23 @@ class RunDir:
     best = property(lambda self: self.root / "checkpoint-best.pt")
     summary = property(lambda self: self.root / "summary.json")
     labelmap_cache = property(lambda self: self.root / "teacher-labelmap")
+    diverged = property(lambda self: self.root / "checkpoint-diverged.pt")  # the state when the loss diverged
 
-    def refuse_existing(self) -> None:
-        """A folder that already holds a run is never started over (continue it instead)."""
-        existing = [p.name for p in (self.last, self.metrics) if p.exists()]
-        if existing:
-            raise UserError(f"{self.root} already holds a run ({existing[0]}): continue it with --resume, "
+    def check_start(self, resume: Path | None) -> None:
+        """A run starts in a folder (or a file path) that holds no run yet, or continues its
+        own: never written over, never mixed with another run's files."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--out {self.root} is a file, not a run folder: pick another --out")
+        existing = next((p.name for p in (self.last, self.metrics) if p.exists()), None)
+        if existing is None:
+            return
+        if resume is None:
+            raise UserError(f"{self.root} already holds a run ({existing}): continue it with --resume, "
                             f"or pick another --out")
+        if Path(resume).resolve().parent != self.root.resolve():
+            raise UserError(f"--resume {resume} is another folder's checkpoint, and {self.root} already holds a "
+                            f"run ({existing}) that continuing would write over: pick an empty --out to continue "
+                            f"that run there, or resume {self.last}")
 
     def resume_path(self, resume: str | None, console: Console) -> Path | None:
         """The checkpoint `--resume` means: `auto` (the flag alone) is this folder's last
@@ -119,41 +141,54 @@ class RunDir:
 
 # --- the checkpoint format ------------------------------------------------------------------
 
-def checkpoint_meta(cfg: TrainConfig, classes: tuple[str, ...]) -> dict[str, Any]:
-    """What `fastdeit eval` and a teacher load need to rebuild the model and its eval view."""
+def checkpoint_meta(cfg: TrainConfig, classes: tuple[str, ...], dataset: str | None = None) -> dict[str, Any]:
+    """What `fastdeit eval` and a teacher load need to rebuild the model and its eval view,
+    and the fingerprint of the training data (a resumed run must train on the same)."""
     m = cfg.model
     return {"model": {"name": m.name, "patch_size": m.patch_size, "depth": m.depth, "embed_dim": m.embed_dim,
                       "num_heads": m.num_heads, "width": m.width},
             "img_size": cfg.data.img_size, "num_classes": len(classes), "classes": list(classes),
-            "crop_pct": cfg.data.crop_pct}
+            "crop_pct": cfg.data.crop_pct, "dataset": dataset}
 
 
-def training_checkpoint(cfg: TrainConfig, classes: tuple[str, ...], components: dict[str, dict],
+def training_checkpoint(cfg: TrainConfig, classes: tuple[str, ...], dataset: str, components: dict[str, dict],
                         state: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
     """A training checkpoint: the state dicts of the run's components (model, optimizer,
     scheduler, scaler, EMA; {} where absent), the loop's position, the RNG states."""
-    return {"format": CHECKPOINT_FORMAT, "meta": checkpoint_meta(cfg, classes), "config": cfg.to_dict(),
+    return {"format": CHECKPOINT_FORMAT, "meta": checkpoint_meta(cfg, classes, dataset), "config": cfg.to_dict(),
             **components, "state": state, "rng": rng}
 
 
-def read_training_checkpoint(path: Path, cfg: TrainConfig, classes: tuple[str, ...]) -> dict[str, Any]:
-    """A checkpoint this run can continue from: the same model and the same plan, or one line
-    saying what differs."""
+def read_training_checkpoint(path: Path, cfg: TrainConfig, classes: tuple[str, ...], dataset: str) -> dict[str, Any]:
+    """A checkpoint this run can continue from: the same model, classes, training data and
+    plan, or one line saying what differs."""
     if not Path(path).is_file():
         raise UserError(f"--resume: no checkpoint at {path}")
     ck = _load(path)
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or any(k not in ck for k in _CHECKPOINT_KEYS):
         raise UserError(f"--resume: {path} is not a fastdeit training checkpoint")
-    theirs, ours = ck["meta"]["model"], checkpoint_meta(cfg, classes)["model"]
-    if theirs != ours:
-        raise UserError(f"--resume: {path} is a checkpoint of {theirs['name']} {theirs}, "
-                        f"not of this run's {ours['name']} {ours}")
+    meta, ours = ck["meta"], checkpoint_meta(cfg, classes, dataset)
+    if meta["model"] != ours["model"]:
+        raise UserError(f"--resume: {path} is a checkpoint of {meta['model']['name']} {meta['model']}, "
+                        f"not of this run's {ours['model']['name']} {ours['model']}")
+    if meta["classes"] != ours["classes"]:
+        raise UserError(f"--resume: {path} was trained on other classes ({_diff_lists(meta['classes'], classes)}): "
+                        f"resume on the data it was trained on, or start a new run with --set model.init={path}")
+    if meta.get("dataset") not in (None, dataset):  # checkpoints of older versions carry no fingerprint
+        raise UserError(f"--resume: the training data changed since {path} was written (files added, removed or "
+                        f"resized): resume on the same data, or start a new run with --set model.init={path}")
     old, new = PlanSpec.from_config(TrainConfig.from_dict(ck["config"])).to_json(), PlanSpec.from_config(cfg).to_json()
     if old != new:
-        keys = [k for k in old if old[k] != new[k]]
-        raise UserError(f"--resume: the checkpoint's augmentation plan differs in {keys}; "
-                        f"resume with the same seed, batch size, image size and aug settings")
+        what = "; ".join(f"{k} {a} in the checkpoint, {b} now" for k, a, b in differences(old, new))
+        raise UserError(f"--resume: the checkpoint's augmentation plan differs ({what}): resume with the same "
+                        f"seed, batch size, image size and aug settings")
     return ck
+
+
+def _diff_lists(old: list[str], new: tuple[str, ...]) -> str:
+    gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+    return (f"{len(old)} in the checkpoint, {len(new)} now" + (f"; gone: {', '.join(gone[:3])}" if gone else "")
+            + (f"; new: {', '.join(added[:3])}" if added else "")) if gone or added else "another order"
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -162,7 +197,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     {} for the last two."""
     if not Path(path).is_file():
         raise UserError(f"weights file {path} does not exist")
-    obj = _load(path, what="weights")
+    obj = _load(path, what="weights file")
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path} holds no model state_dict")
@@ -172,7 +207,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def read_ema_weights(path: Path) -> dict[str, torch.Tensor]:
     """The EMA weights of a fastdeit checkpoint, keyed as the model's own."""
-    ema = _load(path, what="weights")
+    ema = _load(path, what="weights file")
     ema = ema.get("ema") if isinstance(ema, dict) else None
     if not ema:
         raise UserError(f"{path} holds no EMA weights (train with --set model.ema=true)")
@@ -186,7 +221,17 @@ def model_config_of(meta: dict[str, Any], **changes: Any) -> ModelConfig:
 
 
 def _load(path: Path, what: str = "checkpoint") -> Any:
+    """torch.load with weights_only=True, its failures as one line. A file holding other
+    Python objects is refused outright: loading it would let the file run code."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read {what} from {path}: {str(e).splitlines()[0]}") from None
+        with warnings.catch_warnings():  # torch's notes on pickle protocols would break the one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # torch's advice (load with weights_only=False) is never passed on
+            raise UserError(f"{path} holds Python objects besides tensors: refused (fastdeit reads tensors only, "
+                            f"so that a file cannot run code)") from None
+        raise UserError(f"{path} is not a readable {what} (not a torch file)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable {what} (empty, truncated or not a torch file: {first})") from None

@@ -8,9 +8,11 @@ A cache is a folder:
 
 Shards are written to a temporary name and renamed, then their checksum; a shard without a
 checksum file is unfinished and never read, so a killed build resumes at the first missing
-shard. Opening a cache compares its manifest with what the run expects and names the first
-thing that differs: the cache never hands out a target for another teacher, data set, plan or
-epoch. A shard is checked against its checksum the first time it is read.
+shard. A shard's checksum is keyed by the cache's identity and the shard's number, so a
+shard copied from another cache does not pass. Opening a cache compares its manifest with
+what the run expects and names what differs: the cache never hands out a target for another
+teacher, data set, plan or epoch. A shard is checked against its checksum the first time it
+is read, and every shard again when a build is resumed or extended.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from torch import nn
 
 from fastdeit.config import CacheMode, TrainConfig
 from fastdeit.data.folder import ImageIndex
-from fastdeit.errors import UserError
+from fastdeit.errors import UserError, differences
 from fastdeit.plan import PlanSpec
 from fastdeit.rundir import atomic_write, atomic_write_bytes
 
-FORMAT = 1
+FORMAT = 2  # 2: shard checksums keyed by the cache identity
 MANIFEST = "manifest.json"
 # Keys that say what the rows mean: a run and a cache must agree on all of them.
 IDENTITY_KEYS = ("format", "mode", "teacher", "teacher_sha256", "dataset", "num_classes", "plan", "topk",
@@ -82,12 +84,38 @@ def is_complete(root: Path, rows: int) -> bool:
     return (Path(root) / MANIFEST).exists() and CacheReader(root).rows_available() >= rows
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def _shard_sum(path: Path, key: str, number: int) -> str:
+    """The shard's checksum, keyed by its cache's identity and its number: a shard (and its
+    checksum file) copied from another cache, or moved to another number, does not match."""
+    h = hashlib.sha256(f"{key}|{number}|".encode())
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def identity_key(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({k: manifest.get(k) for k in IDENTITY_KEYS}, sort_keys=True).encode()).hexdigest()
+
+
+def _shard_length(path: Path) -> int:
+    """Rows in a shard, read from its .npy header; a truncated or unreadable shard is one line."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            need = f.tell() + int(np.prod(shape)) * dtype.itemsize
+        if path.stat().st_size < need:
+            raise ValueError("truncated")
+        return int(shape[0])
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"teacher cache shard {path} is truncated or unreadable ({e}): delete it and its .sha256, "
+                        f"then resume the build with fastdeit cache-teacher") from None
+
+
+def _shard_path(root: Path, number: int) -> Path:
+    return root / f"shard-{number:05d}.npy"
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -100,41 +128,78 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
+def describe(key: str, cache: Any, run: Any) -> str:
+    """What differs in one identity key, leaf by leaf: 'plan: seed 5 in the cache, 6 in this run'."""
+    parts = [f"{k + ' ' if k else ''}{_short(a)} in the cache, {_short(b)} in this run"
+             for k, a, b in differences(cache, run)]
+    return f"{key}: " + "; ".join(parts[:4]) + (f"; and {len(parts) - 4} more" if len(parts) > 4 else "")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return text if len(text) <= 24 or " " in text else text[:16] + "..."  # hashes: their first 16 digits
+
+
 class CacheWriter:
-    """Appends rows in order; writes a shard each time `shard_rows` rows are in."""
+    """Appends rows in order; writes a shard each time `shard_rows` rows are in. Opening an
+    existing cache of the same identity checks its finished shards; a shard that does not
+    match its checksum is removed with every shard after it (`rebuilt` names them), to be
+    built again."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], dtype: np.dtype) -> None:
         self.root, self.dtype = Path(root), dtype
         self.shard_rows = int(manifest["shard_rows"])
         self.root.mkdir(parents=True, exist_ok=True)
-        existing = self.root / MANIFEST
-        if existing.exists():
+        if (self.root / MANIFEST).exists():
             old = read_manifest(self.root)
             diff = [k for k in IDENTITY_KEYS if old.get(k) != manifest.get(k)]
             if diff:
-                raise UserError(f"{self.root} holds a cache of another {diff[0]} ({old.get(diff[0])!r} vs "
-                                f"{manifest.get(diff[0])!r}): pick another --out")
-        self.manifest = dict(manifest)
-        atomic_write_bytes(json.dumps(self.manifest, indent=1).encode(), existing)
-        self.done_shards = self._complete_prefix()
+                what = describe(diff[0], old.get(diff[0]), manifest.get(diff[0]))
+                raise UserError(f"{self.root} holds a cache of another {what}: pick another --out")
+            self.manifest = old  # what it was first built with stays on record
+        else:
+            self.manifest = dict(manifest)
+            atomic_write_bytes(json.dumps(self.manifest, indent=1).encode(), self.root / MANIFEST)
+        self.key = identity_key(self.manifest)
+        self.built_with = manifest.get("built_with")
+        self.rebuilt: list[str] = []
+        self.done_shards = self._checked_prefix()
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
 
-    def _complete_prefix(self) -> int:
-        """Finished shards in a row from the first; a short last shard (written when an earlier
-        build ended) is removed, to be written again whole."""
+    def _checked_prefix(self) -> int:
+        """Finished shards in a row from the first, each matching its checksum."""
         n = 0
-        while (self.root / f"shard-{n:05d}.sha256").exists():
+        while (check := _shard_path(self.root, n).with_suffix(".sha256")).exists():
+            path = _shard_path(self.root, n)
+            if not path.exists() or _shard_sum(path, self.key, n) != check.read_text().strip():
+                self.rebuilt = self._drop_from(n)
+                break
             n += 1
-        if n and len(np.load(self.root / f"shard-{n - 1:05d}.npy", mmap_mode="r")) < self.shard_rows:
-            (self.root / f"shard-{n - 1:05d}.sha256").unlink()
-            (self.root / f"shard-{n - 1:05d}.npy").unlink()
-            n -= 1
         return n
 
+    def _drop_from(self, first: int) -> list[str]:
+        """Remove shard `first` and every later one; returns their names."""
+        n, names = first, []
+        while _shard_path(self.root, n).exists() or _shard_path(self.root, n).with_suffix(".sha256").exists():
+            names.append(_shard_path(self.root, n).name)
+            _shard_path(self.root, n).with_suffix(".sha256").unlink(missing_ok=True)  # the checksum first: never
+            _shard_path(self.root, n).unlink(missing_ok=True)  # a checksum without its shard's bytes
+            n += 1
+        return names
+
     @property
-    def rows_done(self) -> int:
-        """Rows safely on disk: a resumed build starts here."""
+    def rows_available(self) -> int:
+        """Rows in the finished shards (the last may be short)."""
+        return sum(_shard_length(_shard_path(self.root, n)) for n in range(self.done_shards))
+
+    def start_appending(self) -> int:
+        """Make ready to add rows; returns the row the build resumes at. A short last shard
+        (written when an earlier build ended) is removed, to be written again whole."""
+        last = self.done_shards - 1
+        if last >= 0 and _shard_length(_shard_path(self.root, last)) < self.shard_rows:
+            self._drop_from(last)
+            self.done_shards -= 1
         return self.done_shards * self.shard_rows
 
     def append(self, records: np.ndarray) -> None:
@@ -147,23 +212,26 @@ class CacheWriter:
             self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
 
     def _write(self, rows: np.ndarray) -> None:
-        path = self.root / f"shard-{self.done_shards:05d}.npy"
+        path = _shard_path(self.root, self.done_shards)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 np.save(f, rows, allow_pickle=False)
 
         atomic_write(path, write)
-        atomic_write_bytes(_sha256_file(path).encode(), path.with_suffix(".sha256"))
+        atomic_write_bytes(_shard_sum(path, self.key, self.done_shards).encode(), path.with_suffix(".sha256"))
         self.done_shards += 1
 
-    def finish(self, **progress: Any) -> None:
-        """Write the last partial shard and record what is covered (e.g. epochs) in the manifest."""
+    def finish(self) -> None:
+        """Write the last partial shard; a build that added rows with another device or
+        precision says so in the manifest (`extended_with`)."""
+        added = bool(self.buffered) or self.rebuilt
         if self.buffered:
             self._write(np.concatenate(self.buffer))
             self.buffer, self.buffered = [], 0
-        self.manifest.update(progress)
-        atomic_write_bytes(json.dumps(self.manifest, indent=1).encode(), self.root / MANIFEST)
+        if added and self.built_with not in (None, self.manifest.get("built_with")):
+            self.manifest.setdefault("extended_with", []).append(self.built_with)
+            atomic_write_bytes(json.dumps(self.manifest, indent=1).encode(), self.root / MANIFEST)
 
 
 class CacheReader:
@@ -173,34 +241,39 @@ class CacheReader:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.shard_rows = int(self.manifest["shard_rows"])
+        self.key = identity_key(self.manifest)
         self._shards: dict[int, np.ndarray] = {}
 
     def validate(self, expected: dict[str, Any]) -> None:
-        """Fail with one line naming the first identity key that differs from the run's."""
+        """Fail with one line naming the first identity key that differs from the run's, and how."""
+        if self.manifest.get("format") != FORMAT:
+            raise UserError(f"teacher cache {self.root} has format {self.manifest.get('format')}, this fastdeit "
+                            f"reads format {FORMAT}: build it again with fastdeit cache-teacher")
         for key in IDENTITY_KEYS:
             if key in expected and self.manifest.get(key) != expected[key]:
-                raise UserError(f"teacher cache {self.root} was built for another {key.replace('_', ' ')}: "
-                                f"{_short(self.manifest.get(key))} in the cache, {_short(expected[key])} in this run")
+                raise UserError(f"teacher cache {self.root} was built for another "
+                                f"{describe(key.replace('_', ' '), self.manifest.get(key), expected[key])}")
 
     def _shard(self, i: int) -> np.ndarray:
         if i not in self._shards:
-            path = self.root / f"shard-{i:05d}.npy"
+            path = _shard_path(self.root, i)
             check = path.with_suffix(".sha256")
             if not check.exists():
                 raise UserError(f"teacher cache {self.root} has no shard {i} (rows {i * self.shard_rows}-"
                                 f"{(i + 1) * self.shard_rows - 1}): the build did not get that far; "
                                 f"resume it with fastdeit cache-teacher")
-            if _sha256_file(path) != check.read_text().strip():
-                raise UserError(f"teacher cache shard {path} is corrupted (checksum mismatch): delete it and its "
-                                f".sha256, then resume the build with fastdeit cache-teacher")
+            if not path.exists() or _shard_sum(path, self.key, i) != check.read_text().strip():
+                raise UserError(f"teacher cache shard {path} is corrupted or belongs to another cache (checksum "
+                                f"mismatch): run fastdeit cache-teacher again on this cache to rebuild it")
+            _shard_length(path)  # a clear line for a truncated file
             self._shards[i] = np.load(path, mmap_mode="r", allow_pickle=False)
         return self._shards[i]
 
     def rows_available(self) -> int:
         """Rows in finished shards, counted from the first (shard headers only)."""
         n = total = 0
-        while (self.root / f"shard-{n:05d}.sha256").exists():
-            total += len(np.load(self.root / f"shard-{n:05d}.npy", mmap_mode="r"))
+        while _shard_path(self.root, n).with_suffix(".sha256").exists():
+            total += _shard_length(_shard_path(self.root, n))
             n += 1
         return total
 
@@ -220,8 +293,3 @@ class CacheReader:
                 out = np.empty(len(rows), part.dtype)
             out[sel] = part
         return out
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
-    return text if len(text) <= 80 else text[:77] + "..."

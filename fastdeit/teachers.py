@@ -208,9 +208,9 @@ def _check_replay(cfg: TrainConfig, reader: CacheReader, cache: Path, amp: torch
                   device: torch.device, console: Console) -> None:
     covered = reader.rows_available() // int(reader.manifest["rows_per_epoch"])
     if covered < cfg.sched.epochs:
-        raise UserError(f"teacher cache {cache} covers epochs 0-{covered - 1}, not epoch {covered} of this "
-                        f"{cfg.sched.epochs}-epoch run: extend it with fastdeit cache-teacher --mode replay "
-                        f"--epochs {cfg.sched.epochs}")
+        has = f"covers epochs 0-{covered - 1}, not epoch {covered}" if covered else "covers no whole epoch"
+        raise UserError(f"teacher cache {cache} {has} of this {cfg.sched.epochs}-epoch run: extend it with "
+                        f"fastdeit cache-teacher --mode replay --epochs {cfg.sched.epochs}")
     if cfg.distill.mode == "soft":
         console.print(f"note: soft targets are rebuilt from the cache's top-{reader.manifest['topk']} logits, "
                       f"the rest of the probability spread evenly over the other classes")

@@ -20,13 +20,13 @@ from fastdeit import dist
 from fastdeit.build import RunParts, build_run
 from fastdeit.config import Head, TrainConfig, choices, scaled_lr
 from fastdeit.dist import SINGLE, World
-from fastdeit.errors import UserError
+from fastdeit.errors import Stopped, UserError, differences
 from fastdeit.evaluation import EvalResult, evaluate
 from fastdeit.meter import Meter
 from fastdeit.models import is_distilled
 from fastdeit.progress import TrainProgress
 from fastdeit.provenance import git_commit
-from fastdeit.rundir import RunDir, read_training_checkpoint, training_checkpoint
+from fastdeit.rundir import RunDir, atomic_save, read_training_checkpoint, training_checkpoint
 from fastdeit.signals import StopSignal
 from fastdeit.teachers import agreement
 
@@ -55,8 +55,8 @@ def train(cfg: TrainConfig, console: Console, world: World = SINGLE, resume: Pat
     return the summary. `restarted`: torchrun restarted the worker group, the folder is this
     run's own."""
     run_dir = RunDir(cfg.run.out)
-    if resume is None and not restarted:
-        run_dir.refuse_existing()
+    if not restarted:
+        run_dir.check_start(resume)
     dist.barrier(world)  # every rank has looked before rank 0 writes
     return Trainer(build_run(cfg, world, console), run_dir, console, on_step).fit(resume)
 
@@ -95,8 +95,8 @@ class Trainer:
                     self.end_epoch(e, stats, evaluate_now=(e + 1) % self.cfg.run.eval_every == 0 or e + 1 == epochs)
             except _Stop:
                 self.save()
-                raise UserError(f"interrupted at epoch {self.state.epoch} step {self.state.step}; "
-                                f"saved {self.dir.last}: continue with --resume") from None
+                raise Stopped(f"stopped at epoch {self.state.epoch} step {self.state.step}; saved {self.dir.last}: "
+                              f"continue with --resume") from None
         return self.summarize(images, seconds, time.perf_counter() - start)
 
     def train_epoch(self, bar: TrainProgress, stop: StopSignal) -> dict[str, float]:
@@ -135,9 +135,7 @@ class Trainer:
         stacked = dist.all_reduce(torch.stack([v.detach().float() for v in losses.values()]), self.world, "mean")
         vals = dict(zip(losses, stacked.tolist()))  # the one device sync per logged step
         if not math.isfinite(vals["loss"]):
-            self.save()
-            raise UserError(f"the loss became {vals['loss']} at epoch {st.epoch} step {st.step - 1}: "
-                            f"lower --lr (checkpoint saved for inspection)")
+            self.diverged(f"the loss became {vals['loss']} at epoch {st.epoch} step {st.step - 1}")
         img_s, wait = self.meter.window()
         rec = {"kind": "step", "epoch": st.epoch, "step": st.step - 1, "updates": st.updates, **vals,
                "lr": self.parts.optimizer.param_groups[0]["lr"], "img_s": img_s, "data_wait": wait}
@@ -147,22 +145,29 @@ class Trainer:
         bar.update(st.step, rec["loss"], img_s)
 
     def end_epoch(self, epoch: int, stats: dict[str, float], evaluate_now: bool) -> None:
+        """Save the epoch's work, then evaluate (an evaluation that fails loses nothing), log,
+        and save again with the evaluation in the state (and as the best checkpoint)."""
         rec: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "lr": self.parts.optimizer.param_groups[0]["lr"],
                                "bad_files": len(self.bad_seen),
                                **{k: v for k, v in stats.items() if k not in ("images", "seconds")}}
-        best = False
-        if evaluate_now:
-            res = self.evaluate(self.parts.model)
-            ev = {"top1": res.top1(), "top5": res.top5(), "eval_img_s": res.img_s}
-            ev.update({f"top1_{h}": res.top1(h) for h in res.heads if h != "joint"})
-            if self.parts.ema is not None:
-                ev["top1_ema"] = self.evaluate(self.parts.ema.module).top1()
-            rec.update(ev)
-            self.state.last_eval = ev
-            best = ev["top1"] > self.state.best_top1
-            self.state.best_top1 = max(self.state.best_top1, ev["top1"])
-            self.console.print(f"epoch {epoch}: top-1 {ev['top1']:.2f}  top-5 {ev['top5']:.2f}  "
-                               f"train {rec['train_img_s']:.0f} img/s  data-wait {rec['data_wait']:.0%}")
+        self.save()
+        if not evaluate_now:
+            self.log(rec)
+            return
+        res = self.evaluate(self.parts.model)
+        ev = {"top1": res.top1(), "top5": res.top5(), "eval_img_s": res.img_s}
+        ev.update({f"top1_{h}": res.top1(h) for h in res.heads if h != "joint"})
+        if res.bad:  # left out of top-1 and top-5
+            ev["eval_unreadable"] = res.bad
+            self.console.print(f"warning: {res.bad} val images could not be decoded and were left out")
+        if self.parts.ema is not None:
+            ev["top1_ema"] = self.evaluate(self.parts.ema.module).top1()
+        rec.update(ev)
+        self.state.last_eval = ev
+        best = ev["top1"] > self.state.best_top1
+        self.state.best_top1 = max(self.state.best_top1, ev["top1"])
+        self.console.print(f"epoch {epoch}: top-1 {ev['top1']:.2f}  top-5 {ev['top5']:.2f}  "
+                           f"train {rec['train_img_s']:.0f} img/s  data-wait {rec['data_wait']:.0%}")
         self.log(rec)
         self.save(best=best)
 
@@ -178,7 +183,7 @@ class Trainer:
 
     def banner(self) -> None:
         c, p = self.cfg, self.parts
-        self.console.print(f"[bold]{c.model.name}[/] on {len(p.data.train)} images, {len(p.data.classes)} classes, "
+        self.console.print(f"{c.model.name} on {len(p.data.train)} images, {len(p.data.classes)} classes, "
                            f"{p.device}, batch {c.run.batch_size}, {p.steps_per_epoch} steps/epoch, "
                            f"lr {scaled_lr(c):.2e}, distill {c.distill.mode}"
                            + (f", {self.world.size} ranks" if self.world.distributed else ""))
@@ -188,7 +193,8 @@ class Trainer:
         for path in bad:
             if path not in self.bad_seen:
                 self.bad_seen.add(path)
-                self.console.print(f"[yellow]warning:[/] skipped unreadable image {self.parts.data.train.root / path}")
+                self.console.print(f"warning: skipped unreadable image {self.parts.data.train.root / path}",
+                                   markup=False)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.world.is_main:
@@ -200,23 +206,54 @@ class Trainer:
         return {"model": p.model, "optimizer": p.optimizer, "scheduler": p.scheduler, "scaler": p.scaler,
                 "ema": p.ema}
 
-    def save(self, best: bool = False) -> None:
-        if not self.world.is_main:
-            return
+    def checkpoint(self) -> dict[str, Any]:
         state = {**asdict(self.state), "elapsed": self.state.elapsed + self.meter.seconds()}
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if self.parts.device.type == "cuda" else []}
         parts = {k: c.state_dict() if c is not None else {} for k, c in self.components().items()}
-        self.dir.save(training_checkpoint(self.cfg, self.parts.data.classes, parts, state, rng), best=best)
+        return training_checkpoint(self.cfg, self.parts.data.classes, self.parts.data.fingerprint, parts, state, rng)
+
+    def save(self, best: bool = False) -> None:
+        """checkpoint-last.pt (and -best.pt); weights that are no longer finite never replace a
+        good checkpoint."""
+        if not self.world.is_main:
+            return
+        params = [p.detach() for p in self.parts.model.parameters()]
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one sync per save
+            self.diverged(f"the weights stopped being finite by epoch {self.state.epoch} step {self.state.step}")
+        self.dir.save(self.checkpoint(), best=best)
+
+    def diverged(self, what: str) -> None:
+        """Training diverged: its state goes to checkpoint-diverged.pt for inspection, the last
+        good checkpoint stays as it is."""
+        if self.world.is_main:
+            atomic_save(self.checkpoint(), self.dir.diverged)
+        kept = f"; {self.dir.last} (the last good state) is kept" if self.dir.last.exists() else ""
+        raise UserError(f"{what}: lower optim.lr (the diverged state is in {self.dir.diverged}{kept})")
 
     def resume(self, path: Path) -> None:
-        ck = read_training_checkpoint(path, self.cfg, self.parts.data.classes)
+        """Continue from a checkpoint. Its optimizer moments, EMA and scaler are restored; the
+        lr schedule and the optimizer's settings follow this run's config (a changed
+        optim.lr or sched.epochs applies from the next update, and is said)."""
+        p = self.parts
+        ck = read_training_checkpoint(path, self.cfg, p.data.classes, p.data.fingerprint)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in p.optimizer.param_groups]
         for name, component in self.components().items():
-            if component is not None and ck[name]:
+            if component is not None and ck[name] and name != "scheduler":
                 component.load_state_dict(ck[name])
+        for group, fresh in zip(p.optimizer.param_groups, settings):
+            group.update(fresh)
         self.state = RunState(**ck["state"])
+        p.scheduler.step_update(self.state.updates)
+        old = TrainConfig.from_dict(ck["config"]).to_dict()
+        changed = differences({k: old[k] for k in ("optim", "sched")},
+                              {k: self.cfg.to_dict()[k] for k in ("optim", "sched")})
+        if changed:
+            self.console.print("resuming with a changed schedule: " + ", ".join(
+                f"{k} {a} -> {b}" for k, a, b in changed) + f" (applies from update {self.state.updates + 1})",
+                markup=False)
         torch.set_rng_state(ck["rng"]["torch"])
-        if self.parts.device.type == "cuda" and ck["rng"]["cuda"]:
+        if p.device.type == "cuda" and ck["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
 
     def summarize(self, images: int, seconds: float, wall: float) -> dict[str, Any]:

@@ -12,13 +12,13 @@ pipeline up to decoder and resampler differences (see tests/test_pipeline_dali.p
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from fastdeit.data.folder import ImageIndex, find_unreadable
+from fastdeit.data.folder import ImageIndex
 from fastdeit.pipelines.torch import LoadedBatch
 from fastdeit.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
 
@@ -87,10 +87,15 @@ class PlanSource:
             raise StopIteration
         plan = make_plan(self.spec, self.index.sizes, self.epoch, self.next_step).shard(self.rank, self.world)
         self.next_step += 1
+        data = {}
+        for i in dict.fromkeys(int(i) for i in plan.index if i not in self.skip):
+            data[i] = np.fromfile(self.index.root / self.index.paths[i], dtype=np.uint8)
+            if not dali_format(data[i]):  # a format DALI does not read: skipped like an unreadable file
+                self.skip.add(i)
         bad = np.array([i in self.skip for i in plan.index])
         take = substitute_bad_rows(plan, bad)
         idx = plan.index[take]
-        files = [np.fromfile(self.index.root / self.index.paths[i], dtype=np.uint8) for i in idx]
+        files = [data[int(i)] for i in idx]
         crop = plan.crop[take]
         out = [files, crop[:, :2].copy(), crop[:, 2:].copy(), plan.flip[take].astype(np.int32)]
         for layer in range(self.layers):
@@ -132,6 +137,83 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
                  seed=0, exec_dynamic=True)
 
 
+# Leading bytes of the formats DALI's decoders read. A file in any other format (a GIF named
+# .jpg) never reaches them: fed to the decoder it can crash the process, not just fail.
+_DALI_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ",
+               b"\xffO\xffQ", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+
+# A pipeline whose run failed is kept alive to the end of the process: destroying it while
+# other pipelines run crashes this DALI version (seen on the CPU with truncated files).
+_FAILED: list = []
+
+
+def _blank_jpeg(size: tuple[int, int]) -> np.ndarray:
+    """A grey JPEG: what a batch is fed in place of a file when no readable file is left."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (128, 128, 128)).save(buf, "JPEG")
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+_BLANK_SIZE = (64, 64)
+_BLANK = _blank_jpeg(_BLANK_SIZE)
+
+
+def dali_format(data: np.ndarray) -> bool:
+    """Whether a file's bytes are in a format DALI decodes (judged from its first bytes)."""
+    head = data[:12].tobytes()
+    return head.startswith(_DALI_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _refused(files: list[np.ndarray], size: int, device_id: int | None) -> list[int]:
+    """Positions in `files` DALI fails to decode, `size` at a time: as few pipelines as the
+    failures need (a failed pipeline cannot run again), a failed batch checked file by file."""
+    chunks = [files[k:k + size] for k in range(0, len(files), size)]
+    bad, c = [], 0
+    while c < len(chunks):
+        batches = iter(chunks[c:])
+
+        @pipeline_def
+        def graph(batches=batches):
+            data = fn.external_source(source=lambda: next(batches), batch=True)
+            return fn.decoders.image(data, output_type=types.RGB, adjust_orientation=False,
+                                     device="mixed" if device_id is not None else "cpu")
+
+        pipe = graph(batch_size=size, num_threads=2, device_id=device_id, prefetch_queue_depth=1, seed=0,
+                     exec_pipelined=False, exec_async=False)  # one batch at a time: a failure is this batch's
+        pipe.build()
+        try:
+            while c < len(chunks):
+                pipe.run()
+                c += 1
+        except RuntimeError:
+            _FAILED.append(pipe)
+            bad += [c] if size == 1 else [c * size + i for i in _refused(chunks[c], 1, device_id)]
+            c += 1
+    return bad
+
+
+def dali_unreadable(index: ImageIndex, rows: list[int], device_id: int | None = None, batch: int = 64,
+                    progress: Callable[[int, int], None] | None = None) -> list[int]:
+    """Rows of `index` whose file DALI refuses to decode (a GIF named .jpg, a truncated scan).
+    PIL may read what DALI refuses and the other way round, so a DALI run asks DALI."""
+    if not available():
+        raise RuntimeError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+    bad = []
+    for k in range(0, len(rows), batch * 16):
+        chunk = rows[k:k + batch * 16]
+        files = {i: np.fromfile(index.root / index.paths[i], dtype=np.uint8) for i in chunk}
+        bad += [i for i in chunk if not dali_format(files[i])]
+        ok = [i for i in chunk if dali_format(files[i])]
+        bad += [ok[j] for j in _refused([files[i] for i in ok], batch, device_id)]
+        if progress is not None:
+            progress(min(k + batch * 16, len(rows)), len(rows))
+    return sorted(bad)
+
+
 def _to_torch(out, device: torch.device) -> torch.Tensor:
     """DALI uint8 NHWC batch -> torch NCHW view, copied once into torch memory (no host
     round-trip on the GPU)."""
@@ -158,10 +240,12 @@ class DaliTrainLoader:
         self.roi_decode = roi_decode
         self.pipe = None
 
+    def _device_id(self) -> int | None:
+        return (self.device.index or 0) if self.device.type == "cuda" else None
+
     def _build(self) -> None:
-        gpu = self.device.type == "cuda"
-        self.pipe = build_train_pipeline(self.source, self.batch, "gpu" if gpu else "cpu", self.threads,
-                                         (self.device.index or 0) if gpu else None, roi_decode=self.roi_decode)
+        self.pipe = build_train_pipeline(self.source, self.batch, "gpu" if self._device_id() is not None else "cpu",
+                                         self.threads, self._device_id(), roi_decode=self.roi_decode)
         self.pipe.build()
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[LoadedBatch]:
@@ -180,11 +264,12 @@ class DaliTrainLoader:
                 # now on, and restart from the first batch not yet delivered.
                 first = self.source.pending[0].plan.step if self.source.pending else self.source.next_step
                 rows = sorted({int(i) for s in self.source.pending for i in s.plan.index} - self.source.skip)
-                culprits = find_unreadable(self.index, rows)
+                culprits = dali_unreadable(self.index, rows, self._device_id())
                 if not culprits:
                     raise
                 self.source.skip.update(culprits)
                 self.source.begin(epoch, first)
+                _FAILED.append(self.pipe)
                 self._build()
                 continue
             step = self.source.pending.popleft()
@@ -227,26 +312,66 @@ def build_eval_pipeline(source, batch: int, img_size: int, interpolation: str, d
 
 def dali_eval_batches(index: ImageIndex, img_size: int, crop_pct: float, batch: int, device: torch.device,
                       threads: int, rows: np.ndarray | None = None) -> Iterator[tuple]:
-    """(uint8 NCHW images, labels, ok) batches of the val split; unreadable files (the index's
-    skip set) are fed as a copy of a good file and flagged ok=False."""
+    """(uint8 NCHW images, labels, ok) batches of the val split. Unreadable files (the index's
+    skip set, and any file DALI fails on: found, then skipped from that batch on) are fed as a
+    copy of a good file and flagged ok=False, so that they are left out and counted."""
     if not available():
         raise RuntimeError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
     rows = np.arange(len(index)) if rows is None else rows
-    good = next((i for i in rows if i not in index.skip), 0)
-    chunks = [rows[k:k + batch] for k in range(0, len(rows), batch)]
-    it = iter(chunks)
+    chunks = [[int(i) for i in rows[k:k + batch]] for k in range(0, len(rows), batch)]
+    skip = set(index.skip)
+    device_id = (device.index or 0) if device.type == "cuda" else None
+
+    def first_good() -> int | None:
+        return next((i for c in chunks for i in c if i not in skip), None)
+
+    at = {"next": 0, "good": first_good()}  # the next batch to feed; the file fed in place of a bad one
+
+    def read(i: int) -> np.ndarray:
+        return np.fromfile(index.root / index.paths[i], dtype=np.uint8)
 
     def source():
-        use = [good if i in index.skip else int(i) for i in next(it)]
-        resized, corner = eval_geometry(index.sizes[use], img_size, crop_pct)
-        return ([np.fromfile(index.root / index.paths[i], dtype=np.uint8) for i in use],
-                index.labels[use], resized.astype(np.float32), corner.astype(np.int32))
+        if at["next"] >= len(chunks):
+            raise StopIteration
+        chunk, at["next"] = chunks[at["next"]], at["next"] + 1
+        data = {i: read(i) for i in chunk if i not in skip}
+        skip.update(i for i, d in data.items() if not dali_format(d))  # a format DALI does not read
+        if at["good"] in skip:
+            at["good"] = first_good()
+        good = at["good"]
+        filler = (data[good] if good in data else read(good)) if good is not None else _BLANK
+        files = [data[i] if i not in skip else filler for i in chunk]
+        sizes = np.stack([index.sizes[i] if i not in skip else (index.sizes[good] if good is not None else
+                                                                  np.array(_BLANK_SIZE)) for i in chunk])
+        resized, corner = eval_geometry(sizes, img_size, crop_pct)
+        return files, index.labels[chunk], resized.astype(np.float32), corner.astype(np.int32)
 
-    gpu = device.type == "cuda"
-    pipe = build_eval_pipeline(source, batch, img_size, "bicubic", "gpu" if gpu else "cpu", max(1, threads),
-                               (device.index or 0) if gpu else None)
-    pipe.build()
-    for chunk in chunks:
-        images, labels = pipe.run()
-        ok = torch.tensor([i not in index.skip for i in chunk])
+    def build():
+        pipe = build_eval_pipeline(source, batch, img_size, "bicubic", "gpu" if device_id is not None else "cpu",
+                                   max(1, threads), device_id)
+        pipe.build()
+        return pipe
+
+    pipe, k = None, 0
+    while k < len(chunks):
+        if at["good"] is None:  # nothing left to decode: every row is counted unreadable
+            yield (torch.zeros(len(chunks[k]), 3, img_size, img_size, dtype=torch.uint8, device=device),
+                   torch.from_numpy(index.labels[chunks[k]]), torch.zeros(len(chunks[k]), dtype=torch.bool))
+            k += 1
+            continue
+        try:
+            pipe = pipe or build()
+            images, labels = pipe.run()
+        except RuntimeError:
+            # A file of the batches in flight (this one and those prefetched) failed to decode:
+            # find it, skip it, and start again from this batch.
+            culprits = dali_unreadable(index, [i for c in chunks[k:k + 3] for i in c if i not in skip], device_id)
+            if not culprits:
+                raise
+            skip.update(culprits)
+            _FAILED.append(pipe)
+            at["next"], at["good"], pipe = k, first_good(), None
+            continue
+        ok = torch.tensor([i not in skip for i in chunks[k]])
         yield _to_torch(images, device), torch.from_numpy(np.array(labels.as_tensor())).view(-1), ok
+        k += 1

@@ -110,7 +110,7 @@ def test_resume_from_another_models_checkpoint(tiny_data, tmp_path):
     fails(tiny_train(tiny_data, tmp_path / "b", "--model", "deit_tiny_distilled", *TINY_MODEL,
                      "--resume", str(tmp_path / "a" / "checkpoint-last.pt")), "is a checkpoint of deit_tiny")
     fails(tiny_train(tiny_data, tmp_path / "a", "--model", "deit_tiny", *TINY_MODEL, "--seed", "5", "--resume",
-                     str(tmp_path / "a" / "checkpoint-last.pt")), "plan differs in ['seed']")
+                     str(tmp_path / "a" / "checkpoint-last.pt")), "plan differs (seed 0 in the checkpoint, 5 now)")
     fails(tiny_train(tiny_data, tmp_path / "a", "--model", "deit_tiny", *TINY_MODEL),
           "already holds a run (checkpoint-last.pt): continue it with --resume")
     assert (tmp_path / "a" / "checkpoint-last.pt").read_bytes() == before  # nothing lost

@@ -96,7 +96,7 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tiny_data, tmp_path, mon
 
     monkeypatch.setattr(Step, "update", update)
     res = runner.invoke(app, ["train", *TINY_RUN, *common, "--out", str(split)])
-    assert res.exit_code == 2 and "continue with --resume" in res.output
+    assert res.exit_code == 3 and "continue with --resume" in res.output  # stopped on request, saved
     monkeypatch.setattr(Step, "update", real_update)
     # ...then resumed: it continues the same plan stream from the same step.
     train(*common, "--out", str(split), "--resume", str(split / "checkpoint-last.pt"))

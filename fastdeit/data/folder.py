@@ -59,8 +59,33 @@ def _header_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
-    except (OSError, ValueError, SyntaxError):  # unreadable header: the pipeline will substitute it
+    # An unreadable header, a symlink loop, or a header claiming billions of pixels (a
+    # decompression bomb): the file is skipped, the pipelines substitute its rows.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return (0, 0)
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError as e:
+        raise UserError(f"cannot read the folder {folder}: {e.strerror or e}") from None
+
+
+def _is(entry: os.DirEntry, kind: str) -> bool:
+    """entry.is_dir() / is_file(); False where the entry cannot be followed (a symlink loop)."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file() or entry.is_symlink()
+    except OSError:
+        return kind == "file" and entry.is_symlink()  # kept, and found unreadable like any broken file
+
+
+def _size_on_disk(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def scan_split(
@@ -71,14 +96,14 @@ def scan_split(
     if not base.is_dir():
         raise UserError(f"data folder {base} does not exist: expected {split}/<class>/<images> "
                         f"(make one with: fastdeit make-data DIR)")
-    classes = sorted(d.name for d in os.scandir(base) if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in _entries(base) if _is(d, "dir") and not d.name.startswith("."))
     if not classes:
         raise UserError(f"{base} has no class folders: expected {split}/<class>/<images>")
     paths: list[str] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):
-        files = sorted(f.name for f in os.scandir(base / cls)
-                       if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS))
+        files = sorted(f.name for f in _entries(base / cls)
+                       if f.name.lower().endswith(IMG_EXTENSIONS) and _is(f, "file"))
         if not files:
             raise UserError(f"class folder {base / cls} has no images ({', '.join(IMG_EXTENSIONS)})")
         paths.extend(f"{cls}/{f}" for f in files)
@@ -90,7 +115,7 @@ def scan_split(
             sizes[i] = wh
             if progress is not None and (i % 256 == 0 or i == len(full) - 1):
                 progress(i + 1, len(full))
-    nbytes = np.array([p.stat().st_size for p in full], np.int64)
+    nbytes = np.array([_size_on_disk(p) for p in full], np.int64)
     return ImageIndex(root=base, classes=tuple(classes), paths=tuple(paths), labels=np.array(labels, np.int64),
                       sizes=sizes, nbytes=nbytes, skip=frozenset(np.flatnonzero(sizes[:, 0] == 0).tolist()))
 

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 CLASSES: tuple[str, ...] = (
     "disk", "square", "triangle", "star", "cross", "ring", "crescent", "stripes", "checker", "dots",
 )
+WRITING = ".fastdeit-synthetic-writing"  # present while make-data writes
 MARKER = ".fastdeit-synthetic.json"
 
 
@@ -198,6 +199,15 @@ def write_synthetic(
     if synthetic.train_per_class < 1 or synthetic.val_per_class < 1:
         raise ValueError("--train-per-class and --val-per-class must be at least 1")
     root = Path(root)
+    if is_complete(root, synthetic):
+        return root
+    if (root / MARKER).exists():
+        raise ValueError(f"{root} holds another synthetic data set: pick another folder (nothing was written)")
+    if root.is_dir() and any(root.iterdir()) and not (root / WRITING).exists():
+        raise ValueError(f"{root} is not empty and was not written by make-data: pick an empty or new folder "
+                         f"(nothing was written)")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / WRITING).touch()  # a write cut short is ours to finish
     jobs = _jobs(synthetic)
 
     def one(job: tuple[str, int, int]) -> None:
@@ -218,6 +228,7 @@ def write_synthetic(
             if progress is not None:
                 progress(done, len(jobs))
     (root / MARKER).write_text(json.dumps(synthetic.to_json(), indent=1))
+    (root / WRITING).unlink()
     return root
 
 
