@@ -97,7 +97,8 @@ class PlanSource:
         idx = plan.index[take]
         files = [data[int(i)] for i in idx]
         crop = plan.crop[take]
-        out = [files, crop[:, :2].copy(), crop[:, 2:].copy(), plan.flip[take].astype(np.int32)]
+        tag = np.tile(np.array([plan.epoch, plan.step], np.int64), (len(plan), 1))  # travels with the batch
+        out = [files, crop[:, :2].copy(), crop[:, 2:].copy(), plan.flip[take].astype(np.int32), tag]
         for layer in range(self.layers):
             kind, mat, scalar = layer_params(self.spec.ra_ops, plan.ra_op[take, layer], plan.ra_arg[take, layer],
                                              self.spec.img_size)
@@ -116,8 +117,8 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
 
     @pipeline_def(enable_conditionals=True)
     def graph():
-        inputs = fn.external_source(source=source, num_outputs=4 + 3 * layers, batch=True)
-        files, start, shape, flip = inputs[:4]
+        inputs = fn.external_source(source=source, num_outputs=5 + 3 * layers, batch=True)
+        files, start, shape, flip, tag = inputs[:5]
         # EXIF orientation is ignored, as PIL and the plan (which reads header sizes) do.
         decoder = "mixed" if device == "gpu" else "cpu"
         if roi_decode:
@@ -129,9 +130,9 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
         img = fn.resize(img, size=[size, size], interp_type=_interp(spec.aug.interpolation), antialias=True)
         img = fn.flip(img, horizontal=flip)
         for k in range(layers):
-            kind, mat, scalar = inputs[4 + 3 * k: 7 + 3 * k]
+            kind, mat, scalar = inputs[5 + 3 * k: 8 + 3 * k]
             img = apply_layer(img, kind, mat, scalar, device, size)
-        return img
+        return img, tag
 
     return graph(batch_size=batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=prefetch,
                  seed=0, exec_dynamic=True)
@@ -226,8 +227,11 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
 class DaliTrainLoader:
     """Batches of the plan, decoded and augmented by DALI, as LoadedBatch on `device`.
 
-    A file DALI cannot decode at run time is found (with PIL), reported in `bad`, added to
-    the skip set, and the epoch continues from the first batch not yet delivered."""
+    A file DALI cannot decode at run time is found, reported in `bad`, added to the skip
+    set, and the epoch continues from the first batch not yet delivered. Every batch carries
+    the (epoch, step) it was planned for through the graph and is checked against it: a new
+    `epoch()` call after an epoch cut short starts a fresh pipeline (the old one holds
+    batches prefetched for the old position), and the older iterator ends with an error."""
 
     def __init__(self, index: ImageIndex, spec: PlanSpec, device: torch.device, threads: int,
                  rank: int = 0, world: int = 1, roi_decode: bool = True) -> None:
@@ -239,6 +243,8 @@ class DaliTrainLoader:
         self.batch = spec.batch_size // world
         self.roi_decode = roi_decode
         self.pipe = None
+        self.generation = 0  # counts epoch() calls: an iterator of an earlier call stops
+        self.at_end = True  # the pipeline ran to the end of its epoch: nothing in flight
 
     def _device_id(self) -> int | None:
         return (self.device.index or 0) if self.device.type == "cuda" else None
@@ -249,15 +255,23 @@ class DaliTrainLoader:
         self.pipe.build()
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[LoadedBatch]:
+        self.generation += 1
         self.source.begin(epoch, start_step)
-        if self.pipe is None:
-            self._build()
+        if self.pipe is None or not self.at_end:
+            self._build()  # the old pipeline, if any, has batches of another position in flight
         else:
             self.pipe.reset()
+        self.at_end = False
+        return self._batches(epoch, self.generation)
+
+    def _batches(self, epoch: int, generation: int) -> Iterator[LoadedBatch]:
         while True:
+            if generation != self.generation:
+                raise RuntimeError("this iterator belongs to an earlier epoch() call; another epoch was started")
             try:
-                (out,) = self.pipe.run()
+                out, tag = self.pipe.run()
             except StopIteration:
+                self.at_end = True
                 return
             except RuntimeError:
                 # Some file of the batches in flight failed to decode: find it, skip it from
@@ -273,6 +287,10 @@ class DaliTrainLoader:
                 self._build()
                 continue
             step = self.source.pending.popleft()
+            planned = tuple(int(v) for v in np.array(tag[0]))
+            if planned != (step.plan.epoch, step.plan.step):  # never a batch of another position
+                raise RuntimeError(f"DALI produced the batch of (epoch, step) {planned} where "
+                                   f"{(step.plan.epoch, step.plan.step)} was expected")
             yield LoadedBatch(images=_to_torch(out, self.device), labels=torch.from_numpy(step.labels),
                               plan=step.plan, bad=step.bad)
 

@@ -214,3 +214,20 @@ def test_full_decoding_then_crop_matches_roi_decoding(tiny_data):
     roi = first_batches(index, s, 1)[0]
     full = next(dali.DaliTrainLoader(index, s, CPU, threads=2, roi_decode=False).epoch(0, 0))
     assert per_sample_mad(roi.images, full.images).max() < 0.5
+
+
+def test_a_new_epoch_after_a_partial_one_yields_only_its_own_batches(tiny_data):
+    """Batches prefetched for an abandoned position never come out of a later epoch() call."""
+    index = scan_split(tiny_data, "train")
+    s = spec(rand_augment="")
+    loader = dali.DaliTrainLoader(index, s, CPU, threads=2)
+    partial = loader.epoch(0, 0)
+    next(partial)  # one batch taken, more in flight
+    for epoch, start in ((1, 0), (0, 1)):
+        got = list(loader.epoch(epoch, start))
+        want = first_batches(index, s, 3 - start, start=start, epoch=epoch)
+        assert [(b.plan.epoch, b.plan.step) for b in got] == [(epoch, k) for k in range(start, 3)]
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    with pytest.raises(RuntimeError, match="another epoch"):
+        next(partial)  # an iterator of an earlier epoch() call is finished, not silently wrong

@@ -195,3 +195,14 @@ def test_writer_rewrites_a_short_last_shard_when_extended(tmp_path):
     w2.append(more)
     w2.finish()
     assert CacheReader(tmp_path).rows(np.arange(8))["label"].tolist() == list(range(8))
+
+
+@pytest.mark.skipif(not __import__("fastdeit.pipelines.dali", fromlist=["x"]).available(), reason="no DALI")
+def test_verify_with_dali_agrees_fully_with_a_dali_built_cache(tiny_data, teacher, tmp_path):
+    """--verify picks batches out of order: each must come out of DALI for its own position."""
+    cache = tmp_path / "dali"
+    ok(["cache-teacher", "--data", str(tiny_data), "--teacher-ckpt", str(teacher), "--out", str(cache),
+        "--epochs", "2", "--loader", "dali", *PLAN])
+    out = ok(["cache-teacher", "--data", str(tiny_data), "--teacher-ckpt", str(teacher), "--out", str(cache),
+              "--verify", "6", "--loader", "dali", *PLAN])
+    assert json.loads(out.splitlines()[-1]) == {"verify_batches": 6, "agreement": 1.0}
