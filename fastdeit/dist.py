@@ -116,3 +116,33 @@ def step_seed(seed: int, rank: int, updates: int) -> int:
     """Seed of the torch RNG for one training step on one rank (stochastic depth, dropout):
     a function of the step, so a resumed or restarted run draws what it would have drawn."""
     return int(np.random.SeedSequence([seed, rank, updates]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class StopVote:
+    """Whether any rank was asked to stop (Ctrl-C, SIGTERM to one process), agreed on by every
+    rank at the same step boundary without stalling the step: each step's vote is all-reduced
+    (max) asynchronously on a CPU (gloo) group and read at the next boundary, so all ranks
+    stop after the same step, one step after the request reached the first of them."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.group = dist.new_group(backend="gloo") if world.distributed else None
+        self.pending: tuple[torch.Tensor, dist.Work] | None = None
+
+    def __call__(self, requested: bool) -> bool:
+        """Cast this rank's vote for this step; True when the previous step's vote said stop."""
+        if not self.world.distributed:
+            return requested
+        agreed = self.close()
+        vote = torch.tensor([int(requested)], dtype=torch.int32)
+        self.pending = (vote, dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return agreed
+
+    def close(self) -> bool:
+        """Wait for the vote in flight (before the group goes away); whether it said stop."""
+        if self.pending is None:
+            return False
+        vote, work = self.pending
+        work.wait()
+        self.pending = None
+        return bool(vote.item())

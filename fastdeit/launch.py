@@ -26,7 +26,7 @@ from rich.console import Console
 
 from fastdeit.config import TrainConfig, load_json, per_rank_batch
 from fastdeit.dist import World, in_torchrun
-from fastdeit.errors import EXIT_BAD_INPUT, EXIT_STOPPED, Stopped, UserError
+from fastdeit.errors import EXIT_BAD_INPUT, Stopped, UserError
 from fastdeit.rundir import RunDir
 
 SUMMARY_KEYS = ("top1", "top5", "train_img_s", "wall_s")  # the summary line a run prints on stdout
@@ -169,11 +169,12 @@ def launch(cfg: TrainConfig, topo: Topology, resume: Path | None, console: Conso
     logging.getLogger("torch.distributed.elastic.multiprocessing.errors").setLevel(logging.CRITICAL)
     try:
         run(parse_args(torchrun_args(topo, config, resume)))
+        if (last := run_dir.last_record()) and last.get("kind") == "stop":  # the workers stopped on request
+            raise Stopped(f"stopped at epoch {last['epoch']} step {last['step']}; saved {run_dir.last}: "
+                          f"continue with --resume")
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
-        if codes == {EXIT_STOPPED}:
-            raise Stopped(f"stopped on request; continue the run with --resume (run folder {out})") from None
-        if codes <= {EXIT_BAD_INPUT, EXIT_STOPPED}:  # the workers named the problem themselves
+        if codes == {EXIT_BAD_INPUT}:  # the workers named the problem themselves
             raise UserError(f"training stopped: see the worker's message above (run folder {out})") from None
         first, failure = e.get_first_failure()
         raise UserError(f"worker rank {first} failed with exit code {failure.exitcode} (its output is above); "
@@ -203,17 +204,16 @@ def run_worker(cfg: TrainConfig, resume: Path | None) -> dict | None:
 
 def _fault_hooks(world: World) -> list:
     """For the fault-tolerance tests only: FASTDEIT_KILL_AT=N kills the last rank (SIGKILL, as
-    a crashed machine would) after update N, on the first attempt of a torchrun group. Read
-    once here: a normal run's steps carry no hook at all."""
-    at = os.environ.get("FASTDEIT_KILL_AT")
-    if not at or world.rank != world.size - 1 or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        return []
-
-    def kill(updates: int) -> None:
-        if updates == int(at):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return [kill]
+    a crashed machine would), FASTDEIT_TERM_AT=N sends it SIGTERM (as a scheduler preempting
+    one process would), after update N, on the first attempt of a torchrun group. Read once
+    here: a normal run's steps carry no hook at all."""
+    hooks = []
+    first = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+    for var, sig in (("FASTDEIT_KILL_AT", signal.SIGKILL), ("FASTDEIT_TERM_AT", signal.SIGTERM)):
+        at = os.environ.get(var)
+        if at and world.rank == world.size - 1 and first:
+            hooks.append(lambda updates, at=int(at), sig=sig: updates == at and os.kill(os.getpid(), sig))
+    return hooks
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -224,10 +224,14 @@ def worker_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         summary = run_worker(load_json(a.config), a.resume)
-    except (UserError, Stopped) as e:  # every rank says it: a rank may fail alone (its own files, its own GPU)
-        rank, stopped = int(os.environ.get("RANK", 0)), isinstance(e, Stopped)
-        print(("" if rank == 0 else f"[rank {rank}] ") + ("" if stopped else "error: ") + str(e), file=sys.stderr)
-        return EXIT_STOPPED if stopped else EXIT_BAD_INPUT
+    except Stopped as e:  # every rank stopped after the same step: not a failure, nothing to restart
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(str(e), file=sys.stderr)
+        return 0
+    except UserError as e:  # every rank says it: a rank may fail alone (its own files, its own GPU)
+        rank = int(os.environ.get("RANK", 0))
+        print(f"error: {e}" if rank == 0 else f"[rank {rank}] error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _lost_peer(e):
             raise  # a bug: its traceback is wanted

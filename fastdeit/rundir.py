@@ -130,6 +130,14 @@ class RunDir:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def last_record(self) -> dict[str, Any] | None:
+        """The last record of metrics.jsonl (a `stop` record: the run stopped on request)."""
+        try:
+            lines = self.metrics.read_text().splitlines()
+            return json.loads(lines[-1]) if lines else None
+        except (OSError, ValueError):
+            return None
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(json.dumps(summary, indent=2), self.summary)
 

@@ -68,6 +68,7 @@ class Trainer:
         self.on_step = tuple(on_step)  # test hooks (fault injection); none in a normal run
         self.state = RunState()
         self.meter = Meter()
+        self.vote = dist.StopVote(self.world)  # every rank stops after the same step
         self.bad_seen: set[str] = set()
 
     def fit(self, resume: Path | None = None) -> dict[str, Any]:
@@ -95,8 +96,13 @@ class Trainer:
                     self.end_epoch(e, stats, evaluate_now=(e + 1) % self.cfg.run.eval_every == 0 or e + 1 == epochs)
             except _Stop:
                 self.save()
+                self.log({"kind": "stop", "epoch": self.state.epoch, "step": self.state.step,
+                          "updates": self.state.updates})
+                dist.barrier(self.world)  # no rank leaves before the checkpoint is written
                 raise Stopped(f"stopped at epoch {self.state.epoch} step {self.state.step}; saved {self.dir.last}: "
                               f"continue with --resume") from None
+            finally:
+                self.vote.close()
         return self.summarize(images, seconds, time.perf_counter() - start)
 
     def train_epoch(self, bar: TrainProgress, stop: StopSignal) -> dict[str, float]:
@@ -118,7 +124,7 @@ class Trainer:
                 self.log_step(losses, len(batch.bad), bar)
             else:
                 bar.update(st.step)
-            if stop.requested:
+            if self.vote(stop.requested):
                 raise _Stop
             if run.ckpt_every and st.updates % run.ckpt_every == 0 and st.step < p.steps_per_epoch:
                 with self.meter.paused():

@@ -255,3 +255,21 @@ def test_a_port_in_use_is_named(tiny_data, tmp_path):
                                        "--out", str(tmp_path / "r"), "--gpus", "0", "--procs", "2", "--nodes", "2",
                                        "--rdzv-endpoint", f"127.0.0.1:{port}"])
     assert f"port {port} is in use" in _one_line(res)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(runs, tiny_data):
+    """A scheduler signals one process: the ranks agree on the stop at a step boundary, rank 0
+    saves, every rank exits cleanly, the launcher reports a stop (exit 3), not a failure, and
+    the resumed run ends with the losses of an uninterrupted one."""
+    out = runs["root"] / "termed"
+    res = fastdeit("train", *COMMON, "--data", str(tiny_data), "--out", str(out), "--gpus", "0", "--procs", "2",
+                   env={"FASTDEIT_TERM_AT": "5"})
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "lost contact" not in res.stderr and "failed" not in res.stderr and "continue with --resume" in res.stderr
+    stop = records(out, "stop")
+    assert len(stop) == 1 and stop[0]["updates"] in (6, 7)  # the vote of step 5 is read at step 6's boundary
+    res = fastdeit("train", *COMMON, "--data", str(tiny_data), "--out", str(out), "--gpus", "0", "--procs", "2",
+                   "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = steps(runs["two"]), steps(out)
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-6 for k in a)
