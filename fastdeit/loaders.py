@@ -25,13 +25,39 @@ def choose_loader(name: Loader, device: torch.device) -> tuple[str, str]:
     if name == "dali" and not dali.available():
         raise ConfigError("data.loader", "dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130), "
                                          "or use torch")
+    if name == "dali" and device.type == "cuda":
+        check_dali_cuda()
     if name != "auto":
         return name, f"--loader {name}"
     if device.type == "cuda" and dali.available():
+        check_dali_cuda()
         return "dali", "CUDA and DALI are available"
     if device.type != "cuda":
         return "torch", "no CUDA device; --loader dali runs DALI on the CPU"
     return "torch", "DALI is not installed (pip install nvidia-dali-cuda130)"
+
+
+def cuda_driver_version() -> int | None:
+    """The CUDA version the installed driver supports (12040 for 12.4), from libcuda; None
+    without a driver."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    return version.value if libcuda.cuDriverGetVersion(ctypes.byref(version)) == 0 else None
+
+
+def check_dali_cuda() -> None:
+    """A DALI wheel built for a newer CUDA than the driver supports fails deep inside DALI:
+    say so in one line, with the wheel that fits."""
+    driver, built = cuda_driver_version(), dali.cuda_major()
+    if driver and built and built > driver // 1000:
+        raise UserError(f"the installed DALI is built for CUDA {built} (nvidia-dali-cuda{built}0) and this driver "
+                        f"supports CUDA {driver // 1000}.{driver % 1000 // 10}: pip uninstall nvidia-dali-cuda{built}0 "
+                        f"&& pip install 'fastdeit[cuda{driver // 1000}]' (or use --loader torch)")
 
 
 def check_decoders(name: Loader) -> tuple[str, ...]:
@@ -99,7 +125,7 @@ class Loaders:
         if self.kind == "dali":
             if self._dali is None:
                 self._dali = dali.DaliTrainLoader(index, self.spec, self.device, self.data.workers,
-                                                  self.rank, self.world, self.data.roi_decode)
+                                                  self.rank, self.world, self.data.roi_decode, self.data.hw_decode)
             return self._dali.epoch(epoch, start_step)
         return train_loader(index, self.spec, epoch, start_step, self.data.workers, self.rank, self.world)
 
@@ -107,7 +133,7 @@ class Loaders:
         d = self.data
         if self.kind == "dali":
             return dali.dali_eval_batches(self._pil_checked(index, rows), d.img_size, d.crop_pct, d.eval_batch_size,
-                                          self.device, d.workers, rows)
+                                          self.device, d.workers, rows, d.hw_decode)
         return eval_loader(index, d.img_size, d.crop_pct, d.eval_batch_size, d.workers, rows)
 
     def _pil_checked(self, index: ImageIndex, rows: np.ndarray | None) -> ImageIndex:

@@ -35,6 +35,27 @@ def available() -> bool:
     return fn is not None
 
 
+def cuda_major() -> int | None:
+    """The CUDA major version the installed DALI wheel was built for (nvidia-dali-cuda130: 13)."""
+    import importlib.metadata
+
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith("nvidia-dali-cuda") and name[16:].isdigit():
+            return int(name[16:]) // 10
+    return None
+
+
+def decoder_options(device: str, hw_decode: bool = False) -> dict:
+    """The image decoder's device and options. On the GPU ("mixed"), nvJPEG's hardware
+    decoder takes a share of each batch chosen by position in the per-rank batch, so which
+    decoder an image meets (and its last bits) would depend on the world size: off unless
+    asked for (data.hw_decode), every image then goes through the CUDA decoder."""
+    if device != "gpu":
+        return {"device": "cpu"}
+    return {"device": "mixed", **({} if hw_decode else {"hw_decoder_load": 0.0})}
+
+
 def _interp(name: str):
     return {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}[name]
 
@@ -109,7 +130,7 @@ class PlanSource:
 
 
 def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: int, device_id: int | None,
-                         prefetch: int = 2, roi_decode: bool = True):
+                         prefetch: int = 2, roi_decode: bool = True, hw_decode: bool = False):
     """The train graph: decode the plan's box (as a region of interest, or the whole image then
     a crop: some DALI versions cannot use nvJPEG's hardware decoder for regions), resize, flip,
     the plan's RandAugment."""
@@ -120,12 +141,12 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
         inputs = fn.external_source(source=source, num_outputs=5 + 3 * layers, batch=True)
         files, start, shape, flip, tag = inputs[:5]
         # EXIF orientation is ignored, as PIL and the plan (which reads header sizes) do.
-        decoder = "mixed" if device == "gpu" else "cpu"
+        decoder = decoder_options(device, hw_decode)
         if roi_decode:
             img = fn.decoders.image_slice(files, start=start, shape=shape, axis_names="WH", output_type=types.RGB,
-                                          adjust_orientation=False, device=decoder)
+                                          adjust_orientation=False, **decoder)
         else:
-            img = fn.decoders.image(files, output_type=types.RGB, adjust_orientation=False, device=decoder)
+            img = fn.decoders.image(files, output_type=types.RGB, adjust_orientation=False, **decoder)
             img = fn.slice(img, start=start, shape=shape, axis_names="WH")
         img = fn.resize(img, size=[size, size], interp_type=_interp(spec.aug.interpolation), antialias=True)
         img = fn.flip(img, horizontal=flip)
@@ -181,7 +202,7 @@ def _refused(files: list[np.ndarray], size: int, device_id: int | None) -> list[
         def graph(batches=batches):
             data = fn.external_source(source=lambda: next(batches), batch=True)
             return fn.decoders.image(data, output_type=types.RGB, adjust_orientation=False,
-                                     device="mixed" if device_id is not None else "cpu")
+                                     **decoder_options("gpu" if device_id is not None else "cpu"))
 
         pipe = graph(batch_size=size, num_threads=2, device_id=device_id, prefetch_queue_depth=1, seed=0,
                      exec_pipelined=False, exec_async=False)  # one batch at a time: a failure is this batch's
@@ -234,14 +255,14 @@ class DaliTrainLoader:
     batches prefetched for the old position), and the older iterator ends with an error."""
 
     def __init__(self, index: ImageIndex, spec: PlanSpec, device: torch.device, threads: int,
-                 rank: int = 0, world: int = 1, roi_decode: bool = True) -> None:
+                 rank: int = 0, world: int = 1, roi_decode: bool = True, hw_decode: bool = False) -> None:
         if not available():
             raise RuntimeError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
         self.index, self.spec, self.device = index, spec, device
         self.threads = max(1, threads)
         self.source = PlanSource(index, spec, rank, world, skip=set(index.skip))
         self.batch = spec.batch_size // world
-        self.roi_decode = roi_decode
+        self.roi_decode, self.hw_decode = roi_decode, hw_decode
         self.pipe = None
         self.generation = 0  # counts epoch() calls: an iterator of an earlier call stops
         self.at_end = True  # the pipeline ran to the end of its epoch: nothing in flight
@@ -251,7 +272,8 @@ class DaliTrainLoader:
 
     def _build(self) -> None:
         self.pipe = build_train_pipeline(self.source, self.batch, "gpu" if self._device_id() is not None else "cpu",
-                                         self.threads, self._device_id(), roi_decode=self.roi_decode)
+                                         self.threads, self._device_id(), roi_decode=self.roi_decode,
+                                         hw_decode=self.hw_decode)
         self.pipe.build()
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[LoadedBatch]:
@@ -310,7 +332,7 @@ def eval_geometry(sizes: np.ndarray, img_size: int, crop_pct: float) -> tuple[np
 
 
 def build_eval_pipeline(source, batch: int, img_size: int, interpolation: str, device: str,
-                        threads: int, device_id: int | None):
+                        threads: int, device_id: int | None, hw_decode: bool = False):
     """The val graph: decode, resize (shorter side to img_size / crop_pct), centre crop; the
     sizes and crop corner come from the host so that they match torchvision's rounding."""
 
@@ -318,7 +340,7 @@ def build_eval_pipeline(source, batch: int, img_size: int, interpolation: str, d
     def graph():
         files, labels, resized, corner = fn.external_source(source=source, num_outputs=4, batch=True)
         img = fn.decoders.image(files, output_type=types.RGB, adjust_orientation=False,
-                                device="mixed" if device == "gpu" else "cpu")
+                                **decoder_options(device, hw_decode))
         img = fn.resize(img, resize_x=resized[0], resize_y=resized[1], interp_type=_interp(interpolation),
                         antialias=True)
         img = fn.slice(img, start=corner, shape=types.Constant(np.array([img_size, img_size], np.int32)),
@@ -329,7 +351,7 @@ def build_eval_pipeline(source, batch: int, img_size: int, interpolation: str, d
 
 
 def dali_eval_batches(index: ImageIndex, img_size: int, crop_pct: float, batch: int, device: torch.device,
-                      threads: int, rows: np.ndarray | None = None) -> Iterator[tuple]:
+                      threads: int, rows: np.ndarray | None = None, hw_decode: bool = False) -> Iterator[tuple]:
     """(uint8 NCHW images, labels, ok) batches of the val split. Unreadable files (the index's
     skip set, and any file DALI fails on: found, then skipped from that batch on) are fed as a
     copy of a good file and flagged ok=False, so that they are left out and counted."""
@@ -366,7 +388,7 @@ def dali_eval_batches(index: ImageIndex, img_size: int, crop_pct: float, batch: 
 
     def build():
         pipe = build_eval_pipeline(source, batch, img_size, "bicubic", "gpu" if device_id is not None else "cpu",
-                                   max(1, threads), device_id)
+                                   max(1, threads), device_id, hw_decode)
         pipe.build()
         return pipe
 

@@ -75,3 +75,40 @@ def test_train_and_eval_with_dali_on_the_cpu(tiny_data, tmp_path):
                               "--loader", "dali", "--workers", "1"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.splitlines()[-1])["top1"] == pytest.approx(summary["top1"])
+
+
+def test_the_gpu_decoder_keeps_the_plan_world_size_independent():
+    """nvJPEG's hardware decoder takes images by their position in the per-rank batch: off by
+    default, so every image meets the same decoder whatever the world size."""
+    assert dali.decoder_options("gpu") == {"device": "mixed", "hw_decoder_load": 0.0}
+    assert dali.decoder_options("gpu", hw_decode=True) == {"device": "mixed"}
+    assert dali.decoder_options("cpu") == {"device": "cpu"}
+    from fastdeit.config import DataConfig
+
+    assert DataConfig().hw_decode is False
+
+
+def test_dali_for_a_newer_cuda_than_the_driver_is_one_line(monkeypatch):
+    from fastdeit import loaders
+
+    monkeypatch.setattr(dali, "available", lambda: True)
+    monkeypatch.setattr(dali, "cuda_major", lambda: 13)
+    monkeypatch.setattr(loaders, "cuda_driver_version", lambda: 12040)
+    for name in ("auto", "dali"):
+        with pytest.raises(UserError, match=r"built for CUDA 13 .* supports CUDA 12\.4: .*fastdeit\[cuda12\]"):
+            choose_loader(name, torch.device("cuda"))
+    monkeypatch.setattr(loaders, "cuda_driver_version", lambda: 13000)
+    assert choose_loader("auto", torch.device("cuda"))[0] == "dali"
+
+
+def test_install_floors_are_versions_the_code_works_with():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    base = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    floors = dict(re.findall(r'"([\w-]+)>=([\d.]+)"', base))
+    assert tuple(map(int, floors["timm"].split("."))) >= (1, 0, 16)  # timm.layers.Attention (1.0.15 fails to import)
+    assert tuple(map(int, floors["torch"].split("."))) >= (2, 6)  # torch.library.triton_op
+    assert "dali" not in base  # one DALI wheel per CUDA major, and they cannot live together: an extra each
+    assert re.search(r"^cuda12 = .*nvidia-dali-cuda120", text, re.M) and re.search(r"^cuda13 = .*cuda130", text, re.M)

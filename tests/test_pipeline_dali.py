@@ -28,8 +28,8 @@ def per_sample_mad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).abs().mean(dim=(1, 2, 3))
 
 
-def first_batches(index, s, n, start=0, epoch=0, world=1, rank=0):
-    loader = dali.DaliTrainLoader(index, s, CPU, threads=2, rank=rank, world=world)
+def first_batches(index, s, n, start=0, epoch=0, world=1, rank=0, device=CPU):
+    loader = dali.DaliTrainLoader(index, s, device, threads=2, rank=rank, world=world)
     out = []
     for batch in loader.epoch(epoch, start):
         out.append(batch)
@@ -231,3 +231,13 @@ def test_a_new_epoch_after_a_partial_one_yields_only_its_own_batches(tiny_data):
             assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     with pytest.raises(RuntimeError, match="another epoch"):
         next(partial)  # an iterator of an earlier epoch() call is finished, not silently wrong
+
+
+@pytest.mark.gpu
+def test_gpu_batches_do_not_depend_on_the_world_size(tiny_data):
+    """With the default decoder options (no nvJPEG hardware share), a rank's shard decodes to
+    the very pixels of the same rows of the one-process batch."""
+    index, s, gpu = scan_split(tiny_data, "train"), spec(rand_augment=""), torch.device("cuda")
+    whole = first_batches(index, s, 1, device=gpu)[0]
+    shards = [first_batches(index, s, 1, world=3, rank=r, device=gpu)[0] for r in range(3)]
+    assert torch.equal(torch.cat([b.images for b in shards]), whole.images)
