@@ -42,6 +42,14 @@ else:
 
 
 @triton.jit
+def _split(bh, H):
+    """(b*h index, batch, head) as int64: offsets like b * stride overflow int32 past 2**31
+    elements (DeiT-B at 384 px, large eval batches)."""
+    bh = bh.to(tl.int64)
+    return bh, bh // H, bh % H
+
+
+@triton.jit
 def _at(b, h, idx, dims, sb, sh, sn, sd):
     """Offsets of rows `idx` x head dims `dims` of one (batch, head) in a [B, H, N, D] tensor."""
     return b * sb + h * sh + idx[:, None] * sn + dims[None, :] * sd
@@ -58,8 +66,9 @@ def _tile(ptr, b, h, idx, dims, sb, sh, sn, sd, ok):
 def _fwd_kernel(Q, K, V, OUT, LSE, qk_scale, N, H,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    # (batch x head) on grid axis 0, which holds 2**31 - 1 programs (axes 1 and 2 hold 65,535)
+    bh, b, h = _split(tl.program_id(0), H)
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     cols0 = tl.arange(0, BLOCK_N)
@@ -91,8 +100,9 @@ def _fwd_kernel(Q, K, V, OUT, LSE, qk_scale, N, H,
 @triton.jit
 def _delta_kernel(OUT, DO, DELTA, N, H, sob, soh, son, sod, sdb, sdh, sdn, sdd,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    # (batch x head) on grid axis 0, which holds 2**31 - 1 programs (axes 1 and 2 hold 65,535)
+    bh, b, h = _split(tl.program_id(0), H)
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     ok = rows < N
@@ -106,8 +116,8 @@ def _delta_kernel(OUT, DO, DELTA, N, H, sob, soh, son, sod, sdb, sdh, sdn, sdd,
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    bh, b, h = _split(tl.program_id(0), H)
+    pid_n = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     rows0 = tl.arange(0, BLOCK_M)
@@ -140,8 +150,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H,
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H,
                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
                HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    # (batch x head) on grid axis 0, which holds 2**31 - 1 programs (axes 1 and 2 hold 65,535)
+    bh, b, h = _split(tl.program_id(0), H)
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     cols0 = tl.arange(0, BLOCK_N)
@@ -182,38 +193,72 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-class _TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        b, h, n, d = q.shape  # q, k, v: [B, H, N, D]
-        o = _empty(q, (b, h, n, d))  # [B, H, N, D]
-        lse = _empty(q, (b * h, n), torch.float32)  # [B * H, N]: the row log-sum-exp, for the backward
+def grid_for(batch_heads: int, tokens: int, block: int) -> tuple[int, int]:
+    """(batch x head, row blocks): the first grid axis takes any count a GPU can hold, the
+    second (at most 65,535) only ceil(tokens / block)."""
+    return batch_heads, triton.cdiv(tokens, block)
 
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_M"]), b * h)
 
-        _fwd_kernel[grid](q, k, v, o, lse, scale * _LOG2E, n, h, *_strides(q), *_strides(k), *_strides(v),
-                          *_strides(o), HEAD_DIM=d, PRECISION=_precision(q.dtype))
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        return o
+# The kernels as custom operators: torch.compile traces a student that uses them into one
+# graph (fullgraph). On a GPU they are triton_ops, so Inductor sees the Triton kernels
+# themselves; under the interpreter, whose kernels cannot run on fake tensors, opaque
+# custom ops with their shapes given below.
+_custom_op = torch.library.custom_op if INTERPRET else torch.library.triton_op
 
-    @staticmethod
-    def backward(ctx, do: torch.Tensor):
-        q, k, v, o, lse = ctx.saved_tensors
+
+@_custom_op("fastdeit::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, n, d = q.shape  # q, k, v: [B, H, N, D]
+    o = _empty(q, (b, h, n, d))  # [B, H, N, D]
+    lse = _empty(q, (b * h, n), torch.float32)  # [B * H, N]: the row log-sum-exp, for the backward
+    torch.library.wrap_triton(_fwd_kernel)[lambda m: grid_for(b * h, n, m["BLOCK_M"])](
+        q, k, v, o, lse, scale * _LOG2E, n, h, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        HEAD_DIM=d, PRECISION=_precision(q.dtype))
+    return o, lse
+
+
+@_custom_op("fastdeit::attention_bwd", mutates_args=())
+def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                  do: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, n, d = q.shape
+    do = do.contiguous()
+    delta = _empty(q, (b * h, n), torch.float32)  # [B * H, N]: rowsum(dO * O)
+    torch.library.wrap_triton(_delta_kernel)[grid_for(b * h, n, 64)](o, do, delta, n, h, *_strides(o), *_strides(do),
+                                                                     HEAD_DIM=d, BLOCK_M=64)
+    dq, dk, dv = _empty(q, (b, h, n, d)), _empty(k, (b, h, n, d)), _empty(v, (b, h, n, d))  # contiguous
+    args = (scale * _LOG2E, scale, n, h, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq))
+    torch.library.wrap_triton(_dkdv_kernel)[lambda m: grid_for(b * h, n, m["BLOCK_N"])](
+        q, k, v, do, lse, delta, dk, dv, *args, HEAD_DIM=d, PRECISION=_precision(q.dtype))
+    torch.library.wrap_triton(_dq_kernel)[lambda m: grid_for(b * h, n, m["BLOCK_M"])](
+        q, k, v, do, lse, delta, dq, *args, HEAD_DIM=d, PRECISION=_precision(q.dtype))
+    return dq, dk, dv
+
+
+def _keep_for_backward(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, do: torch.Tensor, _dlse: torch.Tensor) -> tuple:
+    q, k, v, o, lse = ctx.saved_tensors
+    return (*attention_bwd(q, k, v, o, lse, do, ctx.scale), None)
+
+
+attention_fwd.register_autograd(_backward, setup_context=_keep_for_backward)
+
+if INTERPRET:
+
+    @attention_fwd.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, n, d = q.shape
-        do = do.contiguous()
-        delta = _empty(q, (b * h, n), torch.float32)  # [B * H, N]: rowsum(dO * O)
-        _delta_kernel[(triton.cdiv(n, 64), b * h)](o, do, delta, n, h, *_strides(o), *_strides(do),
-                                                   HEAD_DIM=d, BLOCK_M=64)
-        dq, dk, dv = _empty(q, (b, h, n, d)), _empty(k, (b, h, n, d)), _empty(v, (b, h, n, d))  # contiguous
-        args = (ctx.scale * _LOG2E, ctx.scale, n, h, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                *_strides(dq))
-        _dkdv_kernel[lambda m: (triton.cdiv(n, m["BLOCK_N"]), b * h)](q, k, v, do, lse, delta, dk, dv, *args,
-                                                                      HEAD_DIM=d, PRECISION=_precision(q.dtype))
-        _dq_kernel[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](q, k, v, do, lse, delta, dq, *args,
-                                                                    HEAD_DIM=d, PRECISION=_precision(q.dtype))
-        return dq, dk, dv, None
+        return q.new_empty(b, h, n, d), q.new_empty(b * h, n, dtype=torch.float32)
+
+    @attention_bwd.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -222,7 +267,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         raise ValueError(f"the Triton kernel takes head dims {HEAD_DIMS}, not {q.shape[-1]}")
     if not INTERPRET and q.device.type != "cuda":
         raise RuntimeError("the Triton attention kernel needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
-    return _TritonAttention.apply(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5)
+    return attention_fwd(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5)[0]
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

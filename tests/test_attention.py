@@ -8,6 +8,8 @@ did not write fails the comparison.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fastdeit.kernels import attention as A
 
@@ -97,3 +99,61 @@ def test_bf16_on_the_gpu(n):
     assert rel_err(out, ref) < 2e-2  # bf16 keeps 8 bits of mantissa
     for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert rel_err(got, want) < 5e-2
+
+
+def test_grid_keeps_batch_times_heads_on_the_unlimited_axis():
+    """Grid axes 1 and 2 hold at most 65,535 programs: DeiT-B's 12 heads at an eval batch of
+    8,192 already need 98,304 (batch x head) programs."""
+    bh, blocks = A.grid_for(8192 * 12, 577, 64)
+    assert bh == 98_304 and blocks == 10 <= 65_535
+
+
+@triton.jit
+def _offset_probe(OUT, bh, H, sb, sh):
+    _, b, h = A._split(bh, H)
+    tl.store(OUT, tl.sum(A._at(b, h, tl.arange(0, 1), tl.arange(0, 1), sb, sh, 0, 0)))
+
+
+def test_offsets_are_64_bit():
+    """b * stride past 2**31 (a [B, H, N, D] tensor of more than 2**31 elements) must not wrap."""
+    out = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    bh, heads, sb, sh = 70_000 * 12 + 5, 12, 12 * 577 * 64, 577 * 64
+    _offset_probe[(1,)](out, bh, heads, sb, sh)
+    assert int(out) == (bh // heads) * sb + (bh % heads) * sh > 2**31
+
+
+def test_the_compiled_student_with_triton_attention_is_one_graph():
+    """The kernel is a custom operator: Dynamo traces a ViT using it without a graph break, and
+    the compiled model gives the eager forward and gradients."""
+    import torch._dynamo
+
+    from fastdeit.config import ModelConfig
+    from fastdeit.models import build_model, set_attention
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="deit_tiny_distilled", patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                                    drop_path=0.0), 5, 32).to(DEVICE)
+    set_attention(model, "triton")
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for net in (model, compiled):
+        model.zero_grad()
+        out = net(x)
+        sum(o.sum() for o in out).backward()
+        results.append(([o.detach() for o in out], [p.grad.clone() for p in model.parameters()]))
+    (out_e, grad_e), (out_c, grad_c) = results
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out_e, out_c))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grad_e, grad_c))
+
+
+@pytest.mark.gpu
+def test_inductor_compiles_the_triton_op_on_a_gpu():
+    """On a GPU the kernels are triton_ops: Inductor compiles them into the student's graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    q, k, v = qkv(4, 6, 198, 64, torch.bfloat16)
+    compiled = torch.compile(lambda a, b, c: A.triton_attention(a, b, c), fullgraph=True)
+    assert rel_err(compiled(q, k, v), A.reference_attention(q, k, v)) < 2e-2
