@@ -164,15 +164,15 @@ def verify(cfg: TrainConfig, index: ImageIndex, cache: Path, batches: int, conso
     rng = np.random.default_rng(0)
     picks = sorted(rng.choice(covered, size=min(batches, covered), replace=False).tolist())
     loaders = Loaders(choose_loader(cfg.data.loader, live.device)[0], cfg.data, spec, live.device)
-    equal = total = 0
+    counts = torch.zeros(2, dtype=torch.float64, device=live.device)  # equal, total
     with _progress(console) as bar:
         task = bar.add_task("verifying", total=len(picks), img_s="-")
         for g in picks:
             epoch, at = divmod(g, steps)
             prepared = cached.prepare(next(iter(loaders.train(index, epoch, at))))
-            e, n = agreement(live.teacher, prepared.images, prepared.plan, prepared.teacher)
-            equal, total = equal + e, total + n
+            counts += agreement(live.teacher, prepared.images, prepared.plan, prepared.teacher)
             bar.update(task, advance=1)
+    equal, total = counts.tolist()
     return equal / max(total, 1)
 
 

@@ -62,26 +62,30 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
     failed to decode (ok False) are left out and counted in `bad`."""
     model.eval()
     n, bad = 0, 0
-    c1: dict[str, float] = {}
-    c5: dict[str, float] = {}
+    hits: dict[str, torch.Tensor] = {}  # head -> [top-1, top-5] correct, float64 on the device: read once at the end
     start = time.perf_counter()
     for images, labels, ok in batches:
-        keep = ok.bool()
-        bad += int((~keep).sum())
-        images, labels = images[keep].to(device, non_blocking=True), labels[keep].to(device)
-        if len(labels) == 0:
+        keep = ok.bool()  # on the host
+        kept = int(keep.sum())
+        bad += len(keep) - kept
+        if kept == 0:
             continue
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if kept < len(keep):  # rare: unreadable files in this batch
+            rows = keep.nonzero().view(-1).to(device)
+            images, labels = images[rows], labels[rows]
         with autocast(device, amp_dtype):
             logits = head_logits(model, normalize(images))
         for head, out in logits.items():
-            k = min(5, out.shape[1])
-            top = out.float().topk(k, dim=1).indices
+            top = out.float().topk(min(5, out.shape[1]), dim=1).indices
             hit = top == labels.view(-1, 1)
-            c1[head] = c1.get(head, 0.0) + float(hit[:, 0].sum())
-            c5[head] = c5.get(head, 0.0) + float(hit.any(dim=1).sum())
-        n += len(labels)
+            counts = torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).double()
+            hits[head] = hits[head] + counts if head in hits else counts
+        n += kept
+    read = {head: c.tolist() for head, c in hits.items()}  # the one wait for the device
     sync(device)
-    return EvalResult(n=n, correct1=c1, correct5=c5, bad=bad, seconds=time.perf_counter() - start)
+    return EvalResult(n=n, correct1={h: c[0] for h, c in read.items()}, correct5={h: c[1] for h, c in read.items()},
+                      bad=bad, seconds=time.perf_counter() - start)
 
 
 def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,

@@ -127,14 +127,16 @@ class Loaders:
                 self._dali = dali.DaliTrainLoader(index, self.spec, self.device, self.data.workers,
                                                   self.rank, self.world, self.data.roi_decode, self.data.hw_decode)
             return self._dali.epoch(epoch, start_step)
-        return train_loader(index, self.spec, epoch, start_step, self.data.workers, self.rank, self.world)
+        return train_loader(index, self.spec, epoch, start_step, self.data.workers, self.rank, self.world,
+                            pin=self.device.type == "cuda")
 
     def eval(self, index: ImageIndex, rows: np.ndarray | None = None) -> Iterable:
         d = self.data
         if self.kind == "dali":
             return dali.dali_eval_batches(self._pil_checked(index, rows), d.img_size, d.crop_pct, d.eval_batch_size,
                                           self.device, d.workers, rows, d.hw_decode)
-        return eval_loader(index, d.img_size, d.crop_pct, d.eval_batch_size, d.workers, rows)
+        return eval_loader(index, d.img_size, d.crop_pct, d.eval_batch_size, d.workers, rows,
+                           pin=self.device.type == "cuda")
 
     def _pil_checked(self, index: ImageIndex, rows: np.ndarray | None) -> ImageIndex:
         """The val index with the files PIL cannot decode skipped, checked once per run: DALI

@@ -22,10 +22,10 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from fastdeit.config import TrainConfig
-from fastdeit.device import autocast
+from fastdeit.device import autocast, to_device
 from fastdeit.dist import step_seed
 from fastdeit.distill import DistillationLoss
-from fastdeit.pipelines.tail import apply_tail
+from fastdeit.pipelines.tail import apply_tail, tail_inputs
 from fastdeit.pipelines.torch import LoadedBatch
 from fastdeit.plan import BatchPlan
 from fastdeit.teachers import TeacherSource
@@ -62,10 +62,17 @@ class Step:
     reseed: tuple[int, int] | None = None
 
     def prepare(self, batch: LoadedBatch) -> Prepared:
-        """Device transfer, the tail and the teacher's outputs for the batch's plan."""
+        """Device transfer, the tail and the teacher's outputs for the batch's plan. What the
+        tail and the teacher need of the plan and the cache crosses to the device as one
+        buffer, in one asynchronous copy; nothing here waits for the device."""
+        host = tail_inputs(batch.plan, batch.labels.numpy())
+        if self.teacher is not None:
+            host.update(self.teacher.inputs(batch.plan))
+        inputs = to_device(host, self.device)
         x = batch.images.to(self.device, non_blocking=True)
-        tail = apply_tail(x, batch.labels, batch.plan, self.num_classes, self.smoothing, self.amp or torch.float32)
-        teacher = self.teacher(tail.images, batch.plan) if self.teacher is not None else None
+        tail = apply_tail(x, batch.labels, batch.plan, self.num_classes, self.smoothing, self.amp or torch.float32,
+                          inputs)
+        teacher = self.teacher(tail.images, batch.plan, inputs) if self.teacher is not None else None
         return Prepared(tail.images, tail.soft_labels, teacher, batch.plan, batch.bad)
 
     def update(self, batch: Prepared, number: int) -> dict[str, torch.Tensor]:

@@ -26,19 +26,32 @@ from torchvision.ops import roi_align
 
 from fastdeit.config import DistillMode, TrainConfig
 from fastdeit.data.folder import ImageIndex
-from fastdeit.device import autocast
+from fastdeit.device import autocast, to_device
 from fastdeit.errors import UserError
 from fastdeit.plan import BatchPlan
 from fastdeit.rundir import RunDir
 from fastdeit.teacher_cache import CacheReader, identity
 
+Inputs = dict[str, torch.Tensor]
+
 
 class TeacherSource(Protocol):
     name: str
 
-    def __call__(self, images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
-        """Teacher logits [b, classes] (float32) or hard labels [b] for the batch's rows."""
+    def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
+        """What the source needs of the plan and its cache on the device, as host arrays
+        (names prefixed with the source's name): Step.prepare copies them with the tail's in
+        one transfer."""
         ...
+
+    def __call__(self, images: torch.Tensor, plan: BatchPlan, inputs: Inputs | None = None) -> torch.Tensor:
+        """Teacher logits [b, classes] (float32) or hard labels [b] for the batch's rows;
+        `inputs`: `self.inputs(plan)` already on the device (else copied here)."""
+        ...
+
+
+def _on_device(source: TeacherSource, plan: BatchPlan, inputs: Inputs | None, device: torch.device) -> Inputs:
+    return inputs if inputs is not None else to_device(source.inputs(plan), device)
 
 
 class LiveTeacher:
@@ -48,17 +61,22 @@ class LiveTeacher:
         self.teacher = teacher
         self.amp_dtype = amp_dtype
 
-    def __call__(self, images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+    def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
+        return {}
+
+    def __call__(self, images: torch.Tensor, plan: BatchPlan, inputs: Inputs | None = None) -> torch.Tensor:
         # no_grad rather than inference_mode: the logits are saved by the loss's backward.
         with torch.no_grad(), autocast(images.device, self.amp_dtype):
             return self.teacher(images).float()
 
 
-def agreement(live: LiveTeacher, images: torch.Tensor, plan: BatchPlan, teacher: torch.Tensor) -> tuple[int, int]:
-    """(equal, total): how many of a source's hard labels for this batch the live teacher gives."""
+def agreement(live: LiveTeacher, images: torch.Tensor, plan: BatchPlan, teacher: torch.Tensor) -> torch.Tensor:
+    """[equal, total] (float64, on the device: reading it is left to the caller) of a source's
+    hard labels for this batch against the live teacher's."""
     want = live(images, plan).argmax(1)
     got = teacher if teacher.dim() == 1 else teacher.argmax(1)
-    return int((want == got).sum()), len(want)
+    total = torch.full((), float(len(want)), dtype=torch.float64, device=want.device)  # no host-to-device copy
+    return torch.stack([(want == got).sum().double(), total])
 
 
 def replay_records(logits: torch.Tensor, topk: int, dtype: np.dtype) -> np.ndarray:
@@ -95,13 +113,18 @@ class ReplayTeacher:
         self.reader, self.rows_per_epoch = reader, rows_per_epoch
         self.num_classes, self.mode, self.tau = num_classes, mode, tau
 
-    def __call__(self, images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+    def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
         rec = self.reader.rows(plan.epoch * self.rows_per_epoch + plan.pos)
-        dev = images.device
         if self.mode == "hard":
-            return torch.from_numpy(rec["label"].astype(np.int64)).to(dev)
-        idx, val = torch.from_numpy(rec["idx"]).to(dev), torch.from_numpy(rec["val"]).to(dev)
-        logp = topk_log_probs(idx, val, torch.from_numpy(rec["lse"]).to(dev), self.num_classes, self.tau)
+            return {"replay.label": rec["label"].astype(np.int64)}
+        return {"replay.idx": rec["idx"].astype(np.int64), "replay.val": rec["val"].astype(np.float32),
+                "replay.lse": rec["lse"].astype(np.float32)}
+
+    def __call__(self, images: torch.Tensor, plan: BatchPlan, inputs: Inputs | None = None) -> torch.Tensor:
+        d = _on_device(self, plan, inputs, images.device)
+        if self.mode == "hard":
+            return d["replay.label"]
+        logp = topk_log_probs(d["replay.idx"], d["replay.val"], d["replay.lse"], self.num_classes, self.tau)
         return logp * self.tau  # the loss divides by τ again: log_softmax(logp) == logp
 
 
@@ -115,27 +138,39 @@ def labelmap_records(probs: torch.Tensor, topk: int, dtype: np.dtype) -> np.ndar
     return rec
 
 
-def pooled_scores(rec: np.ndarray, crops: np.ndarray, sizes: np.ndarray, grid: int, num_classes: int,
-                  device: torch.device) -> torch.Tensor:
-    """RoIAlign of each sample's label map over its crop box: [b, classes] class distributions.
-
-    The map covers the whole source image on a grid x grid lattice of cells; RoIAlign is
-    linear, so pooling an identity map gives each cell's weight for the box, and the sparse
-    top-k probabilities are scattered with those weights."""
+def pooling_inputs(rec: np.ndarray, crops: np.ndarray, sizes: np.ndarray, grid: int) -> dict[str, np.ndarray]:
+    """The host side of `pooled`: each sample's crop box in cells of its map (RoIAlign's
+    [batch index, x0, y0, x1, y1]), and the map's top-k classes and scores."""
     b = len(rec)
     w_src = np.maximum(sizes[:, 0], 1).astype(np.float32)
     h_src = np.maximum(sizes[:, 1], 1).astype(np.float32)
     left, top, cw, ch = (crops[:, k].astype(np.float32) for k in range(4))
     boxes = np.stack([np.zeros(b, np.float32), left / w_src * grid, top / h_src * grid,
                       (left + cw) / w_src * grid, (top + ch) / h_src * grid], axis=1)
+    return {"labelmap.boxes": boxes, "labelmap.idx": rec["idx"].astype(np.int64),  # idx, val: [b, cells, k]
+            "labelmap.val": rec["val"].astype(np.float32)}
+
+
+def pooled(inputs: Inputs, grid: int, num_classes: int) -> torch.Tensor:
+    """RoIAlign of each sample's label map over its crop box: [b, classes] class distributions.
+
+    The map covers the whole source image on a grid x grid lattice of cells; RoIAlign is
+    linear, so pooling an identity map gives each cell's weight for the box, and the sparse
+    top-k probabilities are scattered with those weights."""
+    boxes, idx, val = inputs["labelmap.boxes"], inputs["labelmap.idx"], inputs["labelmap.val"]
+    b, device = len(boxes), boxes.device
     eye = torch.eye(grid * grid, device=device).view(1, grid * grid, grid, grid)
-    weights = roi_align(eye, torch.from_numpy(boxes).to(device), output_size=1, spatial_scale=1.0,
-                        sampling_ratio=2, aligned=True).view(b, grid * grid)
-    idx = torch.from_numpy(rec["idx"].astype(np.int64)).to(device)  # [b, cells, k]
-    val = torch.from_numpy(rec["val"]).to(device).float()
+    weights = roi_align(eye, boxes, output_size=1, spatial_scale=1.0, sampling_ratio=2,
+                        aligned=True).view(b, grid * grid)  # [b, cells]
     scores = torch.zeros(b, num_classes, device=device)
     scores.scatter_add_(1, idx.view(b, -1), (weights.unsqueeze(2) * val).view(b, -1))
     return scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def pooled_scores(rec: np.ndarray, crops: np.ndarray, sizes: np.ndarray, grid: int, num_classes: int,
+                  device: torch.device) -> torch.Tensor:
+    """`pooled` of cache rows and crop boxes given on the host."""
+    return pooled(to_device(pooling_inputs(rec, crops, sizes, grid), device), grid, num_classes)
 
 
 class LabelMapTeacher:
@@ -148,13 +183,16 @@ class LabelMapTeacher:
         self.reader, self.sizes, self.grid = reader, sizes, grid
         self.num_classes, self.mode, self.tau = num_classes, mode, tau
 
-    def __call__(self, images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
-        dev = images.device
-        rec = self.reader.rows(plan.index)
-        scores = pooled_scores(rec, plan.crop, self.sizes[plan.index], self.grid, self.num_classes, dev)
+    def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
+        return {**pooling_inputs(self.reader.rows(plan.index), plan.crop, self.sizes[plan.index], self.grid),
+                "labelmap.lam": plan.lam.astype(np.float32), "labelmap.partner": plan.partner.astype(np.int64)}
+
+    def __call__(self, images: torch.Tensor, plan: BatchPlan, inputs: Inputs | None = None) -> torch.Tensor:
+        d = _on_device(self, plan, inputs, images.device)
+        scores = pooled(d, self.grid, self.num_classes)
         if (plan.lam < 1).any():
-            lam = torch.from_numpy(plan.lam).to(dev).view(-1, 1)
-            scores = lam * scores + (1 - lam) * scores[torch.from_numpy(plan.partner).to(dev)]
+            lam = d["labelmap.lam"].view(-1, 1)
+            scores = lam * scores + (1 - lam) * scores[d["labelmap.partner"]]
         if self.mode == "hard":
             return scores.argmax(dim=1)
         return torch.log(scores.clamp_min(1e-8)) * self.tau

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 
@@ -108,7 +107,7 @@ class Trainer:
     def train_epoch(self, bar: TrainProgress, stop: StopSignal) -> dict[str, float]:
         """Run the rest of the current epoch; returns images, seconds, img/s and data-wait."""
         p, st, run = self.parts, self.state, self.cfg.run
-        first, agree = st.step, np.zeros(2)
+        first, agree = st.step, torch.zeros(2, dtype=torch.float64, device=p.device)  # read at the epoch's end
         self.meter.start_epoch()
         for batch in p.loaders.train(p.data.train, st.epoch, st.step):
             self.meter.data_ready()
@@ -133,7 +132,7 @@ class Trainer:
                 hook(st.updates)
         stats = self.meter.end_epoch()
         st.elapsed += stats["seconds"]
-        agree = dist.all_reduce(torch.tensor(agree, dtype=torch.float64), self.world).tolist()
+        agree = dist.all_reduce(agree, self.world).tolist()
         return {**stats, "target_agreement": agree[0] / agree[1]} if agree[1] else stats
 
     def log_step(self, losses: dict[str, torch.Tensor], bad: int, bar: TrainProgress) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD
+from fastdeit.device import to_device
 from fastdeit.plan import BatchPlan
 
 _M32 = 0xFFFFFFFF
@@ -27,14 +28,19 @@ class TailOutput:
     soft_labels: torch.Tensor  # [b, classes] float32: smoothed one-hot labels mixed with the plan's λ
 
 
+_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [b, 3, H, W] -> (x / 255 - mean) / std, in float32 then cast."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    if images.device not in _MEAN_STD:  # made once per device: no copy in the step
+        _MEAN_STD[images.device] = (torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255,
+                                    torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255)
+    mean, std = _MEAN_STD[images.device]
     return images.float().sub_(mean).div_(std).to(dtype)  # in place on the fresh float copy
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
     """A 32-bit integer hash on int64 tensors holding uint32 values. Multipliers stay below
     2**31 so every product fits in int64 and CPU and CUDA agree bit for bit."""
     x = x ^ (x >> 16)
@@ -44,9 +50,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _base_key(seed: int, epoch: int) -> int:
+    """The (seed, epoch) part of the keys, hashed on the host: a Python int, no tensor to copy."""
+    key = _mix32(_mix32((seed & _M32) ^ 0x5EED) ^ (epoch & _M32))
+    return int(key)
+
+
 def _keys(seed: int, epoch: int, pos: torch.Tensor) -> torch.Tensor:
-    key = _mix32(_mix32(torch.tensor((seed & _M32) ^ 0x5EED, device=pos.device)) ^ (epoch & _M32))
-    return _mix32(key ^ (pos.to(torch.int64) & _M32))
+    return _mix32((pos.to(torch.int64) & _M32) ^ _base_key(seed, epoch))
 
 
 def _normal(key: torch.Tensor, elem: torch.Tensor) -> torch.Tensor:
@@ -75,7 +86,7 @@ def erase_box_noise(seed: int, epoch: int, pos: int, c: int, s: int, box: tuple[
     ch = torch.arange(c, device=device).view(-1, 1, 1) * (s * s)
     ys = torch.arange(top, top + h, device=device).view(1, -1, 1) * s
     xs = torch.arange(left, left + w, device=device).view(1, 1, -1)
-    key = _keys(seed, epoch, torch.tensor(pos, device=device))
+    key = int(_mix32((pos & _M32) ^ _base_key(seed, epoch)))
     return _normal(key, ch + ys + xs)
 
 
@@ -93,7 +104,18 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
     return y.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
 
 
-def _erase(x: torch.Tensor, plan: BatchPlan) -> None:
+def tail_inputs(plan: BatchPlan, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """What the tail needs of the plan on the device, as host arrays (Step.prepare copies them
+    with the teacher's in one transfer): labels, λ, partners and the erased rows' boxes."""
+    rows = np.flatnonzero(plan.erase[:, 2] > 0)
+    e = plan.erase[rows]  # (top, left, h, w) -> (y0, y1, x0, x1)
+    return {"labels": np.asarray(labels, np.int64), "lam": plan.lam.astype(np.float32),
+            "partner": plan.partner.astype(np.int64), "erase_rows": rows.astype(np.int64),
+            "erase_box": np.stack([e[:, 0], e[:, 0] + e[:, 2], e[:, 1], e[:, 1] + e[:, 3]], 1).astype(np.int64),
+            "erase_pos": plan.pos[rows].astype(np.int64)}
+
+
+def _erase(x: torch.Tensor, plan: BatchPlan, inputs: dict[str, torch.Tensor]) -> None:
     """Random erasing in place, with per-pixel noise (timm's 'pixel' mode)."""
     rows = np.flatnonzero(plan.erase[:, 2] > 0)
     if not len(rows):
@@ -107,17 +129,14 @@ def _erase(x: torch.Tensor, plan: BatchPlan) -> None:
                                                                    (top, left, h, w), x.device)
         return
     # On a GPU one vectorised pass beats hundreds of small kernels.
-    e = plan.erase[rows]  # (top, left, h, w) -> (y0, y1, x0, x1)
-    box = torch.from_numpy(np.stack([e[:, 0], e[:, 0] + e[:, 2], e[:, 1], e[:, 1] + e[:, 3]], 1)).to(x.device)
-    noise = erase_noise(plan.seed, plan.epoch, torch.from_numpy(plan.pos[rows]).to(x.device), (c, s, s))
-    r = torch.from_numpy(rows).to(x.device)
-    x[r] = torch.where(_box_mask(box, s), noise, x[r])
+    noise = erase_noise(plan.seed, plan.epoch, inputs["erase_pos"], (c, s, s))
+    r = inputs["erase_rows"]
+    x[r] = torch.where(_box_mask(inputs["erase_box"], s), noise, x[r])
 
 
-def _mix(x: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+def _mix(x: torch.Tensor, plan: BatchPlan, partner: torch.Tensor) -> torch.Tensor:
     """Mixup or cutmix, one contiguous mix group at a time (groups share λ and box)."""
-    dev = x.device
-    xp = x[torch.from_numpy(plan.partner).to(dev)]
+    xp = x[partner]
     out = torch.empty_like(x)
     for g0 in range(0, len(plan), plan.group):
         rows = slice(g0, g0 + plan.group)
@@ -132,15 +151,18 @@ def _mix(x: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
 
 
 def apply_tail(images: torch.Tensor, labels: torch.Tensor, plan: BatchPlan, num_classes: int,
-               smoothing: float, dtype: torch.dtype = torch.float32) -> TailOutput:
+               smoothing: float, dtype: torch.dtype = torch.float32,
+               inputs: dict[str, torch.Tensor] | None = None) -> TailOutput:
     """uint8 images (on the device) + their plan -> the student's input and its soft labels.
-    Branches read the plan's host arrays, never device tensors: no device sync."""
-    dev = images.device
+    `inputs`: `tail_inputs` already on the device (else copied here). Branches read the
+    plan's host arrays, never device tensors: no device sync."""
+    if inputs is None:
+        inputs = to_device(tail_inputs(plan, labels.numpy()), images.device)
     x = normalize(images)
-    _erase(x, plan)
-    y = smooth_one_hot(labels.to(dev), num_classes, smoothing)
+    _erase(x, plan, inputs)
+    y = smooth_one_hot(inputs["labels"], num_classes, smoothing)
     if (plan.lam < 1).any():
-        x = _mix(x, plan)
-        lam = torch.from_numpy(plan.lam).to(dev).view(-1, 1)
-        y = lam * y + (1 - lam) * y[torch.from_numpy(plan.partner).to(dev)]
+        x = _mix(x, plan, inputs["partner"])
+        lam = inputs["lam"].view(-1, 1)
+        y = lam * y + (1 - lam) * y[inputs["partner"]]
     return TailOutput(images=x.to(dtype), soft_labels=y)

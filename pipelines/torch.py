@@ -9,7 +9,7 @@ tail (pipelines/tail.py) does the rest on the device.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -37,6 +37,11 @@ class LoadedBatch:
     labels: torch.Tensor
     plan: BatchPlan
     bad: tuple[str, ...]
+
+    def pin_memory(self) -> LoadedBatch:
+        """A copy in pinned memory (DataLoader calls it with pin_memory=True): the step's
+        copy to the GPU is then asynchronous."""
+        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory())
 
 
 def rand_augment_op(img: Image.Image, name: str, arg: float, interpolation: str = "bicubic") -> Image.Image:
@@ -135,14 +140,14 @@ def _one_thread(_: int) -> None:
 
 
 def train_loader(index: ImageIndex, spec: PlanSpec, epoch: int, start_step: int, workers: int,
-                 rank: int = 0, world: int = 1) -> Iterator[LoadedBatch]:
-    """Batches of one epoch from `start_step`, in plan order."""
+                 rank: int = 0, world: int = 1, pin: bool = False) -> Iterator[LoadedBatch]:
+    """Batches of one epoch from `start_step`, in plan order; in pinned memory with `pin`."""
     data = TrainBatches(index, spec, epoch, start_step, rank, world)
     if workers == 0:
-        return (data[k] for k in range(len(data)))
+        return (data[k].pin_memory() if pin else data[k] for k in range(len(data)))
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
-        worker_init_fn=_one_thread, prefetch_factor=4, persistent_workers=False,
+        worker_init_fn=_one_thread, prefetch_factor=4, persistent_workers=False, pin_memory=pin,
         generator=torch.Generator())  # its own seed draw: the global RNG (drop path) stays untouched
     return iter(loader)
 
@@ -174,10 +179,11 @@ class EvalSamples(torch.utils.data.Dataset):
 
 
 def eval_loader(index: ImageIndex, img_size: int, crop_pct: float, batch_size: int, workers: int,
-                rows: np.ndarray | None = None) -> torch.utils.data.DataLoader:
+                rows: np.ndarray | None = None, pin: bool = False) -> torch.utils.data.DataLoader:
     data = EvalSamples(index, img_size, crop_pct, rows=rows)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       worker_init_fn=_one_thread if workers else None, generator=torch.Generator())
+                                       worker_init_fn=_one_thread if workers else None, pin_memory=pin,
+                                       generator=torch.Generator())
 
 
 class SquareImages(torch.utils.data.Dataset):

@@ -56,6 +56,41 @@ def test_training_verify_and_the_benchmark_prepare_the_same_batch(tiny_data, tmp
     assert torch.equal(training.update(ours, 1)["loss"], bench["replay"].update(theirs, 1)["loss"])
 
 
+def _sources(tiny_data, tmp_path):
+    """The throughput benchmark's Steps (none, live, replay, labelmap) of a tiny plan that uses
+    erasing and mixup/cutmix, and one batch of it."""
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), tmp_path / "teacher.pt")
+    cfg = build_train_config("demo", {
+        "data.path": tiny_data, "model.name": "deit_tiny_distilled", "run.out": tmp_path / "run",
+        "sched.epochs": 1, "data.img_size": 32, "run.batch_size": 16, "distill.mode": "hard",
+        "distill.teacher": "resnet10t", "distill.teacher_ckpt": tmp_path / "teacher.pt", "run.device": "cpu"},
+        ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8", "aug.mix_group=8",
+         "aug.mixup=0.8", "aug.cutmix=1.0", "aug.reprob=0.5", "data.workers=0", "run.progress=false"])
+    (tmp_path / "bench").mkdir()
+    steps = load_benchmark("throughput").distill_steps(cfg, tmp_path / "bench", QUIET)
+    batch = next(iter(Loaders("torch", cfg.data, PlanSpec.from_config(cfg), torch.device("cpu"))
+                      .train(load_data(cfg).train, 0, 0)))
+    return steps, batch
+
+
+def test_a_step_copies_the_plan_to_the_device_once(tiny_data, tmp_path, monkeypatch):
+    """What the tail and the teacher source need of the plan and the cache crosses to the
+    device as one buffer: no tensor is made from numpy, nor from Python values, on the way."""
+    import fastdeit.step
+
+    steps, batch = _sources(tiny_data, tmp_path)
+    made, packs = [], []
+    real_from_numpy, real_tensor, real_pack = torch.from_numpy, torch.tensor, fastdeit.step.to_device
+    monkeypatch.setattr(torch, "from_numpy", lambda *a: made.append("from_numpy") or real_from_numpy(*a))
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append("tensor") or real_tensor(*a, **k))
+    monkeypatch.setattr(fastdeit.step, "to_device", lambda *a: packs.append(1) or real_pack(*a))
+    for name, step in steps.items():
+        made.clear(), packs.clear()
+        step.prepare(batch)
+        assert (made, len(packs)) == ([], 1), name
+
+
 def test_meter_counts_training_time_only():
     now = [0.0]
     meter = Meter(clock=lambda: now[0])
@@ -78,3 +113,26 @@ def test_meter_counts_training_time_only():
     assert stats["images"] == 50 and stats["seconds"] == pytest.approx(10.0)
     assert stats["train_img_s"] == pytest.approx(5.0) and stats["data_wait"] == pytest.approx(0.25)
     assert meter.seconds() == 0.0  # between epochs
+
+
+@pytest.mark.gpu
+def test_the_gpu_step_never_waits_for_the_device(tiny_data, tmp_path):
+    """Prepare and update, with each teacher source, under torch.cuda.set_sync_debug_mode('error')."""
+    import dataclasses
+
+    steps, batch = _sources(tiny_data, tmp_path)
+    gpu = torch.device("cuda")
+    batch = dataclasses.replace(batch, images=batch.images.pin_memory(), labels=batch.labels.pin_memory())
+    for step in steps.values():
+        step = dataclasses.replace(step, device=gpu, amp=torch.bfloat16, model=step.model.to(gpu))
+        if step.teacher is not None and hasattr(step.teacher, "teacher"):
+            step.teacher.teacher.to(gpu)
+        step.optimizer = torch.optim.AdamW(step.model.parameters(), lr=1e-4, fused=True)
+        step.update(step.prepare(batch), 1)  # warm-up: lazy state, cuBLAS handles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step.update(step.prepare(batch), 2)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
