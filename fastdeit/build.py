@@ -38,7 +38,15 @@ from fastdeit.device import amp_dtype, resolve_device
 from fastdeit.dist import World
 from fastdeit.errors import ConfigError
 from fastdeit.loaders import Loaders, choose_loader, read_skip_list
-from fastdeit.models import build_model, choose_attention, compile_model, is_distilled, load_teacher, set_attention
+from fastdeit.models import (
+    build_model,
+    choose_attention,
+    compile_model,
+    is_distilled,
+    load_teacher,
+    ready_teacher,
+    set_attention,
+)
 from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.rundir import atomic_write_text
 from fastdeit.step import Step, make_step
@@ -92,6 +100,8 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
     amp = amp_dtype(cfg.run.amp, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # static shapes: each convolution's fastest algorithm, found once
     data = load_data(cfg)
     if len(data.classes) == 1:
         console.print(f"warning: {cfg.data.path} has a single class ({data.classes[0]}): a classifier has nothing "
@@ -161,8 +171,11 @@ def open_teacher(cfg: TrainConfig, data: Data, student: nn.Module, world: World,
         raise ConfigError("distill.mode", f"{d.mode} needs a student with a distillation token: use "
                                           f"{cfg.model.name}_distilled (or another deit_*_distilled)")
     # A replay run reads the teacher's outputs: its weights only serve to check the cache.
-    teacher = load_teacher(d, len(data.classes), cfg.data.img_size, device if d.targets != "replay" else
-                           torch.device("cpu"))
+    if d.targets == "replay":
+        teacher = load_teacher(d, len(data.classes), cfg.data.img_size, torch.device("cpu"))
+    else:
+        teacher = ready_teacher(load_teacher(d, len(data.classes), cfg.data.img_size, device), device,
+                                cfg.run.compile)
     prepare_label_maps(cfg, data.train, teacher, world, console)
     return open_teacher_source(cfg, data.train, teacher, device, amp, console)
 

@@ -25,7 +25,7 @@ from fastdeit.data.folder import ImageIndex, load_dataset
 from fastdeit.device import amp_dtype, autocast, resolve_device, sync
 from fastdeit.errors import UserError
 from fastdeit.loaders import Loaders, choose_loader, read_skip_list
-from fastdeit.models import load_teacher
+from fastdeit.models import load_teacher, ready_teacher
 from fastdeit.pipelines.tail import normalize
 from fastdeit.pipelines.torch import square_loader
 from fastdeit.plan import PlanSpec, steps_per_epoch
@@ -57,7 +57,8 @@ def live_step(cfg: TrainConfig, index: ImageIndex) -> tuple[Step, nn.Module]:
     """The run's Step (prepare only) with the live teacher as its source, and the teacher."""
     device = resolve_device(cfg.run.device)
     amp = amp_dtype(cfg.run.amp, device)
-    teacher = load_teacher(cfg.distill, len(index.classes), cfg.data.img_size, device)
+    teacher = ready_teacher(load_teacher(cfg.distill, len(index.classes), cfg.data.img_size, device), device,
+                            cfg.run.compile)  # as a live run has it
     return make_step(cfg, device, amp, len(index.classes), LiveTeacher(teacher, amp)), teacher
 
 
@@ -109,7 +110,8 @@ def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Cons
     """One teacher pass per whole image; resumes a killed build."""
     device = resolve_device(cfg.run.device)
     amp = amp_dtype(cfg.run.amp, device)
-    teacher = teacher or load_teacher(cfg.distill, len(index.classes), cfg.data.img_size, device)
+    teacher = teacher or ready_teacher(load_teacher(cfg.distill, len(index.classes), cfg.data.img_size, device),
+                                       device, cfg.run.compile)
     size = cfg.distill.labelmap_size or cfg.data.img_size
     with torch.no_grad(), autocast(device, amp):
         probe = cell_probs(teacher, torch.zeros(1, 3, size, size, device=device))

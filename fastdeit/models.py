@@ -7,6 +7,7 @@ resampled when the grid differs (fine-tuning at another size).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.utils import reparameterize_model
 from torch import nn
 
 from fastdeit.config import AttnBackend, CompileMode, DistillConfig, ModelConfig, choices
@@ -127,6 +129,34 @@ def load_teacher(cfg: DistillConfig, num_classes: int, img_size: int, device: to
     model.fastdeit_name = model_cfg.name if cfg.teacher_ckpt else cfg.teacher  # caches record it
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state_dict's names, dtypes, shapes and bytes, in sorted key order."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def teacher_sha256(teacher: nn.Module) -> str:
+    """The hash of the teacher's weights as trained (before `ready_teacher` folded anything)."""
+    return getattr(teacher, "fastdeit_sha256", None) or weights_sha256(teacher.state_dict())
+
+
+def ready_teacher(teacher: nn.Module, device: torch.device, compile_mode: CompileMode) -> nn.Module:
+    """The frozen teacher at full speed for the step, the same wherever it runs (a live run,
+    a cache build): BatchNorm folded where timm can (reparameterize_model), channels_last on
+    CUDA (its input follows, in LiveTeacher), compiled in the student's mode. The hash of its
+    weights is taken first: caches are keyed by the weights as trained."""
+    teacher.fastdeit_sha256 = teacher_sha256(teacher)
+    teacher = reparameterize_model(teacher, inplace=True).eval().requires_grad_(False)
+    if device.type == "cuda":
+        teacher = teacher.to(memory_format=torch.channels_last)
+    compile_model(teacher, compile_mode, device)
+    return teacher
 
 
 def _head_classes(sd: dict[str, torch.Tensor]) -> int | None:

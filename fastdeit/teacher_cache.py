@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from fastdeit.config import CacheMode, TrainConfig
 from fastdeit.data.folder import ImageIndex
 from fastdeit.errors import UserError, differences
+from fastdeit.models import teacher_sha256
 from fastdeit.plan import PlanSpec
 from fastdeit.rundir import atomic_write, atomic_write_bytes
 
@@ -37,16 +37,6 @@ MANIFEST = "manifest.json"
 # Keys that say what the rows mean: a run and a cache must agree on all of them.
 IDENTITY_KEYS = ("format", "mode", "teacher", "teacher_sha256", "dataset", "num_classes", "plan", "topk",
                  "amp", "shard_rows", "record_dtype", "labelmap_size")
-
-
-def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 of a state_dict's names, dtypes, shapes and bytes, in sorted key order."""
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def replay_dtype(topk: int, num_classes: int) -> np.dtype:
@@ -70,7 +60,7 @@ def identity(cfg: TrainConfig, mode: CacheMode, index: ImageIndex, teacher: nn.M
     """What a cache's rows mean; a run and its cache must agree on every key."""
     d = cfg.distill
     name = d.teacher or getattr(teacher, "fastdeit_name", type(teacher).__name__)
-    out = {"format": FORMAT, "mode": mode, "teacher": name, "teacher_sha256": weights_sha256(teacher.state_dict()),
+    out = {"format": FORMAT, "mode": mode, "teacher": name, "teacher_sha256": teacher_sha256(teacher),
            "dataset": index.fingerprint(), "num_classes": len(index.classes)}
     if mode == "replay":
         out["plan"] = PlanSpec.from_config(cfg).to_json()

@@ -65,6 +65,8 @@ class LiveTeacher:
         return {}
 
     def __call__(self, images: torch.Tensor, plan: BatchPlan, inputs: Inputs | None = None) -> torch.Tensor:
+        if images.device.type == "cuda":  # the teacher's convolutions run channels_last (models.ready_teacher)
+            images = images.contiguous(memory_format=torch.channels_last)
         # no_grad rather than inference_mode: the logits are saved by the loss's backward.
         with torch.no_grad(), autocast(images.device, self.amp_dtype):
             return self.teacher(images).float()

@@ -91,6 +91,32 @@ def test_a_step_copies_the_plan_to_the_device_once(tiny_data, tmp_path, monkeypa
         assert (made, len(packs)) == ([], 1), name
 
 
+def test_the_live_teacher_runs_as_the_student_does(tiny_data, tmp_path):
+    """Frozen, in eval mode, compiled when the student is (and, on CUDA, channels_last with
+    cudnn.benchmark), in training and in the distill benchmark alike; caches stay keyed by
+    the weights as trained."""
+    import dataclasses
+
+    from fastdeit.models import weights_sha256
+    from fastdeit.rundir import read_weights
+
+    steps, _ = _sources(tiny_data, tmp_path)
+    cfg = build_train_config("demo", {
+        "data.path": tiny_data, "model.name": "deit_tiny_distilled", "run.out": tmp_path / "run2", "sched.epochs": 1,
+        "data.img_size": 32, "run.batch_size": 16, "distill.mode": "hard", "distill.teacher": "resnet10t",
+        "distill.teacher_ckpt": tmp_path / "teacher.pt", "run.device": "cpu", "run.compile": "default"},
+        ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8", "aug.mix_group=8"])
+    benchmark_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=str(tmp_path / "b2")))
+    (tmp_path / "b2").mkdir()
+    for step in (build_run(cfg, SINGLE, QUIET).step, load_benchmark("throughput").distill_steps(
+            benchmark_cfg, tmp_path / "b2", QUIET)["live"]):
+        teacher = step.teacher.teacher
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        assert teacher._compiled_call_impl is not None  # compiled in the student's mode
+        assert teacher.fastdeit_sha256 == weights_sha256(read_weights(tmp_path / "teacher.pt")[0])
+    assert steps["live"].teacher.teacher._compiled_call_impl is None  # --compile none: eager, as the student
+
+
 def test_meter_counts_training_time_only():
     now = [0.0]
     meter = Meter(clock=lambda: now[0])
@@ -136,3 +162,17 @@ def test_the_gpu_step_never_waits_for_the_device(tiny_data, tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_teacher_runs_channels_last_with_cudnn_benchmark(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), tmp_path / "teacher.pt")
+    cfg = build_train_config("demo", {
+        "data.path": tiny_data, "model.name": "deit_tiny_distilled", "run.out": tmp_path / "run",
+        "data.img_size": 32, "run.batch_size": 16, "distill.mode": "hard", "distill.teacher": "resnet10t",
+        "distill.teacher_ckpt": tmp_path / "teacher.pt", "run.device": "cuda"},
+        ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8", "aug.mix_group=8"])
+    teacher = build_run(cfg, SINGLE, QUIET).step.teacher.teacher
+    conv = next(m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d))
+    assert torch.backends.cudnn.benchmark and conv.weight.is_contiguous(memory_format=torch.channels_last)
