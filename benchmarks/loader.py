@@ -12,11 +12,14 @@ workers), and prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +44,30 @@ def recipe_config(data: Path, img_size: int, batch: int, device: torch.device) -
     return with_section(cfg, "run", batch_size=batch, device=device.type)
 
 
+def timed_rate(batches: Iterator, consume: Callable[[Any], int], warmup: int, steps: int,
+               device: torch.device) -> float:
+    """Images per second over `steps` batches in steady state: the clock starts after `warmup`
+    batches (callers pass at least the loader's prefetch depth, so the batches decoded before
+    the clock started are used up first); `batches` may run over several epochs. Fewer timed
+    batches than asked for is an error, never a figure."""
+    timed = images = 0
+    t0 = 0.0
+    for k, batch in enumerate(batches):
+        if k == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        count = consume(batch)
+        if k >= warmup:
+            timed, images = timed + 1, images + count
+        if timed == steps:
+            break
+    if timed < steps:
+        raise SystemExit(f"the loader gave {warmup + timed} batches, {warmup + steps} are needed: use more data "
+                         f"(--make-data) or fewer --steps")
+    sync(device)
+    return images / (time.perf_counter() - t0)
+
+
 def fastdeit_rate(kind: str, cfg: TrainConfig, index: ImageIndex, device: torch.device, workers: int, steps: int,
                   warmup: int) -> float:
     """kind: torch, dali (region-of-interest decoding) or dali-full (whole image, then crop).
@@ -48,19 +75,9 @@ def fastdeit_rate(kind: str, cfg: TrainConfig, index: ImageIndex, device: torch.
     data = replace(cfg.data, workers=workers, roi_decode=kind != "dali-full")
     loaders = Loaders("dali" if kind.startswith("dali") else kind, data, PlanSpec.from_config(cfg), device)
     step = make_step(cfg, device, amp_dtype(cfg.run.amp, device), len(index.classes))
-    t0, n = 0.0, 0
-    for k, batch in enumerate(loaders.train(index, 0, 0)):
-        if k == warmup:
-            sync(device)
-            t0 = time.perf_counter()
-        out = step.prepare(batch)
-        if k >= warmup:
-            n += len(batch.labels)
-        if k + 1 == warmup + steps:
-            break
-    sync(device)
-    del out
-    return n / (time.perf_counter() - t0)
+    depth = 2 if kind.startswith("dali") else 4 * max(workers, 1)  # DALI's queue; DataLoader's prefetch_factor 4
+    epochs = itertools.chain.from_iterable(loaders.train(index, e, 0) for e in itertools.count())
+    return timed_rate(epochs, lambda b: len(step.prepare(b).soft_labels), max(warmup, depth + 1), steps, device)
 
 
 def _posterize_zero_bits_is_black() -> None:
@@ -93,20 +110,13 @@ def baseline_rate(root: Path, img_size: int, batch: int, device: torch.device, w
                                          persistent_workers=workers > 0)
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, mode="batch", label_smoothing=0.1,
                   num_classes=num_classes)
-    t0, n, k = 0.0, 0, 0
-    while k < warmup + steps:
-        for x, y in loader:
-            if k == warmup:
-                sync(device)
-                t0 = time.perf_counter()
-            x, y = mixup(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            if k >= warmup:
-                n += len(y)
-            k += 1
-            if k == warmup + steps:
-                break
-    sync(device)
-    return n / (time.perf_counter() - t0)
+
+    def consume(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        _, y = mixup(batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
+        return len(y)
+
+    epochs = (b for _ in itertools.count() for b in loader)
+    return timed_rate(epochs, consume, max(warmup, 2 * max(workers, 1) + 1), steps, device)  # prefetch_factor 2
 
 
 def make_data(n: int, root: Path | None) -> Path:
@@ -175,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "loader", **measured_on(device),
         "settings": {"batch_size": a.batch_size, "img_size": a.img_size, "workers": a.workers, "steps": a.steps,
-                     "warmup": a.warmup, "repeats": a.repeats, "images": len(index),
+                     "warmup": a.warmup, "warmup_rule": "at least the loader's prefetch depth + 1",
+                     "repeats": a.repeats, "images": len(index),
                      "data": "synthetic 375-500 px" if a.make_data else "user data",
                      "recipe": "deit (RandAugment m9, mixup/cutmix, erasing)"},
         "img_per_s": results,

@@ -71,3 +71,25 @@ def test_labelmap_scale_reports_each_size(tiny_data, tmp_path):
     assert rc == 0 and report["trained_img_size"] == 32 and report["images"] == 24
     assert [r["grid"] for r in report["sizes"].values()] == [1, 2]
     assert report["sizes"]["32"]["map_agrees_with_teacher"] == 1.0  # one cell: the map is the teacher's output
+
+
+def test_loader_timing_starts_after_the_prefetched_batches_and_never_reports_too_few():
+    import pytest
+    import torch
+
+    loader = load("loader")
+    seen = []
+    rate = loader.timed_rate(iter(range(100)), lambda b: seen.append(b) or 4, warmup=5, steps=10,
+                             device=torch.device("cpu"))
+    assert seen == list(range(15)) and rate > 0  # 5 untimed (the prefetch depth), 10 timed
+    with pytest.raises(SystemExit, match="gave 8 batches, 15 are needed"):
+        loader.timed_rate(iter(range(8)), lambda b: 4, warmup=5, steps=10, device=torch.device("cpu"))
+
+
+def test_loader_benchmark_times_across_epochs(tiny_data, tmp_path):
+    """More timed batches than one epoch holds: the benchmark runs on into the next epochs."""
+    out = tmp_path / "loader.json"
+    rc = load("loader").main(["--data", str(tiny_data), "--device", "cpu", "--workers", "0", "--batch-size", "16",
+                              "--img-size", "32", "--steps", "6", "--warmup", "1", "--repeats", "1",
+                              "--loader", "torch", "--out", str(out)])  # 4 batches an epoch
+    assert rc == 0 and json.loads(out.read_text())["img_per_s"]["torch"] > 0
