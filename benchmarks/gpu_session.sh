@@ -1,46 +1,104 @@
 #!/usr/bin/env bash
-# The GPU measurements, one part per call of at most ten minutes, for a lent GPU machine
-# whose image has torch, timm and triton but not fastdeit (and not DALI: see `loader`).
+# The GPU measurements, one part per call of at most ten minutes, for a lent GPU machine whose
+# image has torch, timm and triton but not fastdeit (nor DALI: see `loader`). GPU time is
+# scarce (assume about twelve minutes in all, machine start included, once): the parts are
+# listed in the order to run them, the most valuable first, and together they should take
+# about ten minutes on an H100 (the estimates beside them are guesses until a run says).
 #
-#   bash benchmarks/gpu_session.sh tests       # pytest -m gpu: bf16 Triton kernel, DALI GPU graph, flex backward
-#   bash benchmarks/gpu_session.sh attention   # Triton vs SDPA's kernels, forward + backward, DeiT-Ti/S/B shapes
-#   bash benchmarks/gpu_session.sh model       # DeiT-Ti/S/B distilled, eager vs compiled, sdpa vs triton
-#   bash benchmarks/gpu_session.sh distill     # none / live / replay / labelmap at 224 px
-#   bash benchmarks/gpu_session.sh loader      # DALI GPU (ROI and full decoding) vs the official pipeline
+#   bash benchmarks/gpu_session.sh tests       # ~2 min  pytest -m gpu: bf16 kernel, compiled triton_op, DALI GPU graph, no host sync in the step
+#   bash benchmarks/gpu_session.sh step-s      # ~2 min  DeiT-S distilled, eager vs compiled (SDPA), batch 256, 224 px
+#   bash benchmarks/gpu_session.sh step-b      # ~2 min  DeiT-B distilled, the same
+#   bash benchmarks/gpu_session.sh loader      # ~1 min  DALI on the GPU (ROI and full decoding) vs the official pipeline
+#   bash benchmarks/gpu_session.sh attention   # ~1 min  Triton vs SDPA's kernels, forward + backward, DeiT-Ti/S/B shapes
+#   bash benchmarks/gpu_session.sh step-triton # ~2 min  DeiT-S/B with --attn triton, eager and compiled
+#   bash benchmarks/gpu_session.sh distill     # ~2 min  none / live / replay / labelmap targets, DeiT-S <- RegNetY-16GF
+#   bash benchmarks/gpu_session.sh step-ti     # ~1 min  DeiT-Ti distilled, eager vs compiled
 #
-# Results go to $OUT (the device tool brings them back) or benchmarks/results/; each JSON
-# names the device, the versions and the date.
+#   bash benchmarks/gpu_session.sh --dry all   # every part at toy size on the CPU, nothing installed (the tests run it)
+#
+# Results go to $OUT (the device tool brings them back) or benchmarks/results/. Each JSON names
+# the device, the versions, the date and the commit, and is written again after every variant,
+# so a part cut short keeps what it measured.
 set -euo pipefail
-part=${1:?"which part: tests | attention | model | distill | loader"}
+dry=0
+if [ "${1:-}" = "--dry" ]; then dry=1; shift; fi
+part=${1:?"which part: tests | step-s | step-b | loader | attention | step-triton | distill | step-ti | all (with --dry)"}
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-').lower())")
-# fastdeit.kernels and fastdeit.pipelines are mapped by setuptools' package-dir: install, no deps.
-python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/gpu-$part.txt"
+py=${PYTHON:-python}
 
-case "$part" in
-  tests)
-    python -m pytest -q -m gpu tests 2>&1 | tee "$out/pytest-gpu.txt" | tail -20 ;;
-  attention)
-    python benchmarks/throughput.py --section attention --device cuda --steps 25 \
-      --out "$out/throughput-attention-$gpu.json" ;;
-  model)
-    python benchmarks/throughput.py --device cuda --img-size 224 --batch-sizes 256 \
-      --models deit_tiny_distilled,deit_small_distilled,deit_base_distilled \
-      --attn sdpa,triton --compile none,auto --steps 20 --warmup 5 --repeats 3 \
-      --out "$out/throughput-model-$gpu.json" ;;
-  distill)
-    python benchmarks/throughput.py --section distill --device cuda --student deit_small_distilled \
-      --teacher regnety_160 --img-size 224 --batch-size 256 --steps 10 --warmup 3 --repeats 3 \
-      --out "$out/throughput-distill-$gpu.json" ;;
-  loader)
-    if ! python -c "import nvidia.dali" 2>/dev/null; then
-      echo "DALI is not installed here: bring it with ../shared/tools/stage-gpu-wheels (see .gpuwheels/HOWTO)"
-      exit 2
-    fi
-    python benchmarks/loader.py --make-data 2000 --device cuda --workers 16 --batch-size 256 --img-size 224 \
-      --steps 30 --warmup 5 --repeats 3 --out "$out/loader-$gpu.json" ;;
-  *)
-    echo "unknown part $part: tests | attention | model | distill | loader"; exit 2 ;;
-esac
+if [ "$dry" = 1 ]; then
+  dev=cpu; tag=dry; compiled=none
+  export TRITON_INTERPRET=1  # the Triton kernel on the CPU
+  model_args=(--device cpu --img-size 32 --patch-size 8 --batch-sizes 4 --steps 1 --warmup 1 --repeats 1)
+else
+  dev=cuda; compiled=none,auto
+  tag=$($py -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-').lower())")
+  model_args=(--device cuda --img-size 224 --batch-sizes 256 --steps 20 --warmup 5 --repeats 3)
+  # fastdeit.kernels and fastdeit.pipelines are mapped by setuptools' package-dir: install, no deps.
+  $py -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/gpu-$part.txt"
+fi
+# Device, driver and versions first: a cut run still says what it ran on.
+$py -c "import platform, torch, timm; print('python', platform.python_version(), 'torch', torch.__version__,
+'cuda', torch.version.cuda, 'timm', timm.__version__,
+'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" | tee -a "$out/gpu-$part.txt"
+
+step() {  # step NAME MODELS ATTN COMPILE
+  $py benchmarks/throughput.py "${model_args[@]}" --models "$2" --attn "$3" --compile "$4" \
+    --out "$out/throughput-$1-$tag.json"
+}
+
+run_part() {
+  case "$1" in
+    tests)
+      if [ "$dry" = 1 ]; then
+        $py -m pytest -q -m gpu tests/test_pipeline_dali.py -p no:cacheprovider 2>&1 | tail -3  # collected, skipped on a CPU
+      else
+        $py -m pytest -q -m gpu tests 2>&1 | tee "$out/pytest-gpu.txt" | tail -20
+      fi ;;
+    step-s) step step-s deit_small_distilled sdpa "$compiled" ;;
+    step-b) step step-b deit_base_distilled sdpa "$compiled" ;;
+    step-ti) step step-ti deit_tiny_distilled sdpa "$compiled" ;;
+    step-triton)
+      step step-triton "$([ "$dry" = 1 ] && echo deit_tiny_distilled || echo deit_small_distilled,deit_base_distilled)" \
+        triton "$compiled" ;;
+    attention)
+      $py benchmarks/throughput.py --section attention --device "$dev" --steps "$([ "$dry" = 1 ] && echo 1 || echo 25)" \
+        --out "$out/throughput-attention-$tag.json" ;;
+    distill)
+      if [ "$dry" = 1 ]; then
+        $py benchmarks/throughput.py --section distill --device cpu --student deit_tiny_distilled --teacher resnet10t \
+          --img-size 32 --batch-size 8 --steps 1 --warmup 1 --repeats 1 --out "$out/throughput-distill-$tag.json"
+      else
+        $py benchmarks/throughput.py --section distill --device cuda --student deit_small_distilled \
+          --teacher regnety_160 --img-size 224 --batch-size 256 --steps 10 --warmup 3 --repeats 3 \
+          --out "$out/throughput-distill-$tag.json"
+      fi ;;
+    loader)
+      if ! $py -c "import nvidia.dali" 2>/dev/null; then
+        echo "DALI is not installed here: bring it with ../shared/tools/stage-gpu-wheels (see .gpuwheels/HOWTO)"
+        return 2
+      fi
+      if [ "$dry" = 1 ]; then
+        $py benchmarks/loader.py --make-data 40 --device cpu --workers 1 --batch-size 8 --img-size 32 \
+          --steps 1 --warmup 1 --repeats 1 --loader dali,torch --out "$out/loader-$tag.json"
+      else
+        $py benchmarks/loader.py --make-data 2000 --device cuda --workers 16 --batch-size 256 --img-size 224 \
+          --steps 30 --warmup 5 --repeats 3 --out "$out/loader-$tag.json"
+      fi ;;
+    *)
+      echo "unknown part $1: tests | step-s | step-b | loader | attention | step-triton | distill | step-ti"
+      return 2 ;;
+  esac
+}
+
+if [ "$part" = all ]; then
+  [ "$dry" = 1 ] || { echo "'all' is for --dry: on a GPU, one part per call"; exit 2; }
+  for p in tests step-s step-b loader attention step-triton distill step-ti; do
+    echo "== $p"
+    run_part "$p"
+  done
+else
+  run_part "$part"
+fi

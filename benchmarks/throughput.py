@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -170,10 +171,11 @@ def _median_rate(fn, images: int, steps: int, warmup: int, device: torch.device)
     return steps * images / (time.perf_counter() - t0)
 
 
-def model_section(a: argparse.Namespace, device: torch.device, console: Console) -> list[dict]:
+def model_section(a: argparse.Namespace, device: torch.device, console: Console, rows: list[dict],
+                  save: Callable[[], None]) -> list[dict]:
+    """Each variant's row is appended to `rows` and saved at once: a run cut short keeps what it measured."""
     variants = [(m, b, at, c) for m in a.models.split(",") for b in map(int, a.batch_sizes.split(","))
                 for at in a.attn.split(",") for c in a.compile.split(",")]
-    rows = []
     for name, batch, attn, comp in variants:
         console.print(f"model: {name} batch {batch} attn {attn} compile {comp} ...")
         try:
@@ -181,6 +183,7 @@ def model_section(a: argparse.Namespace, device: torch.device, console: Console)
         except Exception as e:  # e.g. out of memory at this batch: recorded, not fatal
             console.print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             rows.append({"model": name, "batch": batch, "attn": attn, "compile": comp, "error": str(e)[:300]})
+        save()
     return rows
 
 
@@ -225,7 +228,8 @@ def measure_student(a: argparse.Namespace, name: str, batch: int, attn: str, com
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
-def attention_section(a: argparse.Namespace, device: torch.device, console: Console) -> list[dict]:
+def attention_section(a: argparse.Namespace, device: torch.device, console: Console, rows: list[dict],
+                      save: Callable[[], None]) -> list[dict]:
     """Forward + backward of one attention layer per backend, bf16, on DeiT-Ti/S/B shapes."""
     from torch.nn.attention import SDPBackend
 
@@ -233,14 +237,13 @@ def attention_section(a: argparse.Namespace, device: torch.device, console: Cons
 
     if device.type != "cuda":
         console.print("attention: needs a CUDA device, skipped")
-        return []
+        return rows
     side = a.img_size // a.patch_size
     n = side * side + 2  # patches + class and distillation tokens: 198 at 224 px
     candidates = [("triton", A.triton_attention), ("sdpa (default)", A.sdpa_attention),
                   ("sdpa flash", partial(_sdpa_with, SDPBackend.FLASH_ATTENTION)),
                   ("sdpa cudnn", partial(_sdpa_with, SDPBackend.CUDNN_ATTENTION)),
                   ("sdpa efficient", partial(_sdpa_with, SDPBackend.EFFICIENT_ATTENTION))]
-    rows = []
     for name, heads in (("deit_tiny", 3), ("deit_small", 6), ("deit_base", 12)):
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(a.attn_batch, heads, n, 64, device=device, dtype=torch.bfloat16, generator=g)
@@ -252,9 +255,11 @@ def attention_section(a: argparse.Namespace, device: torch.device, console: Cons
                 ms = A._time_fwd_bwd(fn, q, k, v, repeats=a.steps * 4)
             except Exception as e:  # a kernel that does not take this shape or dtype
                 rows.append({"shape": name, "tokens": n, "backend": label, "error": str(e)[:200]})
+                save()
                 continue
             rows.append({"shape": name, "tokens": n, "heads": heads, "head_dim": 64, "batch": a.attn_batch,
                          "backend": label, "ms_fwd_bwd": ms, "tflop_s": flop / ms / 1e9})
+            save()
     return rows
 
 
@@ -360,11 +365,14 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "img_size": a.img_size,
                            "threads": torch.get_num_threads(), "peak_flops": peak_flops(device)},
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
+    def save() -> None:
+        write_report(report, a.out)
+
     if a.section == "model":
-        report["model"] = model_section(a, device, console)
+        model_section(a, device, console, report.setdefault("model", []), save)
         _print_model(report["model"], f"training step, {a.img_size} px, {report['device']}", gpu)
     elif a.section == "attention":
-        report["attention"] = attention_section(a, device, console)
+        attention_section(a, device, console, report.setdefault("attention", []), save)
         for r in report["attention"]:
             console.print(r)
     elif a.section == "scaling":

@@ -2,6 +2,7 @@
 
 import json
 
+from tiny import ROOT
 from tiny import load_benchmark as load
 
 
@@ -93,3 +94,21 @@ def test_loader_benchmark_times_across_epochs(tiny_data, tmp_path):
                               "--img-size", "32", "--steps", "6", "--warmup", "1", "--repeats", "1",
                               "--loader", "torch", "--out", str(out)])  # 4 batches an epoch
     assert rc == 0 and json.loads(out.read_text())["img_per_s"]["torch"] > 0
+
+
+def test_the_gpu_session_script_runs_every_part_dry(tmp_path):
+    """`bash benchmarks/gpu_session.sh --dry all`: every part at toy size on the CPU, so the
+    script a scarce GPU session runs cannot rot."""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run(["bash", "benchmarks/gpu_session.sh", "--dry", "all"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for part in ("step-s", "step-b", "step-ti", "step-triton"):
+        report = json.loads((tmp_path / f"throughput-{part}-dry.json").read_text())
+        assert report["device"] and report["versions"]["torch"] and report["git_commit"] is not None
+        assert report["model"] and all("error" not in row for row in report["model"]), part
+    assert set(json.loads((tmp_path / "loader-dry.json").read_text())["img_per_s"]) == {"dali", "torch"}
+    assert json.loads((tmp_path / "throughput-distill-dry.json").read_text())["distill"]["img_per_s"]["replay"] > 0
