@@ -70,9 +70,12 @@ def timed_rate(batches: Iterator, consume: Callable[[Any], int], warmup: int, st
 
 def fastdeit_rate(kind: str, cfg: TrainConfig, index: ImageIndex, device: torch.device, workers: int, steps: int,
                   warmup: int) -> float:
-    """kind: torch, dali (region-of-interest decoding) or dali-full (whole image, then crop).
-    Each batch is prepared by the run's Step (device transfer and the tail), as training does."""
-    data = replace(cfg.data, workers=workers, roi_decode=kind != "dali-full")
+    """kind: torch, dali (region-of-interest decoding), dali-full (whole image, then crop) or
+    dali-inline (as dali, with the plan and the file reads in the training thread instead of
+    cfg.data.read_workers processes). Each batch is prepared by the run's Step (device
+    transfer and the tail), as training does."""
+    data = replace(cfg.data, workers=workers, roi_decode=kind != "dali-full",
+                   read_workers=0 if kind == "dali-inline" else cfg.data.read_workers)
     loaders = Loaders("dali" if kind.startswith("dali") else kind, data, PlanSpec.from_config(cfg), device)
     step = make_step(cfg, device, amp_dtype(cfg.run.amp, device), len(index.classes))
     depth = 2 if kind.startswith("dali") else 4 * max(workers, 1)  # DALI's queue; DataLoader's prefetch_factor 4
@@ -146,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=None, help="ImageFolder root (train/ is read)")
     p.add_argument("--make-data", type=int, default=0, metavar="N",
                    help="write N ImageNet-sized synthetic JPEGs (375-500 px, quality 90) and use them")
-    p.add_argument("--loader", default="dali,dali-full,torch,baseline",
-                   help="comma-separated: dali (ROI decoding), dali-full (full decoding + crop), torch, baseline")
+    p.add_argument("--loader", default="dali,dali-inline,dali-full,torch,baseline",
+                   help="comma-separated: dali (ROI decoding), dali-inline (its reads in the training thread), "
+                        "dali-full (full decoding + crop), torch, baseline")
+    p.add_argument("--read-workers", type=int, default=2, help="DALI: processes that plan batches and read files")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--img-size", type=int, default=224)
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.batch_size % group:
         p.error(f"--batch-size must be a multiple of {group} (the mix group)")
     cfg = recipe_config(a.data, a.img_size, a.batch_size, device)
+    cfg = replace(cfg, data=replace(cfg.data, read_workers=a.read_workers))
     console = Console(stderr=True)
     kinds = [k for k in a.loader.split(",") if dali.available() or not k.startswith("dali")]
     if len(kinds) < len(a.loader.split(",")):
@@ -184,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {k: float(np.median(v)) for k, v in runs.items()}
     report = {
         "benchmark": "loader", **measured_on(device),
-        "settings": {"batch_size": a.batch_size, "img_size": a.img_size, "workers": a.workers, "steps": a.steps,
+        "settings": {"batch_size": a.batch_size, "img_size": a.img_size, "workers": a.workers,
+                     "read_workers": a.read_workers, "steps": a.steps,
                      "warmup": a.warmup, "warmup_rule": "at least the loader's prefetch depth + 1",
                      "repeats": a.repeats, "images": len(index),
                      "data": "synthetic 375-500 px" if a.make_data else "user data",

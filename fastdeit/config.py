@@ -59,6 +59,7 @@ class DataConfig:
     skip_list: str = ""  # a file of paths (as `fastdeit check-data` prints them) never to decode
     roi_decode: bool = True  # DALI: decode only the plan's crop box (else the whole image, then crop)
     hw_decode: bool = False  # DALI on a GPU: nvJPEG's hardware decoder for part of each batch (see README)
+    read_workers: int = 2  # DALI: processes that plan batches and read their files, off the training thread
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,7 @@ def validate(cfg: TrainConfig) -> None:
         (d.img_size >= 8, "data.img_size", f"must be at least 8, got {d.img_size}"),
         (0.1 < d.crop_pct <= 1.0, "data.crop_pct", f"must be in (0.1, 1], got {d.crop_pct}"),
         (d.workers >= 0, "data.workers", "must be >= 0"),
+        (d.read_workers >= 0, "data.read_workers", "must be >= 0 (0: read in the training thread)"),
         (d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1"),
         (m.patch_size >= 1, "model.patch_size", "must be >= 1"),
         (0.0 <= m.drop_path < 1.0, "model.drop_path", "must be in [0, 1)"),

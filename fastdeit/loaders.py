@@ -124,8 +124,9 @@ class Loaders:
             raise ValueError("this Loaders was made for evaluation only (no plan)")
         if self.kind == "dali":
             if self._dali is None:
-                self._dali = dali.DaliTrainLoader(index, self.spec, self.device, self.data.workers,
-                                                  self.rank, self.world, self.data.roi_decode, self.data.hw_decode)
+                self._dali = dali.DaliTrainLoader(index, self.spec, self.device, self.data.workers, self.rank,
+                                                  self.world, self.data.roi_decode, self.data.hw_decode,
+                                                  self.data.read_workers)
             return self._dali.epoch(epoch, start_step)
         return train_loader(index, self.spec, epoch, start_step, self.data.workers, self.rank, self.world,
                             pin=self.device.type == "cuda")

@@ -11,9 +11,8 @@ pipeline up to decoder and resampler differences (see tests/test_pipeline_dali.p
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -73,64 +72,56 @@ def substitute_bad_rows(plan: BatchPlan, bad: np.ndarray) -> np.ndarray:
     return take
 
 
-@dataclass
-class _Step:
-    plan: BatchPlan
-    labels: np.ndarray
-    bad: tuple[str, ...]
-
-
-@dataclass
+@dataclass(frozen=True)
 class PlanSource:
-    """fn.external_source callback: each call returns the graph inputs of the next step of
-    the epoch (this rank's shard), and queues its plan for the consumer."""
+    """The fn.external_source callback of a train pipeline: a pure function of the iteration,
+    which is step `start + iteration` of `epoch` (this rank's shard). It computes the step's
+    plan and reads its files, so with parallel=True DALI runs it in worker processes, ahead of
+    and away from the training thread. Outputs: the files, crop starts and shapes, flips, a
+    tag per row (epoch, step, whether the row's file was replaced), then three per RandAugment
+    layer."""
 
     index: ImageIndex
     spec: PlanSpec
     rank: int = 0
     world: int = 1
-    skip: set[int] = field(default_factory=set)
+    skip: frozenset[int] = frozenset()
     epoch: int = 0
-    next_step: int = 0
-    pending: deque = field(default_factory=deque)
-
-    def begin(self, epoch: int, start_step: int) -> None:
-        self.epoch, self.next_step = epoch, start_step
-        self.pending.clear()
+    start: int = 0
 
     @property
     def layers(self) -> int:
         ra = self.spec.rand_augment
         return ra.num_layers if ra is not None else 0
 
-    def __call__(self) -> tuple:
-        if self.next_step >= steps_per_epoch(self.spec, len(self.index)):
+    def plan(self, step: int) -> BatchPlan:
+        return make_plan(self.spec, self.index.sizes, self.epoch, step).shard(self.rank, self.world)
+
+    def __call__(self, info) -> tuple:
+        step = self.start + info.iteration
+        if step >= steps_per_epoch(self.spec, len(self.index)):
             raise StopIteration
-        plan = make_plan(self.spec, self.index.sizes, self.epoch, self.next_step).shard(self.rank, self.world)
-        self.next_step += 1
-        data = {}
+        plan = self.plan(step)
+        data, refused = {}, set()
         for i in dict.fromkeys(int(i) for i in plan.index if i not in self.skip):
             data[i] = np.fromfile(self.index.root / self.index.paths[i], dtype=np.uint8)
-            if not dali_format(data[i]):  # a format DALI does not read: skipped like an unreadable file
-                self.skip.add(i)
-        bad = np.array([i in self.skip for i in plan.index])
+            if not dali_format(data[i]):  # a format DALI does not read: replaced like an unreadable file
+                refused.add(i)
+        bad = np.array([i in self.skip or i in refused for i in plan.index])
         take = substitute_bad_rows(plan, bad)
-        idx = plan.index[take]
-        files = [data[int(i)] for i in idx]
+        files = [data[int(i)] for i in plan.index[take]]
         crop = plan.crop[take]
-        tag = np.tile(np.array([plan.epoch, plan.step], np.int64), (len(plan), 1))  # travels with the batch
+        tag = np.stack([np.full(len(plan), plan.epoch), np.full(len(plan), plan.step), bad], 1).astype(np.int64)
         out = [files, crop[:, :2].copy(), crop[:, 2:].copy(), plan.flip[take].astype(np.int32), tag]
         for layer in range(self.layers):
             kind, mat, scalar = layer_params(self.spec.ra_ops, plan.ra_op[take, layer], plan.ra_arg[take, layer],
                                              self.spec.img_size)
             out += [kind, mat, scalar]
-        self.pending.append(_Step(plan, self.index.labels[idx],
-                                  tuple(self.index.paths[i] for i in plan.index[bad])))
         return tuple(out)
 
 
 def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: int, device_id: int | None,
-                         prefetch: int = 2, roi_decode: bool = True, hw_decode: bool = False):
+                         prefetch: int = 2, roi_decode: bool = True, hw_decode: bool = False, readers: int = 0):
     """The train graph: decode the plan's box (as a region of interest, or the whole image then
     a crop: some DALI versions cannot use nvJPEG's hardware decoder for regions), resize, flip,
     the plan's RandAugment."""
@@ -138,7 +129,8 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
 
     @pipeline_def(enable_conditionals=True)
     def graph():
-        inputs = fn.external_source(source=source, num_outputs=5 + 3 * layers, batch=True)
+        inputs = fn.external_source(source=source, num_outputs=5 + 3 * layers, batch=True, batch_info=True,
+                                    **({"parallel": True, "prefetch_queue_depth": 2} if readers > 0 else {}))
         files, start, shape, flip, tag = inputs[:5]
         # EXIF orientation is ignored, as PIL and the plan (which reads header sizes) do.
         decoder = decoder_options(device, hw_decode)
@@ -155,8 +147,10 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
             img = apply_layer(img, kind, mat, scalar, device, size)
         return img, tag
 
+    # Spawned readers do not inherit this process's CUDA state; forking is faster where there is none.
+    start = "spawn" if torch.cuda.is_initialized() else "fork"
     return graph(batch_size=batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=prefetch,
-                 seed=0, exec_dynamic=True)
+                 seed=0, exec_dynamic=True, py_num_workers=max(readers, 1), py_start_method=start)
 
 
 # Leading bytes of the formats DALI's decoders read. A file in any other format (a GIF named
@@ -185,8 +179,13 @@ _BLANK = _blank_jpeg(_BLANK_SIZE)
 
 
 def dali_format(data: np.ndarray) -> bool:
-    """Whether a file's bytes are in a format DALI decodes (judged from its first bytes)."""
+    """Whether DALI may be fed a file: a format its decoders read (judged from the first
+    bytes) and, for a JPEG, an end-of-image marker near its end. A truncated JPEG makes the
+    decoder fail, and after such failures this DALI sometimes crashes the process: files it
+    would fail on are kept from it, replaced like unreadable ones."""
     head = data[:12].tobytes()
+    if head.startswith(b"\xff\xd8\xff"):
+        return b"\xff\xd9" in data[-1024:].tobytes()
     return head.startswith(_DALI_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
@@ -248,73 +247,82 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
 class DaliTrainLoader:
     """Batches of the plan, decoded and augmented by DALI, as LoadedBatch on `device`.
 
-    A file DALI cannot decode at run time is found, reported in `bad`, added to the skip
-    set, and the epoch continues from the first batch not yet delivered. Every batch carries
-    the (epoch, step) it was planned for through the graph and is checked against it: a new
-    `epoch()` call after an epoch cut short starts a fresh pipeline (the old one holds
-    batches prefetched for the old position), and the older iterator ends with an error."""
+    Each `epoch()` call runs a fresh pipeline from its (epoch, step): nothing prefetched for
+    another position can come out of it, and every batch's tag is checked against the step it
+    was planned for. With `readers` > 0 the plan and the file reads run in that many worker
+    processes (DALI's parallel external source), off the training thread. A file DALI cannot
+    decode is found, reported in `bad`, skipped from then on, and the epoch continues from the
+    first batch not yet delivered."""
 
     def __init__(self, index: ImageIndex, spec: PlanSpec, device: torch.device, threads: int,
-                 rank: int = 0, world: int = 1, roi_decode: bool = True, hw_decode: bool = False) -> None:
+                 rank: int = 0, world: int = 1, roi_decode: bool = True, hw_decode: bool = False,
+                 readers: int = 0) -> None:
         if not available():
             raise RuntimeError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
         self.index, self.spec, self.device = index, spec, device
-        self.threads = max(1, threads)
-        self.source = PlanSource(index, spec, rank, world, skip=set(index.skip))
+        self.threads, self.readers = max(1, threads), readers
+        self.rank, self.world = rank, world
+        self.skip = set(index.skip)
         self.batch = spec.batch_size // world
         self.roi_decode, self.hw_decode = roi_decode, hw_decode
-        self.pipe = None
         self.generation = 0  # counts epoch() calls: an iterator of an earlier call stops
-        self.at_end = True  # the pipeline ran to the end of its epoch: nothing in flight
 
     def _device_id(self) -> int | None:
         return (self.device.index or 0) if self.device.type == "cuda" else None
 
-    def _build(self) -> None:
-        self.pipe = build_train_pipeline(self.source, self.batch, "gpu" if self._device_id() is not None else "cpu",
-                                         self.threads, self._device_id(), roi_decode=self.roi_decode,
-                                         hw_decode=self.hw_decode)
-        self.pipe.build()
+    def _source(self, epoch: int, start: int) -> PlanSource:
+        return PlanSource(self.index, self.spec, self.rank, self.world, frozenset(self.skip), epoch, start)
+
+    def _pipeline(self, source: PlanSource):
+        pipe = build_train_pipeline(source, self.batch, "gpu" if self._device_id() is not None else "cpu",
+                                    self.threads, self._device_id(), roi_decode=self.roi_decode,
+                                    hw_decode=self.hw_decode, readers=self.readers)
+        pipe.build()
+        return pipe
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[LoadedBatch]:
         self.generation += 1
-        self.source.begin(epoch, start_step)
-        if self.pipe is None or not self.at_end:
-            self._build()  # the old pipeline, if any, has batches of another position in flight
-        else:
-            self.pipe.reset()
-        self.at_end = False
-        return self._batches(epoch, self.generation)
+        return self._batches(epoch, start_step, self.generation)
 
-    def _batches(self, epoch: int, generation: int) -> Iterator[LoadedBatch]:
+    def _batches(self, epoch: int, step: int, generation: int) -> Iterator[LoadedBatch]:
+        source = self._source(epoch, step)
+        pipe = self._pipeline(source)
         while True:
             if generation != self.generation:
                 raise RuntimeError("this iterator belongs to an earlier epoch() call; another epoch was started")
             try:
-                out, tag = self.pipe.run()
+                out, tag = pipe.run()
             except StopIteration:
-                self.at_end = True
                 return
             except RuntimeError:
-                # Some file of the batches in flight failed to decode: find it, skip it from
-                # now on, and restart from the first batch not yet delivered.
-                first = self.source.pending[0].plan.step if self.source.pending else self.source.next_step
-                rows = sorted({int(i) for s in self.source.pending for i in s.plan.index} - self.source.skip)
-                culprits = dali_unreadable(self.index, rows, self._device_id())
-                if not culprits:
+                # A file of the batches in flight failed to decode: find it, skip it from now
+                # on, and start again at the first batch not yet delivered.
+                if not self._skip_culprits(source, step):
                     raise
-                self.source.skip.update(culprits)
-                self.source.begin(epoch, first)
-                _FAILED.append(self.pipe)
-                self._build()
+                _FAILED.append(pipe)
+                source = self._source(epoch, step)
+                pipe = self._pipeline(source)
                 continue
-            step = self.source.pending.popleft()
-            planned = tuple(int(v) for v in np.array(tag[0]))
-            if planned != (step.plan.epoch, step.plan.step):  # never a batch of another position
-                raise RuntimeError(f"DALI produced the batch of (epoch, step) {planned} where "
-                                   f"{(step.plan.epoch, step.plan.step)} was expected")
-            yield LoadedBatch(images=_to_torch(out, self.device), labels=torch.from_numpy(step.labels),
-                              plan=step.plan, bad=step.bad)
+            yield self._batch(source, step, out, np.array(tag.as_tensor()))
+            step += 1
+
+    def _skip_culprits(self, source: PlanSource, step: int) -> bool:
+        """Find the files DALI refuses among the batches that may be in flight; True if any."""
+        last = min(step + 4 + self.readers, steps_per_epoch(self.spec, len(self.index)))
+        rows = sorted({int(i) for s in range(step, last) for i in source.plan(s).index} - self.skip)
+        culprits = dali_unreadable(self.index, rows, self._device_id())
+        self.skip.update(culprits)
+        return bool(culprits)
+
+    def _batch(self, source: PlanSource, step: int, out, tag: np.ndarray) -> LoadedBatch:
+        if (int(tag[0, 0]), int(tag[0, 1])) != (source.epoch, step):  # never a batch of another position
+            raise RuntimeError(f"DALI produced the batch of (epoch, step) {tuple(int(v) for v in tag[0, :2])} "
+                               f"where {(source.epoch, step)} was expected")
+        plan, bad = source.plan(step), tag[:, 2].astype(bool)
+        self.skip.update(int(i) for i in plan.index[bad])  # files a reader refused: skipped from now on
+        labels = self.index.labels[plan.index[substitute_bad_rows(plan, bad)]]
+        return LoadedBatch(images=_to_torch(out, self.device), labels=torch.from_numpy(labels), plan=plan,
+                           bad=tuple(self.index.paths[i] for i in plan.index[bad]))
 
 
 def eval_geometry(sizes: np.ndarray, img_size: int, crop_pct: float) -> tuple[np.ndarray, np.ndarray]:

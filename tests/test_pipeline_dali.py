@@ -241,3 +241,26 @@ def test_gpu_batches_do_not_depend_on_the_world_size(tiny_data):
     whole = first_batches(index, s, 1, device=gpu)[0]
     shards = [first_batches(index, s, 1, world=3, rank=r, device=gpu)[0] for r in range(3)]
     assert torch.equal(torch.cat([b.images for b in shards]), whole.images)
+
+
+def test_plans_and_file_reads_run_in_reader_processes(tiny_data, tmp_path, monkeypatch):
+    """With read workers the external source runs in DALI's worker processes, off the training
+    thread; the batches are those of in-thread reading."""
+    import os
+
+    index, s = scan_split(tiny_data, "train"), spec(rand_augment="")
+    real = dali.PlanSource.__call__
+    log = tmp_path / "pids"
+
+    def logged(self, info):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(self, info)
+
+    monkeypatch.setattr(dali.PlanSource, "__call__", logged)  # forked readers inherit it
+    inline = [b.images for b in dali.DaliTrainLoader(index, s, CPU, threads=2, readers=0).epoch(0)]
+    assert set(log.read_text().split()) == {str(os.getpid())}
+    log.unlink()
+    parallel = [b.images for b in dali.DaliTrainLoader(index, s, CPU, threads=2, readers=2).epoch(0)]
+    assert str(os.getpid()) not in log.read_text().split()
+    assert len(parallel) == len(inline) == 3 and all(torch.equal(a, b) for a, b in zip(inline, parallel))
