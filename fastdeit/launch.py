@@ -156,9 +156,10 @@ def launch(cfg: TrainConfig, topo: Topology, resume: Path | None, console: Conso
     from torch.distributed.run import parse_args, run
 
     run_dir = RunDir(cfg.run.out)
-    run_dir.check_start(resume)  # before config.json is written over
+    if topo.node_rank == 0:  # node 0 owns the run folder (shared storage); the others may start later
+        run_dir.check_start(resume)  # before config.json is written over
     run_dir.create()
-    run_dir.write_config(cfg)
+    run_dir.write_config(cfg)  # every node writes the same file: each node's workers read it
     config, out = run_dir.config, run_dir.root
     console.print(f"launching {topo.world} {'GPU' if topo.gpus else 'CPU'} workers "
                   f"({topo.nodes} node(s) x {topo.per_node}) through torchrun; config: {config}")

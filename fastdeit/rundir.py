@@ -45,7 +45,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     When the write fails (a full disk), the temporary file is removed and the previous
     `path`, if any, is kept."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes writing the same file never share one
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -273,3 +273,17 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(runs, tiny_dat
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = steps(runs["two"]), steps(out)
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-6 for k in a)
+
+
+def test_two_nodes_on_one_machine_train_like_one_process(runs, tiny_data):
+    """Two launchers on 127.0.0.1, each one node of one CPU process, joined by the c10d
+    rendezvous (what `--nodes 2` does across machines sharing the run folder)."""
+    out, port = runs["root"] / "nodes", _free_port()
+    args = ["-c", "from fastdeit.cli import main; main()", "train", *COMMON, "--data", str(tiny_data),
+            "--out", str(out), "--gpus", "0", "--procs", "1", "--nodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    nodes = [subprocess.Popen([sys.executable, *args, "--node-rank", str(r)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = [n.communicate(timeout=600) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [r[1][-2000:] for r in results]
+    a, b = steps(runs["one"]), steps(out)
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
