@@ -35,7 +35,7 @@ from fastdeit.caching import build_labelmap
 from fastdeit.config import TrainConfig, per_rank_batch, scaled_lr
 from fastdeit.data.folder import ImageIndex, load_dataset
 from fastdeit.device import amp_dtype, resolve_device
-from fastdeit.dist import World
+from fastdeit.dist import SINGLE, World
 from fastdeit.errors import ConfigError
 from fastdeit.loaders import Loaders, choose_loader, read_skip_list
 from fastdeit.models import (
@@ -90,8 +90,16 @@ class RunParts:
     chosen: dict[str, str]  # what was picked and why: loader, attention, compile (the run's banner)
 
 
-def load_data(cfg: TrainConfig) -> Data:
-    return Data(*read_skip_list(cfg.data.skip_list, *load_dataset(cfg.data.path)))
+def load_data(cfg: TrainConfig, world: World = SINGLE) -> Data:
+    """The run's data. Its index is stored in run.cache_dir after the first scan: the first
+    process of each node scans (or checks the stored index), then the others reuse it."""
+    def scan() -> Data:
+        return Data(*read_skip_list(cfg.data.skip_list, *load_dataset(cfg.data.path,
+                                                                      cache_dir=cfg.run.cache_dir or None)))
+
+    data = scan() if world.local_rank == 0 else None
+    dist.barrier(world)
+    return data or scan()
 
 
 def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
@@ -102,7 +110,7 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
     amp = amp_dtype(cfg.run.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # static shapes: each convolution's fastest algorithm, found once
-    data = load_data(cfg)
+    data = load_data(cfg, world)
     if len(data.classes) == 1:
         console.print(f"warning: {cfg.data.path} has a single class ({data.classes[0]}): a classifier has nothing "
                       f"to learn from it", markup=False)

@@ -181,7 +181,7 @@ def verify(cfg: TrainConfig, index: ImageIndex, cache: Path, batches: int, conso
 def cache_teacher(cfg: TrainConfig, mode: CacheMode, out: Path, verify_batches: int, console: Console) -> dict:
     """The `fastdeit cache-teacher` command: build (or resume building) the cache, or with
     `verify_batches` re-run the teacher on that many cached batches. Returns what to print."""
-    train, _ = read_skip_list(cfg.data.skip_list, *load_dataset(cfg.data.path))
+    train, _ = read_skip_list(cfg.data.skip_list, *load_dataset(cfg.data.path, cache_dir=cfg.run.cache_dir or None))
     if verify_batches:
         agreed = verify(cfg, train, out, verify_batches, console)
         console.print(f"{verify_batches} batches re-run: {agreed:.2%} of the cached hard labels equal the "

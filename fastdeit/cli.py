@@ -227,6 +227,26 @@ def cache_teacher(
     print(json.dumps(run(cfg, mode, out, verify_batches, err)))
 
 
+@app.command("index")
+@command
+def index(data: Path = typer.Argument(..., help="ImageFolder root holding train/ and val/.")) -> None:
+    """Scan DATA once and store its index (file list and every image's size) for later starts."""
+    import time
+
+    from fastdeit.data.folder import load_dataset
+    from fastdeit.data.stored_index import stored_path
+
+    start = time.perf_counter()
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("reading headers", total=None)
+        train, val = load_dataset(data, lambda d, t: bar.update(task, completed=d, total=t), cache_dir())
+    seconds = time.perf_counter() - start
+    err.print(f"indexed {len(train)} train and {len(val)} val images of {data} in {seconds:.1f} s: "
+              f"{stored_path(cache_dir(), train.root)} and {stored_path(cache_dir(), val.root)}")
+    print(json.dumps({"train": len(train), "val": len(val), "seconds": seconds,
+                      "unreadable": len(train.skip) + len(val.skip)}))
+
+
 @app.command("check-data")
 @command
 def check_data(
@@ -248,7 +268,7 @@ def check_data(
     bad, refused = [], {d: 0 for d in decoders}
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("reading headers", total=None)
-        train, val = load_dataset(data, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        train, val = load_dataset(data, lambda d, t: bar.update(task, completed=d, total=t), cache_dir())
         for split, index in (("train", train), ("val", val)):
             tasks = {d: bar.add_task(f"decoding {split} ({d})", total=len(index)) for d in decoders}
             found = find_undecodable(index, decoders, dev,
@@ -285,7 +305,7 @@ def eval_cmd(
     check_choice("--loader", loader, Loader)
     if workers < 0:
         raise UserError(f"--workers must be >= 0 (0: load in this process), got {workers}")
-    res = evaluate_checkpoint(ckpt, data, device, batch_size, workers, ema, loader)
+    res = evaluate_checkpoint(ckpt, data, device, batch_size, workers, ema, loader, cache_dir())
     if head not in res.heads:
         raise UserError(f"--head {head}: this model has only the joint head (not distilled)")
     table = Table(title=f"{ckpt}")

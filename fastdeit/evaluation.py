@@ -89,7 +89,8 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
 
 
 def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,
-                        workers: int = 2, use_ema: bool = False, loader: Loader = "auto") -> EvalResult:
+                        workers: int = 2, use_ema: bool = False, loader: Loader = "auto",
+                        cache_dir: Path | None = None) -> EvalResult:
     """Top-1/top-5 of a fastdeit checkpoint on the val split of `data`, with the checkpoint's
     own image size and crop."""
     if batch_size < 1:
@@ -100,7 +101,7 @@ def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size
                         f"fine-tune from it with --set model.init={ckpt}")
     if use_ema:
         weights = read_ema_weights(ckpt)
-    _, val = load_dataset(data)
+    _, val = load_dataset(data, cache_dir=cache_dir)
     if list(val.classes) != meta["classes"]:
         raise UserError(f"{data} has classes {list(val.classes)[:5]}..., the checkpoint was trained on "
                         f"{meta['classes'][:5]}...")
