@@ -191,11 +191,14 @@ class FastAttention(Attention):
 
 def set_attention(model: nn.Module, backend: AttnBackend) -> int:
     """Route every timm Attention of `model` through `backend` (not `auto`); returns how many."""
-    from fastdeit.kernels import attention as kernels  # Triton is imported only when asked for
-
-    if backend not in kernels.BACKENDS:
+    if backend not in choices(AttnBackend) or backend == "auto":
         raise ConfigError("model.attn", f"must be one of {', '.join(choices(AttnBackend))}, got {backend!r}")
-    attend = partial(kernels.attention, backend=backend)
+    if backend == "sdpa":  # PyTorch's own: the kernels module (Triton, its custom ops) is imported only when asked for
+        attend = F.scaled_dot_product_attention
+    else:
+        from fastdeit.kernels import attention as kernels
+
+        attend = partial(kernels.attention, backend=backend)
     count = 0
     for module in model.modules():
         if type(module) in (Attention, FastAttention):
