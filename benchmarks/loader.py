@@ -6,6 +6,7 @@ baseline (timm's create_transform + a torch DataLoader + timm's Mixup, with the 
 workers), and prints a table and writes JSON.
 
     python benchmarks/loader.py --make-data 2000 --device cpu --workers 2
+    python benchmarks/loader.py --make-data 2000 --loader dali,torch --prepared 256,512   # + prepared copies
     python benchmarks/loader.py --data /path/to/imagenet --device cuda --workers 16 --batch-size 256
 """
 
@@ -27,12 +28,13 @@ from rich.console import Console
 from rich.table import Table
 
 from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, recipe, with_section
-from fastdeit.data.folder import ImageIndex, scan_split
+from fastdeit.data.folder import ImageIndex, load_dataset, scan_split
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.device import amp_dtype, sync
 from fastdeit.loaders import Loaders
 from fastdeit.pipelines import dali
 from fastdeit.plan import PlanSpec
+from fastdeit.preparing import PrepareOptions, prepare_data
 from fastdeit.provenance import measured_on, write_report
 from fastdeit.step import make_step
 
@@ -131,6 +133,18 @@ def make_data(n: int, root: Path | None) -> Path:
     return root
 
 
+def prepared_variants(data: Path, sides: list[int], where: Path, console: Console) -> dict[str, ImageIndex]:
+    """The train split of `data` prepared at each longest side (`fastdeit prepare-data`, made
+    once in `where`), keyed by the name its results take."""
+    out = {}
+    for side in sides:
+        folder = where / f"{data.resolve().name}-prepared-{side}"
+        console.print(f"preparing {data} at max side {side} in {folder} ...")
+        prepare_data(data, folder, PrepareOptions(max_side=side))
+        out[f"prepared {side}px"] = load_dataset(folder)[0]
+    return out
+
+
 def print_table(report: dict, title: str) -> None:
     results, runs = report["img_per_s"], report["img_per_s_runs"]
     table = Table(title=title)
@@ -160,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="rounds over all loaders; the median is reported")
+    p.add_argument("--prepared", default="", metavar="SIDES",
+                   help="also measure the fastdeit loaders on the data prepared at these max sides (e.g. 256,512)")
+    p.add_argument("--prepared-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")),
+                   help="where the prepared copies are made (once)")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -177,16 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for k in a.loader.split(",") if dali.available() or not k.startswith("dali")]
     if len(kinds) < len(a.loader.split(",")):
         console.print("dali: not installed, skipped")
-    runs: dict[str, list[float]] = {k: [] for k in kinds}
+    variants = {"": index, **prepared_variants(a.data, [int(v) for v in a.prepared.split(",") if v],
+                                                   a.prepared_dir, console)}
+    cases = [(k, v) for k in kinds for v in variants if k != "baseline" or not v]  # the baseline reads the tree
+    runs: dict[str, list[float]] = {f"{k}, {v}" if v else k: [] for k, v in cases}
     for r in range(a.repeats):  # rounds interleave the loaders, so drifts hit them alike
-        for kind in kinds:
-            console.print(f"round {r + 1}/{a.repeats}: {kind} ...")
+        for (kind, variant), name in zip(cases, runs):
+            console.print(f"round {r + 1}/{a.repeats}: {name} ...")
             if kind == "baseline":
                 rate = baseline_rate(a.data, a.img_size, a.batch_size, device, a.workers, a.steps, a.warmup,
                                      len(index.classes))
             else:
-                rate = fastdeit_rate(kind, cfg, index, device, a.workers, a.steps, a.warmup)
-            runs[kind].append(rate)
+                rate = fastdeit_rate(kind, cfg, variants[variant], device, a.workers, a.steps, a.warmup)
+            runs[name].append(rate)
     results = {k: float(np.median(v)) for k, v in runs.items()}
     report = {
         "benchmark": "loader", **measured_on(device),
@@ -194,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                      "read_workers": a.read_workers, "steps": a.steps,
                      "warmup": a.warmup, "warmup_rule": "at least the loader's prefetch depth + 1",
                      "repeats": a.repeats, "images": len(index),
+                     "prepared": {v: {"max_side": int(v.split()[1][:-2]), "mean_bytes": float(ix.nbytes.mean())}
+                                  for v, ix in variants.items() if v} or None,
+                     "source_mean_bytes": float(index.nbytes.mean()),
                      "data": "synthetic 375-500 px" if a.make_data else "user data",
                      "recipe": "deit (RandAugment m9, mixup/cutmix, erasing)"},
         "img_per_s": results,

@@ -6,7 +6,8 @@ of hard links to a few dozen synthetic 375-500 px JPEGs (the disk holds the few,
 system lists the many; the bytes read are in the page cache, so the figures are warm-cache
 figures). Measured, each in a fresh process: the first scan (every header read), a start with
 the stored index (listing + stat only), and a whole start to the first training step with the
-stored index (data, a DeiT-tiny student, the torch loader's first batch, one step). Costs are
+stored index (data, a DeiT-tiny student, the torch loader's first batch, one step); the same
+two on the tree prepared once with `prepare-data --max-side 0` (and that preparation's time). Costs are
 also reported per 100,000 files and projected linearly to ImageNet's 1,281,167.
 
     python benchmarks/startup.py --files 200000 --out benchmarks/results/startup-cpu-2core.json
@@ -57,7 +58,7 @@ import json, sys, time
 t0 = time.perf_counter()
 from fastdeit.data.folder import load_dataset
 what, data, cache = {what!r}, {str(data)!r}, {str(cache)!r}
-if what in ("scan", "indexed"):
+if what in ("scan", "indexed", "prepared"):
     train, val = load_dataset(data, cache_dir=cache)
     print(json.dumps({{"seconds": time.perf_counter() - t0, "train": len(train), "val": len(val)}}))
     sys.exit()
@@ -85,15 +86,35 @@ print(json.dumps({{"seconds": t_batch, "built_s": t_built, "first_step_done_s": 
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def measure(root: Path, repeats: int) -> dict[str, dict]:
+def prepare(root: Path) -> tuple[Path, dict]:
+    """The tree prepared with its bytes unchanged (`fastdeit prepare-data --max-side 0`: every
+    file read, checked to decode at 1/8 scale, packed), made once; its wall time."""
+    import time
+
+    from fastdeit.preparing import PrepareOptions, prepare_data
+
+    out = root.with_name(root.name + "-prepared")
+    if (out / "manifest.json").exists():
+        return out, json.loads((out / ".timing.json").read_text())
+    t0 = time.perf_counter()
+    prepare_data(root, out, PrepareOptions(max_side=0))
+    timing = {"seconds": time.perf_counter() - t0, "workers": os.cpu_count()}
+    (out / ".timing.json").write_text(json.dumps(timing))
+    return out, timing
+
+
+def measure(root: Path, prepared: Path, repeats: int) -> dict[str, dict]:
     """Each start `repeats` times (fresh processes; the first scan with a fresh cache each
     time); the run of median time is kept, with all the times."""
     runs: dict[str, list[dict]] = {}
     for _ in range(repeats):
         cache = Path(tempfile.mkdtemp(prefix="fastdeit-startup-cache-"))
-        for name, what in (("first scan (every header read)", "scan"), ("start with the stored index", "indexed"),
-                           ("to the first training step, with the stored index", "first-step")):
-            runs.setdefault(name, []).append(_child(what, root, cache))
+        for name, what, data in (
+                ("first scan (every header read)", "scan", root), ("start with the stored index", "indexed", root),
+                ("to the first training step, with the stored index", "first-step", root),
+                ("a prepared data set (its index read)", "prepared", prepared),
+                ("to the first training step, prepared data set", "first-step", prepared)):
+            runs.setdefault(name, []).append(_child(what, data, cache))
     out = {}
     for name, rs in runs.items():
         ordered = sorted(rs, key=lambda r: r["seconds"])
@@ -115,15 +136,19 @@ def main(argv: list[str] | None = None) -> int:
 
     base = a.root or Path(tempfile.gettempdir()) / "fastdeit-startup"
     sizes = {k: make_tree(base / f"tree-{k}", k) for k in (a.small, a.files)}
-    runs = {k: measure(root, a.repeats) for k, root in sizes.items()}
+    made = {k: prepare(root) for k, root in sizes.items()}
+    runs = {k: measure(root, made[k][0], a.repeats) for k, root in sizes.items()}
     files = {k: k + max(CLASSES, k // 25) for k in sizes}
+    for k in sizes:
+        runs[k]["prepare-data --max-side 0 (once)"] = made[k][1]
     target = IMAGENET_TRAIN + 50_000
     rows = {}
     index_slope = 0.0
     for name in runs[a.files]:  # the index first: the whole start grows with the files through it
         small, big = runs[a.small][name]["seconds"], runs[a.files][name]["seconds"]
         per_file = (big - small) / (files[a.files] - files[a.small])
-        index_slope = per_file if name == "start with the stored index" else index_slope
+        index_slope = per_file if name in ("start with the stored index", "a prepared data set (its index read)") \
+            else index_slope
         # From the large tree on. A whole start grows with the files through the index only
         # (the model, the loader and its first batch do not depend on the file count), and its
         # fixed costs (imports: 4-5 s on this machine) vary by a second or two between runs,

@@ -18,7 +18,6 @@ The Trainer receives the parts and only loops.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -191,18 +190,13 @@ def open_teacher(cfg: TrainConfig, data: Data, student: nn.Module, world: World,
 def prepare_label_maps(cfg: TrainConfig, index: ImageIndex, teacher: nn.Module, world: World,
                        console: Console) -> None:
     """Label maps a run needs and nobody has built: one teacher pass per image, with a
-    progress bar, by rank 0 (a build cut short resumes); the other ranks poll for the
-    manifest, which is written last (a file poll, not a collective: the build may outlast
-    any collective's timeout)."""
+    progress bar, every rank building every N-th shard (a build cut short resumes)."""
     cache = cache_folder(cfg)
     if cfg.distill.targets != "labelmap" or is_complete(cache, len(index)):
         return
-    if world.is_main:
-        console.print(f"no complete label map cache at {cache} yet: building it (one teacher pass per image)")
-        build_labelmap(cfg, index, cache, console, teacher)
-        return
-    while not is_complete(cache, len(index)):
-        time.sleep(2)
+    console.print(f"no complete label map cache at {cache} yet: building it (one teacher pass per image"
+                  + (f", over {world.size} ranks)" if world.distributed else ")"))
+    build_labelmap(cfg, index, cache, console, teacher, world)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:

@@ -12,6 +12,7 @@ The cache format is teacher_cache.py's; opening a cache for a run is teachers.py
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import nn
 from fastdeit.config import CacheMode, TrainConfig
 from fastdeit.data.folder import ImageIndex, load_dataset
 from fastdeit.device import amp_dtype, autocast, resolve_device, sync
+from fastdeit.dist import SINGLE, World, all_reduce, barrier
 from fastdeit.errors import UserError
 from fastdeit.loaders import Loaders, choose_loader, read_skip_list
 from fastdeit.models import load_teacher, ready_teacher
@@ -41,8 +43,6 @@ from fastdeit.teacher_cache import (
 )
 from fastdeit.teachers import LiveTeacher, agreement, cell_probs, labelmap_records, replay_records, source_from_cache
 
-SHARD_ROWS = 1 << 16  # rows per shard, rounded down to whole global batches
-
 
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -53,62 +53,97 @@ def _topk(cfg: TrainConfig, index: ImageIndex) -> int:
     return min(cfg.distill.topk, len(index.classes))
 
 
-def live_step(cfg: TrainConfig, index: ImageIndex) -> tuple[Step, nn.Module]:
+def live_step(cfg: TrainConfig, index: ImageIndex, world: World = SINGLE) -> tuple[Step, nn.Module]:
     """The run's Step (prepare only) with the live teacher as its source, and the teacher."""
-    device = resolve_device(cfg.run.device)
+    device = world_device(cfg, world)
     amp = amp_dtype(cfg.run.amp, device)
     teacher = ready_teacher(load_teacher(cfg.distill, len(index.classes), cfg.data.img_size, device), device,
                             cfg.run.compile)  # as a live run has it
     return make_step(cfg, device, amp, len(index.classes), LiveTeacher(teacher, amp)), teacher
 
 
-def build_replay(cfg: TrainConfig, index: ImageIndex, out: Path, epochs: int, console: Console) -> dict:
-    """Run the teacher over the plan's views of epochs 0..epochs-1; resumes a killed build."""
-    step, teacher = live_step(cfg, index)
+def _owned(writer: CacheWriter, total: int, world: World) -> list[int]:
+    """This rank's shards (every world.size-th) that are not finished yet."""
+    n = writer.shard_rows
+    return [k for k in range(world.rank, -(-total // n), world.size) if not writer.shard_done(k, min(n, total - k * n))]
+
+
+def _open_writer(out: Path, manifest: dict, dtype: np.dtype, world: World) -> CacheWriter:
+    """Rank 0 creates (or checks) the cache; then every rank opens it."""
+    writer = CacheWriter(out, manifest, dtype) if world.is_main else None
+    barrier(world)
+    return writer or CacheWriter(out, manifest, dtype, create=False)
+
+
+def _build(writer: CacheWriter, todo: list[int], total: int,
+           make: Callable[[int, int, Callable[[int], None]], np.ndarray], label: str, device: torch.device,
+           world: World, console: Console) -> dict:
+    """Make and write each shard of `todo` (rows [k * shard_rows, ...) by `make(first, last,
+    tick)`), then let rank 0 finish the manifest once every rank is done."""
+    for name in writer.rebuilt:
+        console.print(f"{writer.root / name} does not match its checksum (corrupted, or copied from another "
+                      f"cache): building it again")
+    n = writer.shard_rows
+    written = int(all_reduce(torch.tensor([len(todo)], device=device), world).item())  # shards, all ranks
+    if not written:
+        console.print(f"{writer.root} already holds the {total} rows asked for: nothing to build")
+    with _progress(console) as bar:
+        task = bar.add_task(label + (f" (rank 0 of {world.size})" if world.distributed else ""),
+                            total=sum(min(n, total - k * n) for k in todo), img_s="-")
+        seen, t0 = 0, _now(device)
+
+        def tick(images: int) -> None:
+            nonlocal seen
+            seen += images
+            bar.update(task, advance=images, img_s=f"{seen / max(_now(device) - t0, 1e-9):.0f}")
+
+        for k in todo:
+            writer.write_shard(k, make(k * n, min((k + 1) * n, total), tick))
+    barrier(world)
+    if world.is_main:
+        writer.finish(added=written > 0)
+    return read_manifest(writer.root)
+
+
+def build_replay(cfg: TrainConfig, index: ImageIndex, out: Path, epochs: int, console: Console,
+                 world: World = SINGLE) -> dict:
+    """Run the teacher over the plan's views of epochs 0..epochs-1; resumes a killed build.
+    A shard is whole global batches, planned as one process plans them, so N ranks (each
+    building every N-th shard) write the bytes one process would."""
+    step, teacher = live_step(cfg, index, world)
     spec = PlanSpec.from_config(cfg)
     steps, b = steps_per_epoch(spec, len(index)), spec.batch_size
     k = _topk(cfg, index)
     dtype = replay_dtype(k, len(index.classes))
     kind, _ = choose_loader(cfg.data.loader, step.device)
     manifest = {**identity(cfg, "replay", index, teacher), "topk": k,
-                "shard_rows": max(1, SHARD_ROWS // b) * b, "record_dtype": dtype_text(dtype),
+                "shard_rows": max(1, cfg.distill.cache_shard_rows // b) * b, "record_dtype": dtype_text(dtype),
                 "rows_per_epoch": steps * b,
                 "built_with": {"loader": kind, "device": str(step.device), "amp": str(step.amp)}}
-    writer = _writer(out, manifest, dtype, epochs * steps * b, console)
-    if writer is None:
-        return read_manifest(out)
-    first = writer.start_appending() // b  # whole global batches already on disk
+    writer = _open_writer(out, manifest, dtype, world)
+    total = epochs * steps * b
     loaders = Loaders(kind, cfg.data, spec, step.device)
-    with _progress(console) as bar:
-        task = bar.add_task("replay cache", total=epochs * steps, completed=min(first, epochs * steps), img_s="-")
-        for epoch in range(first // steps, epochs):
-            seen, t0 = 0, _now(step.device)
-            for batch in loaders.train(index, epoch, first - epoch * steps if epoch == first // steps else 0):
-                writer.append(replay_records(step.prepare(batch).teacher, k, dtype))
-                seen += len(batch.labels)
-                bar.update(task, advance=1, img_s=f"{seen / max(_now(step.device) - t0, 1e-9):.0f}")
-    writer.finish()
-    return writer.manifest
 
+    def make(first: int, last: int, tick: Callable[[int], None]) -> np.ndarray:
+        parts, g = [], first // b
+        while g < last // b:
+            epoch, at = divmod(g, steps)
+            for batch in loaders.train(index, epoch, at):  # to the epoch's end or the shard's
+                parts.append(replay_records(step.prepare(batch).teacher, k, dtype))
+                tick(len(batch.labels))
+                g += 1
+                if g == last // b:
+                    break
+        return np.concatenate(parts)
 
-def _writer(out: Path, manifest: dict, dtype: np.dtype, rows: int, console: Console) -> CacheWriter | None:
-    """The cache's writer, its finished shards checked; None when they already hold `rows`
-    rows (a build asked for less than a cache has never shrinks it)."""
-    writer = CacheWriter(out, manifest, dtype)
-    for name in writer.rebuilt:
-        console.print(f"{out / name} does not match its checksum (corrupted, or copied from another cache): "
-                      f"building it again")
-    if writer.rows_available >= rows:
-        console.print(f"{out} already holds the {rows} rows asked for ({writer.rows_available} in all): "
-                      f"nothing to build")
-        return None
-    return writer
+    return _build(writer, _owned(writer, total, world), total, make, "replay cache", step.device, world, console)
 
 
 def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Console,
-                   teacher: nn.Module | None = None) -> dict:
-    """One teacher pass per whole image; resumes a killed build."""
-    device = resolve_device(cfg.run.device)
+                   teacher: nn.Module | None = None, world: World = SINGLE) -> dict:
+    """One teacher pass per whole image; resumes a killed build. Each shard's images are
+    batched from the shard's first row, so N ranks write the bytes one process would."""
+    device = world_device(cfg, world)
     amp = amp_dtype(cfg.run.amp, device)
     teacher = teacher or ready_teacher(load_teacher(cfg.distill, len(index.classes), cfg.data.img_size, device),
                                        device, cfg.run.compile)
@@ -126,24 +161,28 @@ def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Cons
     k = _topk(cfg, index)
     dtype = labelmap_dtype(k, len(index.classes), grid * grid)
     manifest = {**identity(cfg, "labelmap", index, teacher), "topk": k, "grid": grid,
-                "shard_rows": 4096, "record_dtype": dtype_text(dtype),
+                "shard_rows": min(4096, cfg.distill.cache_shard_rows), "record_dtype": dtype_text(dtype),
                 "built_with": {"device": str(device), "amp": str(amp)}}
-    writer = _writer(out, manifest, dtype, len(index), console)
-    if writer is None:
-        return read_manifest(out)
-    first = writer.start_appending()
-    loader = square_loader(index, size, cfg.data.eval_batch_size, cfg.data.workers, rows=np.arange(first, len(index)))
-    with _progress(console) as bar, torch.no_grad():
-        task = bar.add_task("label maps", total=len(index), completed=first, img_s="-")
-        seen, t0 = 0, _now(device)
-        for images, _idx, _ok in loader:
-            with autocast(device, amp):
-                probs = cell_probs(teacher, normalize(images.to(device)))
-            writer.append(labelmap_records(probs.float(), k, dtype))
-            seen += len(images)
-            bar.update(task, advance=len(images), img_s=f"{seen / max(_now(device) - t0, 1e-9):.0f}")
-    writer.finish()
-    return writer.manifest
+    writer = _open_writer(out, manifest, dtype, world)
+
+    def make(first: int, last: int, tick: Callable[[int], None]) -> np.ndarray:
+        parts = []
+        loader = square_loader(index, size, cfg.data.eval_batch_size, cfg.data.workers, rows=np.arange(first, last))
+        with torch.no_grad():
+            for images, _idx, _ok in loader:
+                with autocast(device, amp):
+                    probs = cell_probs(teacher, normalize(images.to(device)))
+                parts.append(labelmap_records(probs.float(), k, dtype))
+                tick(len(images))
+        return np.concatenate(parts)
+
+    return _build(writer, _owned(writer, len(index), world), len(index), make, "label maps", device, world, console)
+
+
+def world_device(cfg: TrainConfig, world: World) -> torch.device:
+    """The run's device; on CUDA, this rank's GPU."""
+    device = resolve_device(cfg.run.device)
+    return torch.device("cuda", world.local_rank) if device.type == "cuda" else device
 
 
 def verify_steps(cfg: TrainConfig, index: ImageIndex, cache: Path) -> tuple[Step, Step]:
@@ -178,9 +217,11 @@ def verify(cfg: TrainConfig, index: ImageIndex, cache: Path, batches: int, conso
     return equal / max(total, 1)
 
 
-def cache_teacher(cfg: TrainConfig, mode: CacheMode, out: Path, verify_batches: int, console: Console) -> dict:
-    """The `fastdeit cache-teacher` command: build (or resume building) the cache, or with
-    `verify_batches` re-run the teacher on that many cached batches. Returns what to print."""
+def cache_teacher(cfg: TrainConfig, mode: CacheMode, out: Path, verify_batches: int, console: Console,
+                  world: World = SINGLE) -> dict:
+    """The `fastdeit cache-teacher` command: build (or resume building) the cache, this rank's
+    share of it in a worker group, or with `verify_batches` re-run the teacher on that many
+    cached batches. Returns what to print."""
     train, _ = read_skip_list(cfg.data.skip_list, *load_dataset(cfg.data.path, cache_dir=cfg.run.cache_dir or None))
     if verify_batches:
         agreed = verify(cfg, train, out, verify_batches, console)
@@ -188,9 +229,9 @@ def cache_teacher(cfg: TrainConfig, mode: CacheMode, out: Path, verify_batches: 
                       f"live teacher's")
         return {"verify_batches": verify_batches, "agreement": agreed}
     if mode == "replay":
-        manifest = build_replay(cfg, train, out, cfg.sched.epochs, console)
+        manifest = build_replay(cfg, train, out, cfg.sched.epochs, console, world)
     else:
-        manifest = build_labelmap(cfg, train, out, console)
+        manifest = build_labelmap(cfg, train, out, console, world=world)
     console.print(f"teacher cache ready in {out} ({mode}, {manifest['teacher']})")
     return {"cache": str(out), "mode": mode, "rows": CacheReader(out).rows_available()}
 

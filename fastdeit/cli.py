@@ -209,12 +209,17 @@ def cache_teacher(
     loader: str = typer.Option(None, help=_one_of(Loader) + "."),
     verify_batches: int = typer.Option(0, "--verify", help="Instead of building: re-run the teacher on N cached "
                                                              "batches and report the agreement."),
+    gpus: int = typer.Option(None, help="GPUs to build with: each builds every N-th shard (0: CPU workers)."),
+    procs: int = typer.Option(1, help="With --gpus 0: the number of CPU worker processes (gloo)."),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable), as for train."),
 ) -> None:
     """Cache the teacher's outputs on disk, so that distillation runs read instead of computing them."""
-    from fastdeit.caching import cache_teacher as run
+    from fastdeit.launch import start_cache_teacher, topology
 
     check_choice("--mode", mode, CacheMode)
+    topo = topology(gpus, procs, device=device)
+    if topo is not None and verify_batches:
+        raise UserError("--verify runs in one process: drop --gpus")
     if out is None:
         raise UserError("--out CACHE is required: the cache folder")
     if not (teacher or teacher_ckpt):
@@ -224,7 +229,12 @@ def cache_teacher(
         "data.img_size": img_size, "distill.mode": "hard", "distill.teacher": teacher,
         "distill.teacher_ckpt": teacher_ckpt, "run.device": device, "run.seed": seed, "data.loader": loader,
         "distill.topk": topk}, overrides)
-    print(json.dumps(run(cfg, mode, out, verify_batches, err)))
+    if verify_batches:
+        from fastdeit.caching import cache_teacher as run
+
+        print(json.dumps(run(cfg, mode, out, verify_batches, err)))
+    elif (result := start_cache_teacher(cfg, topo, mode, out, err)) is not None:
+        print(json.dumps(result))
 
 
 @app.command("index")
@@ -241,10 +251,44 @@ def index(data: Path = typer.Argument(..., help="ImageFolder root holding train/
         task = bar.add_task("reading headers", total=None)
         train, val = load_dataset(data, lambda d, t: bar.update(task, completed=d, total=t), cache_dir())
     seconds = time.perf_counter() - start
+    if train.store is not None:
+        err.print(f"{data} is a prepared data set: its index is stored with it, nothing to scan")
+        print(json.dumps({"train": len(train), "val": len(val), "seconds": seconds, "unreadable": 0}))
+        return
     err.print(f"indexed {len(train)} train and {len(val)} val images of {data} in {seconds:.1f} s: "
               f"{stored_path(cache_dir(), train.root)} and {stored_path(cache_dir(), val.root)}")
     print(json.dumps({"train": len(train), "val": len(val), "seconds": seconds,
                       "unreadable": len(train.skip) + len(val.skip)}))
+
+
+@app.command("prepare-data")
+@command
+def prepare_data(
+    src: Path = typer.Argument(..., help="ImageFolder root holding train/ and val/."),
+    out: Path = typer.Argument(..., help="The prepared data set's folder (a killed build resumes in it)."),
+    max_side: int = typer.Option(512, help="Longest side of a stored image (px); 0 keeps the source bytes."),
+    quality: int = typer.Option(90, help="JPEG quality of re-encoded images."),
+    shard_rows: int = typer.Option(4096, help="Images per tar file."),
+    workers: int = typer.Option(0, help="Processes (0: one per CPU core)."),
+) -> None:
+    """Store DATA once, shrunk to --max-side, in tar shards with one index: fast starts and reads."""
+    from fastdeit.preparing import PrepareOptions
+    from fastdeit.preparing import prepare_data as run
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("preparing", total=None)
+        manifest = run(src, out, PrepareOptions(max_side, quality, shard_rows, workers),
+                       lambda d, t: bar.update(task, completed=d, total=t), cache_dir())
+    splits = manifest["splits"]
+    left = [f"{s}/{p}: {why}" for s, info in splits.items() for p, why in info["left_out"]]
+    for line in left[:20]:
+        err.print(f"left out {line}")
+    counts = " and ".join(f"{v['rows']} {s}" for s, v in splits.items())
+    err.print(f"prepared {counts} images in {out} "
+              f"({sum(v['bytes'] for v in splits.values()) / 2**20:.0f} MiB); {len(left)} left out"
+              + (f" (all listed in {out}/manifest.json)" if len(left) > 20 else ""))
+    print(json.dumps({s: {k: v[k] for k in ("rows", "shards", "bytes")} | {"left_out": len(v["left_out"])}
+                      for s, v in splits.items()}))
 
 
 @app.command("check-data")
@@ -270,6 +314,11 @@ def check_data(
         task = bar.add_task("reading headers", total=None)
         train, val = load_dataset(data, lambda d, t: bar.update(task, completed=d, total=t), cache_dir())
         for split, index in (("train", train), ("val", val)):
+            if index.store is not None:  # a prepared set: every row's bytes against its checksum first
+                crc = bar.add_task(f"checksums {split}", total=len(index))
+                rows = list(range(len(index)))
+                bad += [f"{split}/{index.paths[i]}"
+                        for i in index.store.corrupted(rows, lambda n, t, crc=crc: bar.update(crc, completed=n))]
             tasks = {d: bar.add_task(f"decoding {split} ({d})", total=len(index)) for d in decoders}
             found = find_undecodable(index, decoders, dev,
                                      lambda d, n, t, tasks=tasks: bar.update(tasks[d], completed=n))

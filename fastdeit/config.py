@@ -126,6 +126,9 @@ class DistillConfig:
     topk: int = 5  # logits (replay) or class scores per map cell (labelmap) kept in a cache
     labelmap_size: int = 0  # the teacher's input size when building label maps (0 = data.img_size)
     agreement_batches: int = 4  # labelmap: batches per epoch also run live, to report agreement
+    # Rows per shard of a cache this run builds (replay: rounded down to whole global batches).
+    # The unit of resuming and of the work split over ranks; a built cache records its own.
+    cache_shard_rows: int = 65536
 
 
 @dataclass(frozen=True)
@@ -325,8 +328,9 @@ def validate(cfg: TrainConfig) -> None:
         (k.tau > 0, "distill.tau", f"must be positive, got {k.tau}"),
         (k.targets != "replay" or bool(k.teacher_cache), "distill.targets",
          "replay needs distill.teacher_cache CACHE (build one with fastdeit cache-teacher --mode replay)"),
-        (k.topk >= 1 and k.labelmap_size >= 0 and k.agreement_batches >= 0, "distill.topk",
-         "must be >= 1, distill.labelmap_size and distill.agreement_batches >= 0"),
+        (k.topk >= 1 and k.labelmap_size >= 0 and k.agreement_batches >= 0 and k.cache_shard_rows >= 1,
+         "distill.topk", "must be >= 1, distill.labelmap_size and distill.agreement_batches >= 0, "
+                         "distill.cache_shard_rows >= 1"),
         (k.mode == "none" or bool(k.teacher or k.teacher_ckpt), "distill.mode",
          f"{k.mode} needs a teacher: set distill.teacher NAME and/or distill.teacher_ckpt PATH"),
         (r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}"),

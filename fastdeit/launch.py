@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fastdeit.config import TrainConfig, load_json, per_rank_batch
+from fastdeit.config import TrainConfig, load_json, per_rank_batch, save_json
 from fastdeit.dist import World, in_torchrun
 from fastdeit.errors import EXIT_BAD_INPUT, Stopped, UserError
-from fastdeit.rundir import RunDir
+from fastdeit.rundir import RunDir, atomic_write_text
 
 SUMMARY_KEYS = ("top1", "top5", "train_img_s", "wall_s")  # the summary line a run prints on stdout
 
@@ -90,7 +90,7 @@ def start(cfg: TrainConfig, topo: Topology | None, resume: str | None, console: 
     return train(cfg, console, resume=path)
 
 
-def check(topo: Topology, cfg: TrainConfig) -> None:
+def check(topo: Topology, cfg: TrainConfig, training: bool = True) -> None:
     """Every mistake that can be seen before a process starts, as one line."""
     if topo.gpus < 0 or topo.procs < 1 or topo.nodes < 1 or topo.max_restarts < 0:
         raise UserError("--gpus must be >= 0, --procs, --nodes >= 1 and --max-restarts >= 0")
@@ -117,7 +117,8 @@ def check(topo: Topology, cfg: TrainConfig) -> None:
         if topo.node_rank == 0 and _is_local(host) and not _port_free(int(port)):
             raise UserError(f"port {port} is in use on this machine: pick another --rdzv-endpoint port "
                             f"(and use it on every node)")
-    per_rank_batch(cfg, topo.world)  # a global batch that does not split is an error here, not in N workers
+    if training:  # a global batch that does not split is an error here, not in N workers
+        per_rank_batch(cfg, topo.world)
 
 
 def _is_local(host: str) -> bool:
@@ -139,47 +140,95 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def torchrun_args(topo: Topology, config: Path, resume: Path | None) -> list[str]:
+def torchrun_args(topo: Topology, config: Path, resume: Path | None, extra: tuple[str, ...] = ()) -> list[str]:
     args = ["--nproc-per-node", str(topo.per_node), "--max-restarts", str(topo.max_restarts)]
     if topo.nodes == 1 and not topo.rdzv_endpoint:
         args.append("--standalone")  # a free local port, no endpoint to configure
     else:
         args += ["--nnodes", str(topo.nodes), "--node-rank", str(topo.node_rank), "--rdzv-backend", "c10d",
-                 "--rdzv-endpoint", str(topo.rdzv_endpoint), "--rdzv-id", f"fastdeit-{config.parent.name}"]
-    return [*args, "--module", "fastdeit.launch", str(config), *(["--resume", str(resume)] if resume else [])]
+                 "--rdzv-endpoint", str(topo.rdzv_endpoint), "--rdzv-id", f"fastdeit-{config.parent.name}",
+                 # node 0 hosts the store, always: torch's guess from host names lets whichever node on
+                 # the endpoint's machine starts first take the port (and node 0 then finds it taken)
+                 "--rdzv-conf", f"is_host={int(topo.node_rank == 0)}"]
+    return [*args, "--module", "fastdeit.launch", str(config), *(["--resume", str(resume)] if resume else []),
+            *extra]
 
 
 def launch(cfg: TrainConfig, topo: Topology, resume: Path | None, console: Console) -> None:
     """Write RUN/config.json and run the worker group to its end; UserError when it failed.
     The caller has run `check(topo, cfg)`."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     run_dir = RunDir(cfg.run.out)
     if topo.node_rank == 0:  # node 0 owns the run folder (shared storage); the others may start later
         run_dir.check_start(resume)  # before config.json is written over
     run_dir.create()
     run_dir.write_config(cfg)  # every node writes the same file: each node's workers read it
-    config, out = run_dir.config, run_dir.root
+    console.print(f"config: {run_dir.config}")
+    _run_group(topo, torchrun_args(topo, run_dir.config, resume), console, run_dir)
+
+
+def _run_group(topo: Topology, args: list[str], console: Console, run_dir: RunDir | None = None) -> None:
+    """torchrun with these arguments, to the group's end; a failure is one UserError."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     console.print(f"launching {topo.world} {'GPU' if topo.gpus else 'CPU'} workers "
-                  f"({topo.nodes} node(s) x {topo.per_node}) through torchrun; config: {config}")
+                  f"({topo.nodes} node(s) x {topo.per_node}) through torchrun")
     # torchrun would set 1 thread per worker (and say so); share the machine's cores instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // topo.per_node)))
     # torchrun's own failure report is a traceback per worker; ours is one line below.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.elastic.multiprocessing.errors").setLevel(logging.CRITICAL)
     try:
-        run(parse_args(torchrun_args(topo, config, resume)))
-        if (last := run_dir.last_record()) and last.get("kind") == "stop":  # the workers stopped on request
+        run(parse_args(args))
+        if run_dir and (last := run_dir.last_record()) and last.get("kind") == "stop":  # stopped on request
             raise Stopped(f"stopped at epoch {last['epoch']} step {last['step']}; saved {run_dir.last}: "
                           f"continue with --resume")
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         if codes == {EXIT_BAD_INPUT}:  # the workers named the problem themselves
-            raise UserError(f"training stopped: see the worker's message above (run folder {out})") from None
+            raise UserError("the workers stopped: see the worker's message above") from None
         first, failure = e.get_first_failure()
+        again = "continue the run with --resume" if run_dir else "run the same command again to continue"
         raise UserError(f"worker rank {first} failed with exit code {failure.exitcode} (its output is above); "
-                        f"continue the run with --resume") from None
+                        f"{again}") from None
+
+
+def start_cache_teacher(cfg: TrainConfig, topo: Topology | None, mode: str, out: Path,
+                        console: Console) -> dict[str, Any] | None:
+    """`fastdeit cache-teacher` in its launch mode (as `start` for train): one rank under
+    torchrun, a worker group for `--gpus N` with more than one worker, else one process.
+    The workers read the resolved config from OUT/cache-teacher-config.json."""
+    from fastdeit.caching import cache_teacher
+
+    if in_torchrun():
+        return run_cache_worker(cfg, mode, out)
+    if topo is not None and topo.world > 1:
+        check(topo, cfg, training=False)
+        out.mkdir(parents=True, exist_ok=True)
+        config = out / "cache-teacher-config.json"
+        atomic_write_text(save_json(cfg), config)
+        try:
+            _run_group(topo, torchrun_args(topo, config, None, ("--cache-teacher", mode, "--out", str(out))),
+                       console)
+        finally:
+            config.unlink(missing_ok=True)  # the cache holds its rows and manifest only
+        return None
+    return cache_teacher(cfg, mode, out, 0, console)
+
+
+def run_cache_worker(cfg: TrainConfig, mode: str, out: Path) -> dict[str, Any] | None:
+    """One rank of a cache-teacher worker group: its share of the shards. Rank 0's result."""
+    from fastdeit.caching import cache_teacher
+    from fastdeit.dist import init_from_env, shutdown
+
+    device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        world = init_from_env(device)
+        console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False, quiet=not world.is_main)
+        result = cache_teacher(cfg, mode, out, 0, console, world)
+    finally:
+        shutdown()
+    return result if world.is_main else None
 
 
 def run_worker(cfg: TrainConfig, resume: Path | None) -> dict | None:
@@ -222,8 +271,15 @@ def worker_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastdeit.launch")
     p.add_argument("config", type=Path)
     p.add_argument("--resume", type=Path, default=None)
+    p.add_argument("--cache-teacher", default=None, metavar="MODE", help="build a teacher cache instead of training")
+    p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     try:
+        if a.cache_teacher:
+            result = run_cache_worker(load_json(a.config), a.cache_teacher, a.out)
+            if result is not None:
+                print(json.dumps(result))
+            return 0
         summary = run_worker(load_json(a.config), a.resume)
     except Stopped as e:  # every rank stopped after the same step: not a failure, nothing to restart
         if int(os.environ.get("RANK", 0)) == 0:

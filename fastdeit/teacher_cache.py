@@ -7,12 +7,14 @@ A cache is a folder:
     shard-00000.sha256    when read); its checksum, written after the shard is in place
 
 Shards are written to a temporary name and renamed, then their checksum; a shard without a
-checksum file is unfinished and never read, so a killed build resumes at the first missing
-shard. A shard's checksum is keyed by the cache's identity and the shard's number, so a
-shard copied from another cache does not pass. Opening a cache compares its manifest with
+checksum file is unfinished and never read, so a killed build resumes at the missing shards.
+Shards are written by number (ranks build disjoint shards of one cache), each a pure
+function of its rows, so a cache built by N ranks is byte-identical to one process's. A
+shard's checksum is keyed by the cache's identity and the shard's number, so a shard copied
+from another cache does not pass. Opening a cache compares its manifest with
 what the run expects and names what differs: the cache never hands out a target for another
 teacher, data set, plan or epoch. A shard is checked against its checksum the first time it
-is read, and every shard again when a build is resumed or extended.
+is read, and every shard again (by the rank that owns it) when a build is resumed or extended.
 """
 
 from __future__ import annotations
@@ -131,15 +133,13 @@ def _short(value: Any) -> str:
 
 
 class CacheWriter:
-    """Appends rows in order; writes a shard each time `shard_rows` rows are in. Opening an
-    existing cache of the same identity checks its finished shards; a shard that does not
-    match its checksum is removed with every shard after it (`rebuilt` names them), to be
-    built again."""
+    """Writes shards by number, so that ranks can build disjoint shards of one cache at once.
+    Opening an existing cache checks that it has the same identity; `shard_done` checks a
+    finished shard against its checksum (a shard that does not match is built again)."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], dtype: np.dtype) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any], dtype: np.dtype, create: bool = True) -> None:
         self.root, self.dtype = Path(root), dtype
         self.shard_rows = int(manifest["shard_rows"])
-        self.root.mkdir(parents=True, exist_ok=True)
         if (self.root / MANIFEST).exists():
             old = read_manifest(self.root)
             diff = [k for k in IDENTITY_KEYS if old.get(k) != manifest.get(k)]
@@ -147,78 +147,43 @@ class CacheWriter:
                 what = describe(diff[0], old.get(diff[0]), manifest.get(diff[0]))
                 raise UserError(f"{self.root} holds a cache of another {what}: pick another --out")
             self.manifest = old  # what it was first built with stays on record
-        else:
+        elif create:  # one process creates a cache; the other ranks open it after a barrier
+            self.root.mkdir(parents=True, exist_ok=True)
             self.manifest = dict(manifest)
             atomic_write_bytes(json.dumps(self.manifest, indent=1).encode(), self.root / MANIFEST)
+        else:
+            raise RuntimeError(f"{self.root} has no manifest yet")
         self.key = identity_key(self.manifest)
         self.built_with = manifest.get("built_with")
         self.rebuilt: list[str] = []
-        self.done_shards = self._checked_prefix()
-        self.buffer: list[np.ndarray] = []
-        self.buffered = 0
 
-    def _checked_prefix(self) -> int:
-        """Finished shards in a row from the first, each matching its checksum."""
-        n = 0
-        while (check := _shard_path(self.root, n).with_suffix(".sha256")).exists():
-            path = _shard_path(self.root, n)
-            if not path.exists() or _shard_sum(path, self.key, n) != check.read_text().strip():
-                self.rebuilt = self._drop_from(n)
-                break
-            n += 1
-        return n
+    def shard_done(self, number: int, rows: int) -> bool:
+        """Shard `number` is finished, holds at least `rows` rows and matches its checksum. A
+        shorter one (the last shard of a smaller build) or a mismatching one is to be rebuilt."""
+        path = _shard_path(self.root, number)
+        check = path.with_suffix(".sha256")
+        if not check.exists():
+            return False
+        if not path.exists() or _shard_sum(path, self.key, number) != check.read_text().strip():
+            self.rebuilt.append(path.name)
+            return False
+        return _shard_length(path) >= rows
 
-    def _drop_from(self, first: int) -> list[str]:
-        """Remove shard `first` and every later one; returns their names."""
-        n, names = first, []
-        while _shard_path(self.root, n).exists() or _shard_path(self.root, n).with_suffix(".sha256").exists():
-            names.append(_shard_path(self.root, n).name)
-            _shard_path(self.root, n).with_suffix(".sha256").unlink(missing_ok=True)  # the checksum first: never
-            _shard_path(self.root, n).unlink(missing_ok=True)  # a checksum without its shard's bytes
-            n += 1
-        return names
-
-    @property
-    def rows_available(self) -> int:
-        """Rows in the finished shards (the last may be short)."""
-        return sum(_shard_length(_shard_path(self.root, n)) for n in range(self.done_shards))
-
-    def start_appending(self) -> int:
-        """Make ready to add rows; returns the row the build resumes at. A short last shard
-        (written when an earlier build ended) is removed, to be written again whole."""
-        last = self.done_shards - 1
-        if last >= 0 and _shard_length(_shard_path(self.root, last)) < self.shard_rows:
-            self._drop_from(last)
-            self.done_shards -= 1
-        return self.done_shards * self.shard_rows
-
-    def append(self, records: np.ndarray) -> None:
-        self.buffer.append(records.astype(self.dtype, copy=False))
-        self.buffered += len(records)
-        while self.buffered >= self.shard_rows:
-            rows = np.concatenate(self.buffer)
-            self._write(rows[: self.shard_rows])
-            rest = rows[self.shard_rows:]
-            self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
-
-    def _write(self, rows: np.ndarray) -> None:
-        path = _shard_path(self.root, self.done_shards)
+    def write_shard(self, number: int, rows: np.ndarray) -> None:
+        """The shard in place (atomically), then its checksum: never a checksum without its bytes."""
+        path = _shard_path(self.root, number)
+        path.with_suffix(".sha256").unlink(missing_ok=True)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
-                np.save(f, rows, allow_pickle=False)
+                np.save(f, rows.astype(self.dtype, copy=False), allow_pickle=False)
 
         atomic_write(path, write)
-        atomic_write_bytes(_shard_sum(path, self.key, self.done_shards).encode(), path.with_suffix(".sha256"))
-        self.done_shards += 1
+        atomic_write_bytes(_shard_sum(path, self.key, number).encode(), path.with_suffix(".sha256"))
 
-    def finish(self) -> None:
-        """Write the last partial shard; a build that added rows with another device or
-        precision says so in the manifest (`extended_with`)."""
-        added = bool(self.buffered) or self.rebuilt
-        if self.buffered:
-            self._write(np.concatenate(self.buffer))
-            self.buffer, self.buffered = [], 0
+    def finish(self, added: bool) -> None:
+        """A build that added rows with another device or precision says so in the manifest
+        (`extended_with`)."""
         if added and self.built_with not in (None, self.manifest.get("built_with")):
             self.manifest.setdefault("extended_with", []).append(self.built_with)
             atomic_write_bytes(json.dumps(self.manifest, indent=1).encode(), self.root / MANIFEST)

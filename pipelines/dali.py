@@ -104,7 +104,7 @@ class PlanSource:
         plan = self.plan(step)
         data, refused = {}, set()
         for i in dict.fromkeys(int(i) for i in plan.index if i not in self.skip):
-            data[i] = np.fromfile(self.index.root / self.index.paths[i], dtype=np.uint8)
+            data[i] = self.index.read(i)
             if not dali_format(data[i]):  # a format DALI does not read: replaced like an unreadable file
                 refused.add(i)
         bad = np.array([i in self.skip or i in refused for i in plan.index])
@@ -226,7 +226,7 @@ def dali_unreadable(index: ImageIndex, rows: list[int], device_id: int | None = 
     bad = []
     for k in range(0, len(rows), batch * 16):
         chunk = rows[k:k + batch * 16]
-        files = {i: np.fromfile(index.root / index.paths[i], dtype=np.uint8) for i in chunk}
+        files = {i: index.read(i) for i in chunk}
         bad += [i for i in chunk if not dali_format(files[i])]
         ok = [i for i in chunk if dali_format(files[i])]
         bad += [ok[j] for j in _refused([files[i] for i in ok], batch, device_id)]
@@ -376,7 +376,7 @@ def dali_eval_batches(index: ImageIndex, img_size: int, crop_pct: float, batch: 
     at = {"next": 0, "good": first_good()}  # the next batch to feed; the file fed in place of a bad one
 
     def read(i: int) -> np.ndarray:
-        return np.fromfile(index.root / index.paths[i], dtype=np.uint8)
+        return index.read(i)
 
     def source():
         if at["next"] >= len(chunks):

@@ -8,6 +8,7 @@ tail (pipelines/tail.py) does the rest on the device.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -71,8 +72,8 @@ def augment(img: Image.Image, crop: np.ndarray, flip: bool, ops: list[tuple[str,
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def decode(path: str) -> Image.Image:
-    with Image.open(path) as img:
+def decode(source: str | io.BytesIO) -> Image.Image:
+    with Image.open(source) as img:
         return img.convert("RGB")
 
 
@@ -86,12 +87,11 @@ def load_plan_rows(index: ImageIndex, spec: PlanSpec, plan: BatchPlan) -> Loaded
     ok = np.ones(len(plan), bool)
     bad = []
     for i, idx in enumerate(plan.index):
-        path = str(index.root / index.paths[idx])
         ops = [(names[o], float(a)) for o, a in zip(plan.ra_op[i], plan.ra_arg[i]) if o >= 0]
         try:
             if idx in index.skip:
                 raise OSError("listed as unreadable")
-            img = decode(path)
+            img = decode(index.open(idx))
         except DECODE_ERRORS:  # a corrupt file must not end a long run; it is reported by name
             ok[i] = False
             bad.append(index.paths[idx])
@@ -171,7 +171,7 @@ class EvalSamples(torch.utils.data.Dataset):
         try:
             if i in self.index.skip:
                 raise OSError("listed as unreadable")
-            img = decode(str(self.index.root / self.index.paths[i]))
+            img = decode(self.index.open(i))
         except DECODE_ERRORS:  # counted and left out of the metrics by the evaluator
             return torch.zeros(3, s, s, dtype=torch.uint8), int(self.index.labels[i]), False
         img = TF.center_crop(TF.resize(img, self.resize, self.interp), [s, s])
@@ -201,7 +201,7 @@ class SquareImages(torch.utils.data.Dataset):
         try:
             if i in self.index.skip:
                 raise OSError("listed as unreadable")
-            img = decode(str(self.index.root / self.index.paths[i]))
+            img = decode(self.index.open(i))
         except DECODE_ERRORS:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), i, False
         img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ import torch
 # interpreter on the CPU (fp32/fp16 only, one config).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Stored file indexes and demo choices that tests (and the CLI processes they start) write go to
+# a folder of this session, not to the user's cache.
+os.environ.setdefault("FASTDEIT_CACHE", tempfile.mkdtemp(prefix="fastdeit-test-cache-"))
 
 from fastdeit.data.synthetic import write_synthetic
 

@@ -45,8 +45,13 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 BOUNDS = {torch.float32: (1e-5, 1e-4), torch.float16: (5e-3, 2e-2)}
 
 
-@pytest.mark.parametrize("n", [1, 63, 64, 65, 197, 198, 577])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# Under Triton's CPU interpreter, fp16 at the long lengths (45 s of CI) repeats what fp32 covers
+# there (several key blocks, a ragged last block); on a GPU every case runs.
+CASES = [(n, dtype) for dtype in (torch.float32, torch.float16) for n in (1, 63, 64, 65, 197, 198, 577)
+         if torch.cuda.is_available() or dtype == torch.float32 or n <= 197]
+
+
+@pytest.mark.parametrize(("n", "dtype"), CASES)
 def test_forward_and_backward_match_float64(n, dtype):
     b, h, d = (2, 3, 64) if n < 500 else (1, 1, 64)
     q, k, v = qkv(b, h, n, d, dtype, seed=n)

@@ -10,10 +10,12 @@ def test_loader_benchmark_runs_and_writes_json(tiny_data, tmp_path):
     out = tmp_path / "loader.json"
     rc = load("loader").main(["--data", str(tiny_data), "--device", "cpu", "--workers", "1", "--batch-size", "8",
                               "--img-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "1",
-                              "--out", str(out)])
+                              "--prepared", "24", "--prepared-dir", str(tmp_path), "--out", str(out)])
     report = json.loads(out.read_text())
     assert rc == 0 and report["device"] and report["versions"]["torch"]
-    assert set(report["img_per_s"]) >= {"torch", "baseline"} and all(v > 0 for v in report["img_per_s"].values())
+    assert set(report["img_per_s"]) >= {"torch", "torch, prepared 24px", "baseline"}
+    assert all(v > 0 for v in report["img_per_s"].values())
+    assert report["settings"]["prepared"]["prepared 24px"]["max_side"] == 24
     assert "torch/baseline" in report["ratios"]
 
 

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 
 from fastdeit.cli import app
 from fastdeit.dist import SINGLE, World, eval_rows
+from fastdeit.launch import _port_free
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -281,9 +283,22 @@ def test_two_nodes_on_one_machine_train_like_one_process(runs, tiny_data):
     out, port = runs["root"] / "nodes", _free_port()
     args = ["-c", "from fastdeit.cli import main; main()", "train", *COMMON, "--data", str(tiny_data),
             "--out", str(out), "--gpus", "0", "--procs", "1", "--nodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}"]
-    nodes = [subprocess.Popen([sys.executable, *args, "--node-rank", str(r)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    results = [n.communicate(timeout=600) for n in nodes]
+    def node(rank: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, *args, "--node-rank", str(rank)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    # node 1 first: on the endpoint's machine it must wait for node 0's store, never take its port
+    nodes = [node(1)]
+    try:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline and nodes[0].poll() is None:
+            assert _port_free(port), "node 1 took the rendezvous port that node 0 hosts"
+            time.sleep(0.2)
+        nodes.insert(0, node(0))
+        results = [n.communicate(timeout=600) for n in nodes]
+    finally:
+        for n in nodes:  # a failed check leaves no launcher waiting for its peer
+            n.kill()
     assert [n.returncode for n in nodes] == [0, 0], [r[1][-2000:] for r in results]
     a, b = steps(runs["one"]), steps(out)
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)

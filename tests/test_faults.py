@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fastdeit import caching
 from fastdeit.build import make_scheduler
 from fastdeit.cli import app, build_train_config
 from fastdeit.data.folder import scan_split
@@ -206,16 +205,16 @@ def test_a_smaller_request_never_shrinks_a_cache(data, teacher, tmp_path):
 
 
 def test_a_shard_from_another_cache_is_refused_and_a_corrupt_one_rebuilt(data, teacher, tmp_path, monkeypatch):
-    monkeypatch.setattr(caching, "SHARD_ROWS", 32)
+    small = ("--set", "distill.cache_shard_rows=32")
     ours, other = tmp_path / "ours", tmp_path / "other"
-    assert run(*cache_teacher(data, ours, teacher, "--epochs", "1"))[0] == 0
-    assert run(*cache_teacher(data, other, teacher, "--epochs", "1", "--seed", "1"))[0] == 0
+    assert run(*cache_teacher(data, ours, teacher, "--epochs", "1", *small))[0] == 0
+    assert run(*cache_teacher(data, other, teacher, "--epochs", "1", "--seed", "1", *small))[0] == 0
     good = (ours / "shard-00001.npy").read_bytes()
     for suffix in (".npy", ".sha256"):  # the other cache's shard, with its own checksum
         shutil.copy(other / f"shard-00001{suffix}", ours / f"shard-00001{suffix}")
     one_line(replay_student(data, tmp_path / "r", teacher, ours, "--epochs", "1"),
              "shard-00001.npy is corrupted or belongs to another cache")
-    code, _, err = run(*cache_teacher(data, ours, teacher, "--epochs", "1"))  # a re-run finds it and rebuilds it
+    code, _, err = run(*cache_teacher(data, ours, teacher, "--epochs", "1", *small))  # a re-run rebuilds it
     assert code == 0 and "shard-00001.npy does not match its checksum" in err
     assert (ours / "shard-00001.npy").read_bytes() == good
 
@@ -342,7 +341,6 @@ def test_a_cache_covering_no_epoch_says_so(data, teacher, tmp_path, monkeypatch)
     from fastdeit.teachers import LiveTeacher
 
     cache = tmp_path / "cache"
-    monkeypatch.setattr(caching, "SHARD_ROWS", 16)
     real, calls = LiveTeacher.__call__, {"n": 0}
 
     def dies(self, *a):
@@ -352,7 +350,7 @@ def test_a_cache_covering_no_epoch_says_so(data, teacher, tmp_path, monkeypatch)
         return real(self, *a)
 
     monkeypatch.setattr(LiveTeacher, "__call__", dies)
-    run(*cache_teacher(data, cache, teacher, "--epochs", "1"))
+    run(*cache_teacher(data, cache, teacher, "--epochs", "1", "--set", "distill.cache_shard_rows=16"))
     monkeypatch.setattr(LiveTeacher, "__call__", real)
     one_line(replay_student(data, tmp_path / "r", teacher, cache, "--epochs", "1"), "covers no whole epoch of this")
 

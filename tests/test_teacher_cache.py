@@ -10,7 +10,6 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from fastdeit import caching
 from fastdeit.cli import app
 from fastdeit.teacher_cache import CacheReader, CacheWriter, replay_dtype
 from fastdeit.teachers import LiveTeacher, pooled_scores, topk_log_probs
@@ -153,10 +152,9 @@ def test_a_corrupted_shard_is_detected(tiny_data, teacher, replay, tmp_path):
 
 
 def test_an_interrupted_build_resumes_to_the_same_cache(tiny_data, teacher, replay, tmp_path, monkeypatch):
-    monkeypatch.setattr(caching, "SHARD_ROWS", 32)  # two batches a shard
     cache = tmp_path / "cache"
     build = ["cache-teacher", "--data", str(tiny_data), "--teacher-ckpt", str(teacher), "--out", str(cache),
-             "--epochs", "2", *PLAN]
+             "--epochs", "2", *PLAN, "--set", "distill.cache_shard_rows=32"]  # two batches a shard
     calls = {"n": 0}
     real = LiveTeacher.__call__
 
@@ -185,16 +183,41 @@ def test_writer_rewrites_a_short_last_shard_when_extended(tmp_path):
     w = CacheWriter(tmp_path, manifest, dtype)
     rows = np.zeros(6, dtype)
     rows["label"] = np.arange(6)
-    w.append(rows)
-    w.finish()
+    w.write_shard(0, rows[:4])
+    w.write_shard(1, rows[4:])  # the last shard of a 6-row build
     assert CacheReader(tmp_path).rows_available() == 6
     w2 = CacheWriter(tmp_path, manifest, dtype)
-    assert w2.start_appending() == 4  # the short shard (rows 4-5) will be written again, whole
+    assert w2.shard_done(0, 4) and w2.shard_done(1, 2)  # enough for 6 rows
+    assert not w2.shard_done(1, 4) and not w2.shard_done(2, 4)  # an 8-row build writes shard 1 again, whole
     more = np.zeros(4, dtype)
     more["label"] = np.arange(4, 8)
-    w2.append(more)
-    w2.finish()
+    w2.write_shard(1, more)
     assert CacheReader(tmp_path).rows(np.arange(8))["label"].tolist() == list(range(8))
+    (tmp_path / "shard-00000.npy").write_bytes((tmp_path / "shard-00001.npy").read_bytes())
+    assert not w2.shard_done(0, 4) and w2.rebuilt == ["shard-00000.npy"]  # a mismatching shard is rebuilt
+
+
+def test_two_ranks_build_the_bytes_of_one(tiny_data, teacher, tmp_path):
+    """cache-teacher --gpus 0 --procs 2: each rank builds every other shard; replay and label
+    maps equal a one-process build byte for byte."""
+    import os
+    import subprocess
+    import sys
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+    small = ["--set", "distill.cache_shard_rows=32"]
+    base = ["cache-teacher", "--data", str(tiny_data), "--teacher-ckpt", str(teacher), "--epochs", "2", *PLAN]
+    for mode in ("replay", "labelmap"):
+        one, two = tmp_path / f"{mode}-one", tmp_path / f"{mode}-two"
+        ok([*base, "--mode", mode, "--out", str(one), *small])
+        res = subprocess.run([sys.executable, "-c", "from fastdeit.cli import main; main()", *base, "--mode", mode,
+                              "--out", str(two), *small, "--gpus", "0", "--procs", "2"],
+                             capture_output=True, text=True, timeout=600, env=os.environ.copy())
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads(res.stdout.strip().splitlines()[-1])["rows"] == CacheReader(one).rows_available()
+        assert len(list(one.glob("shard-*.npy"))) >= 3 and files(one) == files(two)
 
 
 @pytest.mark.skipif(not __import__("fastdeit.pipelines.dali", fromlist=["x"]).available(), reason="no DALI")

@@ -7,6 +7,7 @@ file header only) and what a cache fingerprint needs (sorted relative paths and 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastdeit.data import stored_index
+from fastdeit.data import prepared, stored_index
 from fastdeit.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -24,7 +25,8 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class ImageIndex:
-    """One split of an ImageFolder tree. Paths are relative to `root`."""
+    """One split of an ImageFolder tree (paths relative to `root`), or of a prepared data set
+    (`store` holds the bytes). Pipelines read a row's bytes with `read` or `open`."""
 
     root: Path
     classes: tuple[str, ...]
@@ -33,9 +35,22 @@ class ImageIndex:
     sizes: np.ndarray  # int32 [n, 2]: (width, height); (0, 0) where the header is unreadable
     nbytes: np.ndarray  # int64 [n]
     skip: frozenset[int] = frozenset()  # rows the pipelines do not decode: their slots copy another sample
+    store: prepared.PackedStore | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def read(self, i: int) -> np.ndarray:
+        """Row i's encoded bytes (uint8); OSError where they cannot be read."""
+        if self.store is not None:
+            return self.store.read(i)
+        return np.fromfile(self.root / self.paths[i], dtype=np.uint8)
+
+    def open(self, i: int) -> str | io.BytesIO:
+        """What PIL opens for row i: the file's path, or its bytes."""
+        if self.store is not None:
+            return io.BytesIO(self.store.read(i))
+        return str(self.root / self.paths[i])
 
     @property
     def unreadable(self) -> list[str]:
@@ -56,7 +71,7 @@ class ImageIndex:
         return h.hexdigest()
 
 
-def _header_size(path: Path) -> tuple[int, int]:
+def _header_size(path: Path | str) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
@@ -155,7 +170,7 @@ def scan_split(root: Path, split: str, progress: Callable[[int, int], None] | No
                       sizes=sizes, nbytes=nbytes, skip=frozenset(np.flatnonzero(sizes[:, 0] == 0).tolist()))
 
 
-def _decodes(path: Path) -> bool:
+def _decodes(path: Path | str | io.BytesIO) -> bool:
     """Decode the whole file, at 1/8 scale where the format allows it (JPEG DCT scaling):
     every byte is still read and checked, at a fraction of the cost."""
     try:
@@ -167,13 +182,20 @@ def _decodes(path: Path) -> bool:
         return False
 
 
+def _row_decodes(index: ImageIndex, i: int) -> bool:
+    try:
+        return _decodes(index.open(i))
+    except OSError:  # a prepared shard shorter than its index
+        return False
+
+
 def find_unreadable(index: ImageIndex, rows: list[int] | None = None,
                     progress: Callable[[int, int], None] | None = None) -> list[int]:
     """Rows of `index` (all by default) whose file does not decode."""
     rows = list(range(len(index))) if rows is None else rows
     bad = []
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        for k, ok in enumerate(pool.map(lambda i: _decodes(index.root / index.paths[i]), rows)):
+        for k, ok in enumerate(pool.map(lambda i: _row_decodes(index, i), rows)):
             if not ok:
                 bad.append(rows[k])
             if progress is not None and (k % 256 == 0 or k == len(rows) - 1):
@@ -184,12 +206,16 @@ def find_unreadable(index: ImageIndex, rows: list[int] | None = None,
 def load_dataset(
     root: Path | str, progress: Callable[[int, int], None] | None = None, cache_dir: Path | str | None = None
 ) -> tuple[ImageIndex, ImageIndex]:
-    """The train and val splits of `root`, with their class sets checked against each other;
-    with `cache_dir`, their indexes are stored and reused (stored_index.py)."""
+    """The train and val splits of `root` (an ImageFolder tree or a prepared data set), with
+    their class sets checked against each other; with `cache_dir`, a tree's indexes are stored
+    and reused (stored_index.py)."""
     root = Path(root)
     if not str(root) or not root.is_dir():
         raise UserError(f"data folder {str(root) or '(none given)'} does not exist: pass --data DIR "
                         f"(make one with: fastdeit make-data DIR)")
+    if prepared.is_prepared(root):
+        manifest = prepared.read_manifest(root)
+        return load_prepared_split(root, "train", manifest), load_prepared_split(root, "val", manifest)
     train = scan_split(root, "train", progress, cache_dir)
     val = scan_split(root, "val", cache_dir=cache_dir)
     if train.classes != val.classes:
@@ -198,3 +224,11 @@ def load_dataset(
         raise UserError(f"train and val class folders differ (only in train: {only_t or '-'}; "
                         f"only in val: {only_v or '-'})")
     return train, val
+
+
+def load_prepared_split(root: Path, split: str, manifest: dict) -> ImageIndex:
+    """One split of a prepared data set as an index: nothing to scan, every size is stored."""
+    classes, paths, rows, store = prepared.load_split(root, split, manifest)
+    sizes = np.stack([rows["width"], rows["height"]], 1).astype(np.int32)
+    return ImageIndex(root=root / split, classes=classes, paths=paths, labels=rows["label"].astype(np.int64),
+                      sizes=sizes, nbytes=rows["length"].astype(np.int64), store=store)
