@@ -30,7 +30,7 @@ py=${PYTHON:-python}
 if [ "$dry" = 1 ]; then
   dev=cpu; tag=dry; compiled=none
   export TRITON_INTERPRET=1  # the Triton kernel on the CPU
-  model_args=(--device cpu --img-size 32 --patch-size 8 --batch-sizes 4 --steps 1 --warmup 1 --repeats 1)
+  model_args=(--device cpu --img-size 32 --patch-size 8 --depth 2 --batch-sizes 4 --steps 1 --warmup 1 --repeats 1)
 else
   dev=cuda; compiled=none,auto
   tag=$($py -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-').lower())")

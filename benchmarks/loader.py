@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, recipe, with_section
-from fastdeit.data.folder import ImageIndex, load_dataset, scan_split
+from fastdeit.data.folder import ImageIndex, load_dataset
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.device import amp_dtype, sync
 from fastdeit.loaders import Loaders
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         a.data = make_data(a.make_data, a.data)
     if a.data is None:
         p.error("pass --data DIR or --make-data N")
-    index = scan_split(a.data, "train")
+    index = load_dataset(a.data)[0]  # a tree or a prepared data set
     group = min(64, a.batch_size)
     if a.batch_size % group:
         p.error(f"--batch-size must be a multiple of {group} (the mix group)")
@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for k in a.loader.split(",") if dali.available() or not k.startswith("dali")]
     if len(kinds) < len(a.loader.split(",")):
         console.print("dali: not installed, skipped")
+    if index.store is not None and "baseline" in kinds:
+        console.print("baseline: reads ImageFolder trees, not prepared data sets; skipped")
+        kinds.remove("baseline")
     variants = {"": index, **prepared_variants(a.data, [int(v) for v in a.prepared.split(",") if v],
                                                    a.prepared_dir, console)}
     cases = [(k, v) for k in kinds for v in variants if k != "baseline" or not v]  # the baseline reads the tree

@@ -194,7 +194,7 @@ def measure_student(a: argparse.Namespace, name: str, batch: int, attn: str, com
     from fastdeit.models import compile_model, set_attention
 
     amp, classes, peak = amp_dtype("auto", device), 1000, peak_flops(device)
-    cfg = with_section(recipe("deit"), "model", name=name, patch_size=a.patch_size, drop_path=0.1)
+    cfg = with_section(recipe("deit"), "model", name=name, patch_size=a.patch_size, drop_path=0.1, depth=a.depth)
     cfg = with_section(cfg, "distill", mode="hard")
     torch.manual_seed(0)
     model = build_model(cfg.model, classes, a.img_size).to(device)
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--img-size", type=int, default=None, help="default: 224 on a GPU, 112 on a CPU")
     p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--depth", type=int, default=0, help="model section: blocks (0: the model's own; for smoke runs)")
     p.add_argument("--models", default=None, help="comma-separated students (model section)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (model section)")
     p.add_argument("--attn", default="sdpa", help="comma-separated backends (model section)")
@@ -363,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     report = {"benchmark": "throughput", "section": a.section, **measured_on(device),
               "settings": {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "img_size": a.img_size,
+                           **({"depth": a.depth} if a.depth else {}),
                            "threads": torch.get_num_threads(), "peak_flops": peak_flops(device)},
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
     def save() -> None:

@@ -45,10 +45,10 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 BOUNDS = {torch.float32: (1e-5, 1e-4), torch.float16: (5e-3, 2e-2)}
 
 
-# Under Triton's CPU interpreter, fp16 at the long lengths (45 s of CI) repeats what fp32 covers
-# there (several key blocks, a ragged last block); on a GPU every case runs.
+# Under Triton's CPU interpreter (minutes of CI), 577 tokens and fp16 beyond 197 repeat what
+# the shorter cases cover (several key blocks, a ragged last block); on a GPU every case runs.
 CASES = [(n, dtype) for dtype in (torch.float32, torch.float16) for n in (1, 63, 64, 65, 197, 198, 577)
-         if torch.cuda.is_available() or dtype == torch.float32 or n <= 197]
+         if torch.cuda.is_available() or (n <= 198 and (dtype == torch.float32 or n <= 197))]
 
 
 @pytest.mark.parametrize(("n", "dtype"), CASES)

@@ -184,3 +184,13 @@ def test_train_eval_and_cache_teacher_on_a_prepared_set_equal_the_tree(tiny_data
     assert out["tree"][1] == out["prep"][1] and len(out["tree"][1]) >= 4
     assert {k: v for k, v in out["tree"][2].items() if k != "img_s"} == \
         {k: v for k, v in out["prep"][2].items() if k != "img_s"}
+
+
+def test_the_loader_benchmark_reads_a_prepared_set(same, tmp_path):
+    from tiny import load_benchmark
+
+    out = tmp_path / "loader.json"
+    rc = load_benchmark("loader").main(["--data", str(same), "--device", "cpu", "--workers", "0", "--batch-size", "8",
+                                        "--img-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "1",
+                                        "--loader", "torch,baseline", "--out", str(out)])
+    assert rc == 0 and set(json.loads(out.read_text())["img_per_s"]) == {"torch"}  # no ImageFolder baseline
