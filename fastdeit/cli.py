@@ -36,6 +36,7 @@ from fastdeit.config import (
     with_section,
 )
 from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STOPPED, Stopped, UserError
+from fastdeit.fetch import is_url, local_weights
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train DeiT students, with distillation through the distillation token, fast.")
@@ -135,7 +136,7 @@ def train(
     alpha: float = typer.Option(None, help="Weight of the distillation loss."),
     tau: float = typer.Option(None, help="Temperature of soft distillation."),
     teacher: str = typer.Option(None, help="Teacher model name (timm)."),
-    teacher_ckpt: Path = typer.Option(None, help="Teacher weights: a fastdeit checkpoint or a state_dict."),
+    teacher_ckpt: str = typer.Option(None, help="Teacher weights: a fastdeit checkpoint, a state_dict, a URL."),
     targets: str = typer.Option(None, help=_one_of(TeacherTargets) + ": where the teacher's outputs come from."),
     teacher_cache: Path = typer.Option(None, help="Cache folder for --targets replay|labelmap."),
     device: str = typer.Option(None, help="auto | cpu | cuda."),
@@ -183,6 +184,9 @@ def build_train_config(recipe_name: str, flags: dict[str, Any], overrides: list[
             section, name = key.split(".")
             cfg = with_section(cfg, section, **{name: str(value) if isinstance(value, Path) else value})
     cfg = apply_overrides(cfg, overrides)
+    for section, name in (("distill", "teacher_ckpt"), ("model", "init")):  # URLs fetched here, once
+        if is_url(value := getattr(getattr(cfg, section), name)):
+            cfg = with_section(cfg, section, **{name: str(local_weights(value, cache_dir()))})
     if not cfg.data.path:
         raise UserError("--data DIR is required (make one with: fastdeit make-data DIR)")
     if not cfg.run.out:
@@ -196,7 +200,7 @@ def build_train_config(recipe_name: str, flags: dict[str, Any], overrides: list[
 def cache_teacher(
     data: Path = typer.Option(None, help="ImageFolder root holding train/ and val/."),
     teacher: str = typer.Option(None, help="Teacher model name (timm); read from a fastdeit checkpoint if omitted."),
-    teacher_ckpt: Path = typer.Option(None, help="Teacher weights."),
+    teacher_ckpt: str = typer.Option(None, help="Teacher weights (a path or an http(s) URL)."),
     out: Path = typer.Option(None, help="The cache folder (created; a killed build resumes in it)."),
     mode: str = typer.Option("replay", help=_one_of(CacheMode) + ": exact, per epoch | one pass per image."),
     epochs: int = typer.Option(None, help="replay: cover epochs 0..E-1 (default: the recipe's)."),
@@ -251,11 +255,8 @@ def index(data: Path = typer.Argument(..., help="ImageFolder root holding train/
         task = bar.add_task("reading headers", total=None)
         train, val = load_dataset(data, lambda d, t: bar.update(task, completed=d, total=t), cache_dir())
     seconds = time.perf_counter() - start
-    if train.store is not None:
-        err.print(f"{data} is a prepared data set: its index is stored with it, nothing to scan")
-        print(json.dumps({"train": len(train), "val": len(val), "seconds": seconds, "unreadable": 0}))
-        return
-    err.print(f"indexed {len(train)} train and {len(val)} val images of {data} in {seconds:.1f} s: "
+    err.print(f"{data} is a prepared data set: its index is stored with it, nothing to scan" if train.store else
+              f"indexed {len(train)} train and {len(val)} val images of {data} in {seconds:.1f} s: "
               f"{stored_path(cache_dir(), train.root)} and {stored_path(cache_dir(), val.root)}")
     print(json.dumps({"train": len(train), "val": len(val), "seconds": seconds,
                       "unreadable": len(train.skip) + len(val.skip)}))
@@ -272,23 +273,17 @@ def prepare_data(
     workers: int = typer.Option(0, help="Processes (0: one per CPU core)."),
 ) -> None:
     """Store DATA once, shrunk to --max-side, in tar shards with one index: fast starts and reads."""
-    from fastdeit.preparing import PrepareOptions
+    from fastdeit.preparing import PrepareOptions, summary
     from fastdeit.preparing import prepare_data as run
 
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("preparing", total=None)
         manifest = run(src, out, PrepareOptions(max_side, quality, shard_rows, workers),
                        lambda d, t: bar.update(task, completed=d, total=t), cache_dir())
-    splits = manifest["splits"]
-    left = [f"{s}/{p}: {why}" for s, info in splits.items() for p, why in info["left_out"]]
-    for line in left[:20]:
-        err.print(f"left out {line}")
-    counts = " and ".join(f"{v['rows']} {s}" for s, v in splits.items())
-    err.print(f"prepared {counts} images in {out} "
-              f"({sum(v['bytes'] for v in splits.values()) / 2**20:.0f} MiB); {len(left)} left out"
-              + (f" (all listed in {out}/manifest.json)" if len(left) > 20 else ""))
-    print(json.dumps({s: {k: v[k] for k in ("rows", "shards", "bytes")} | {"left_out": len(v["left_out"])}
-                      for s, v in splits.items()}))
+    lines, result = summary(manifest, out)
+    for line in lines:
+        err.print(line)
+    print(json.dumps(result))
 
 
 @app.command("check-data")
@@ -339,7 +334,11 @@ def check_data(
 @command
 def eval_cmd(
     data: Path = typer.Option(..., help="ImageFolder root; its val/ split is evaluated."),
-    ckpt: Path = typer.Option(..., help="A fastdeit checkpoint (checkpoint-best.pt or -last.pt)."),
+    ckpt: str = typer.Option(..., "--ckpt", "--weights", help="A fastdeit checkpoint, or weights from elsewhere "
+                             "(official DeiT .pth, timm, .safetensors; a path or an http(s) URL) with --model."),
+    model: str = typer.Option(None, help="For weights that do not name their model: e.g. deit_small_distilled."),
+    img_size: int = typer.Option(224, help="With --model: the resolution to evaluate at."),
+    patch_size: int = typer.Option(16, help="With --model: the model's patch size."),
     head: str = typer.Option("joint", help=_one_of(Head) + " (distilled models have all three)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     batch_size: int = typer.Option(256, help="Eval batch size."),
@@ -348,13 +347,14 @@ def eval_cmd(
     loader: str = typer.Option("auto", help=_one_of(Loader) + "."),
 ) -> None:
     """Top-1 / top-5 on the val split, plus img/s."""
-    from fastdeit.evaluation import evaluate_checkpoint
+    from fastdeit.evaluation import Architecture, evaluate_checkpoint
 
     check_choice("--head", head, Head)
     check_choice("--loader", loader, Loader)
     if workers < 0:
         raise UserError(f"--workers must be >= 0 (0: load in this process), got {workers}")
-    res = evaluate_checkpoint(ckpt, data, device, batch_size, workers, ema, loader, cache_dir())
+    res = evaluate_checkpoint(local_weights(ckpt, cache_dir()), data, device, batch_size, workers, ema, loader,
+                              cache_dir(), Architecture(model or "", img_size, patch_size))
     if head not in res.heads:
         raise UserError(f"--head {head}: this model has only the joint head (not distilled)")
     table = Table(title=f"{ckpt}")

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastdeit.config import DataConfig, Loader
+from fastdeit.config import DataConfig, Loader, ModelConfig
 from fastdeit.data.folder import load_dataset
 from fastdeit.device import amp_dtype, autocast, resolve_device, sync
 from fastdeit.errors import UserError
 from fastdeit.loaders import Loaders, choose_loader
-from fastdeit.models import build_model, head_logits
+from fastdeit.models import build_model, fit_state_dict, head_logits
 from fastdeit.pipelines.tail import normalize
 from fastdeit.rundir import model_config_of, read_ema_weights, read_weights
 
@@ -88,28 +88,47 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
                       bad=bad, seconds=time.perf_counter() - start)
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """What `fastdeit eval` needs to build a model for weights that do not describe it
+    (official or timm files): `name` (required then), image and patch size, crop."""
+
+    name: str = ""
+    img_size: int = 224
+    patch_size: int = 16
+    crop_pct: float = 0.875
+
+
 def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,
                         workers: int = 2, use_ema: bool = False, loader: Loader = "auto",
-                        cache_dir: Path | None = None) -> EvalResult:
-    """Top-1/top-5 of a fastdeit checkpoint on the val split of `data`, with the checkpoint's
-    own image size and crop."""
+                        cache_dir: Path | None = None, arch: Architecture | None = None) -> EvalResult:
+    """Top-1/top-5 on the val split of `data`: of a fastdeit checkpoint (its own model, image
+    size and crop), or of weights from elsewhere (official DeiT, timm, safetensors) built as
+    `arch` describes."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     weights, meta = read_weights(ckpt)
-    if not meta:
-        raise UserError(f"{ckpt} is not a fastdeit checkpoint (no meta): "
-                        f"fine-tune from it with --set model.init={ckpt}")
-    if use_ema:
-        weights = read_ema_weights(ckpt)
     _, val = load_dataset(data, cache_dir=cache_dir)
-    if list(val.classes) != meta["classes"]:
-        raise UserError(f"{data} has classes {list(val.classes)[:5]}..., the checkpoint was trained on "
-                        f"{meta['classes'][:5]}...")
+    if meta:
+        if use_ema:
+            weights = read_ema_weights(ckpt)
+        if list(val.classes) != meta["classes"]:
+            raise UserError(f"{data} has classes {list(val.classes)[:5]}..., the checkpoint was trained on "
+                            f"{meta['classes'][:5]}...")
+        model = build_model(model_config_of(meta, drop_path=0.0), meta["num_classes"], meta["img_size"])
+        model.load_state_dict(weights)
+        img_size, crop_pct = meta["img_size"], meta["crop_pct"]
+    else:
+        if arch is None or not arch.name:
+            raise UserError(f"{ckpt} is not a fastdeit checkpoint and does not name its model: pass --model NAME "
+                            f"(e.g. deit_small_distilled)")
+        if use_ema:
+            raise UserError(f"--ema: {ckpt} is not a fastdeit checkpoint and holds no EMA weights")
+        model = build_model(ModelConfig(name=arch.name, patch_size=arch.patch_size), len(val.classes), arch.img_size)
+        fit_state_dict(weights, model, str(ckpt), new_head_ok=False)
+        img_size, crop_pct = arch.img_size, arch.crop_pct
     dev = resolve_device(device)
-    model = build_model(model_config_of(meta, drop_path=0.0), meta["num_classes"], meta["img_size"])
-    model.load_state_dict(weights)
-    data_cfg = replace(DataConfig(), img_size=meta["img_size"], crop_pct=meta["crop_pct"], workers=workers,
-                       eval_batch_size=batch_size)
+    data_cfg = replace(DataConfig(), img_size=img_size, crop_pct=crop_pct, workers=workers, eval_batch_size=batch_size)
     kind, _ = choose_loader(loader, dev)
     batches = Loaders(kind, data_cfg, None, dev).eval(val)
     return evaluate(model.to(dev), batches, dev, amp_dtype("auto", dev))

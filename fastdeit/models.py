@@ -82,15 +82,41 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load weights to fine-tune from: the position embedding is resampled to the model's
     grid; classifier heads of another class count are left freshly initialised."""
     sd, _ = read_weights(path)
+    fit_state_dict(sd, model, str(path), new_head_ok=True)
+
+
+def fit_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, source: str, new_head_ok: bool) -> None:
+    """Load a file's weights into `model`, or say in one line what does not fit (distilled or
+    not, patch size, classes, width/depth) and what to do. ViT position embeddings are
+    resampled to the model's grid as the official fine-tuning does it (bicubic, no
+    antialiasing; class/distillation positions kept)."""
+    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     if isinstance(model, VisionTransformer):
-        sd = checkpoint_filter_fn(sd, model)
+        if ("dist_token" in sd) != is_distilled(model):
+            held = "a distilled DeiT (dist_token, head_dist)" if "dist_token" in sd else \
+                "a DeiT without a distillation token"
+            raise UserError(f"{source} holds {held} and {name} is {'' if is_distilled(model) else 'not '}distilled: "
+                            f"use the {'distilled' if 'dist_token' in sd else 'plain'} model of that size")
+        pe, own_pe = sd.get("patch_embed.proj.weight"), model.patch_embed.proj.weight
+        if pe is not None and pe.shape[-1] != own_pe.shape[-1]:
+            raise UserError(f"{source} was trained with patch size {pe.shape[-1]}, the model has patch size "
+                            f"{own_pe.shape[-1]}: set --patch-size {pe.shape[-1]} (model.patch_size)")
     own = model.state_dict()
-    sd = {k: v for k, v in sd.items() if not (k.startswith("head") and k in own and v.shape != own[k].shape)}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("head")]
+    heads = {k for k, v in sd.items() if k.startswith("head") and k in own and v.shape[:1] != own[k].shape[:1]}
+    if heads and not new_head_ok:
+        k = sorted(heads)[0]
+        raise UserError(f"{source} predicts {sd[k].shape[0]} classes, the model {own[k].shape[0]}: evaluate on "
+                        f"data of its classes, or fine-tune from it with --set model.init={source}")
+    for k, v in sd.items():
+        if k in own and k not in heads and k != "pos_embed" and v.shape != own[k].shape:
+            raise UserError(f"{source} does not fit {name}: {k} is {tuple(v.shape)} in the file, "
+                            f"{tuple(own[k].shape)} in the model: use the model it was trained as (--model)")
+    if isinstance(model, VisionTransformer):
+        sd = checkpoint_filter_fn(sd, model, antialias=False)
+    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in heads}, strict=False)
+    missing = [k for k in missing if not (new_head_ok and k.startswith("head"))]
     if missing or unexpected:
-        raise UserError(f"{path} does not fit {type(model).__name__}: "
-                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(f"{source} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def load_teacher(cfg: DistillConfig, num_classes: int, img_size: int, device: torch.device) -> nn.Module:
@@ -116,10 +142,7 @@ def load_teacher(cfg: DistillConfig, num_classes: int, img_size: int, device: to
         classes = _head_classes(sd) or num_classes
         model = build_model(model_cfg, classes, int(meta.get("img_size", img_size)))
         model.trained_img_size = meta.get("img_size")  # label maps are only as good as this scale
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise UserError(f"{cfg.teacher_ckpt} does not fit teacher {model_cfg.name!r}: "
-                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        fit_state_dict(sd, model, str(cfg.teacher_ckpt), new_head_ok=False)
     classes = getattr(model, "num_classes", None)
     if classes != num_classes:
         raise UserError(f"teacher predicts {classes} classes but the data has {num_classes}: "

@@ -215,3 +215,18 @@ def prepare_data(src: Path, out: Path, opts: PrepareOptions, progress: Callable[
                 "splits": {s: _finish_split(indexes[s], out / s, len(jobs[s])) for s in SPLITS}}
     atomic_write_text(json.dumps(manifest, indent=1), out / prepared.MANIFEST)
     return manifest
+
+
+def summary(manifest: dict[str, Any], out: Path) -> tuple[list[str], dict[str, Any]]:
+    """What `prepare-data` prints: lines for the user (the first 20 sources left out, the
+    totals) and its JSON result."""
+    splits = manifest["splits"]
+    left = [f"{s}/{p}: {why}" for s, info in splits.items() for p, why in info["left_out"]]
+    counts = " and ".join(f"{v['rows']} {s}" for s, v in splits.items())
+    total = sum(v["bytes"] for v in splits.values()) / 2**20
+    lines = [f"left out {line}" for line in left[:20]]
+    lines.append(f"prepared {counts} images in {out} ({total:.0f} MiB); {len(left)} left out"
+                 + (f" (all listed in {out}/{prepared.MANIFEST})" if len(left) > 20 else ""))
+    result = {s: {k: v[k] for k in ("rows", "shards", "bytes")} | {"left_out": len(v["left_out"])}
+              for s, v in splits.items()}
+    return lines, result

@@ -17,6 +17,7 @@ leaves a torn file. Checkpoints are read with `weights_only=True`: a file cannot
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -205,12 +206,24 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     {} for the last two."""
     if not Path(path).is_file():
         raise UserError(f"weights file {path} does not exist")
+    if Path(path).suffix == ".safetensors":
+        return _load_safetensors(Path(path)), {}
     obj = _load(path, what="weights file")
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path} holds no model state_dict")
     meta = obj.get("meta", {}) if isinstance(obj.get("meta"), dict) else {}
     return sd, meta
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 def read_ema_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -232,8 +245,10 @@ def _load(path: Path, what: str = "checkpoint") -> Any:
     """torch.load with weights_only=True, its failures as one line. A file holding other
     Python objects is refused outright: loading it would let the file run code."""
     try:
-        with warnings.catch_warnings():  # torch's notes on pickle protocols would break the one line
-            warnings.simplefilter("ignore")
+        # argparse.Namespace: the official DeiT training script stores its arguments (plain
+        # values) beside the weights; any other object is still refused.
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols would break the one line
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):  # torch's advice (load with weights_only=False) is never passed on
