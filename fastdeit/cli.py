@@ -370,6 +370,30 @@ def eval_cmd(
 
 @app.command()
 @command
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders of images."),
+    weights: str = typer.Option(..., help="A run folder (its best checkpoint), a checkpoint, or weights from "
+                                "elsewhere (a path or an http(s) URL) with --model."),
+    model: str = typer.Option(None, help="For weights that do not name their model."),
+    img_size: int = typer.Option(224, help="With --model: the input resolution."),
+    head: str = typer.Option("joint", help=_one_of(Head) + " (distilled models have all three)."),
+    topk: int = typer.Option(5, help="Classes to list per image."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+) -> None:
+    """The top classes of each image (one JSON line each), with the run's class names."""
+    from fastdeit.evaluation import Architecture
+    from fastdeit.predicting import predict as run
+
+    check_choice("--head", head, Head)
+    path = Path(weights) if not is_url(weights) else local_weights(weights, cache_dir())
+    for record in run(images, path, Architecture(model or "", img_size), head, max(1, topk), device):
+        print(json.dumps(record))
+        err.print(f"{record['image']}: " + (", ".join(f"{c} {p:.1%}" for c, p in record["top"])
+                                            if "top" in record else record["error"]))
+
+
+@app.command()
+@command
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Folder for the demo's runs and summary.json."),
     data: Path = typer.Option(None, help="Where the synthetic data lives (default: the fastdeit cache)."),

@@ -15,7 +15,7 @@ from fastdeit.data.folder import load_dataset
 from fastdeit.device import amp_dtype, autocast, resolve_device, sync
 from fastdeit.errors import UserError
 from fastdeit.loaders import Loaders, choose_loader
-from fastdeit.models import build_model, fit_state_dict, head_logits
+from fastdeit.models import build_model, fit_state_dict, head_classes, head_logits
 from fastdeit.pipelines.tail import normalize
 from fastdeit.rundir import model_config_of, read_ema_weights, read_weights
 
@@ -99,36 +99,54 @@ class Architecture:
     crop_pct: float = 0.875
 
 
-def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,
-                        workers: int = 2, use_ema: bool = False, loader: Loader = "auto",
-                        cache_dir: Path | None = None, arch: Architecture | None = None) -> EvalResult:
-    """Top-1/top-5 on the val split of `data`: of a fastdeit checkpoint (its own model, image
-    size and crop), or of weights from elsewhere (official DeiT, timm, safetensors) built as
-    `arch` describes."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+@dataclass(frozen=True)
+class Loaded:
+    """A model ready for inference, with what its inputs and outputs mean."""
+
+    model: nn.Module
+    classes: list[str]  # class names where the weights record them, else "class N"
+    img_size: int
+    crop_pct: float
+    named: bool = True  # the classes are the names the model was trained on
+
+
+def load_for_inference(ckpt: Path, arch: Architecture | None, num_classes: int | None = None,
+                       use_ema: bool = False) -> Loaded:
+    """A fastdeit checkpoint as it was trained (its model, classes, image size and crop), or
+    weights from elsewhere (official DeiT, timm, safetensors) built as `arch` describes, with
+    `num_classes` outputs (default: the file's head)."""
     weights, meta = read_weights(ckpt)
-    _, val = load_dataset(data, cache_dir=cache_dir)
     if meta:
         if use_ema:
             weights = read_ema_weights(ckpt)
-        if list(val.classes) != meta["classes"]:
-            raise UserError(f"{data} has classes {list(val.classes)[:5]}..., the checkpoint was trained on "
-                            f"{meta['classes'][:5]}...")
         model = build_model(model_config_of(meta, drop_path=0.0), meta["num_classes"], meta["img_size"])
         model.load_state_dict(weights)
-        img_size, crop_pct = meta["img_size"], meta["crop_pct"]
-    else:
-        if arch is None or not arch.name:
-            raise UserError(f"{ckpt} is not a fastdeit checkpoint and does not name its model: pass --model NAME "
-                            f"(e.g. deit_small_distilled)")
-        if use_ema:
-            raise UserError(f"--ema: {ckpt} is not a fastdeit checkpoint and holds no EMA weights")
-        model = build_model(ModelConfig(name=arch.name, patch_size=arch.patch_size), len(val.classes), arch.img_size)
-        fit_state_dict(weights, model, str(ckpt), new_head_ok=False)
-        img_size, crop_pct = arch.img_size, arch.crop_pct
+        return Loaded(model.eval(), list(meta["classes"]), meta["img_size"], meta["crop_pct"])
+    if arch is None or not arch.name:
+        raise UserError(f"{ckpt} is not a fastdeit checkpoint and does not name its model: pass --model NAME "
+                        f"(e.g. deit_small_distilled)")
+    if use_ema:
+        raise UserError(f"--ema: {ckpt} is not a fastdeit checkpoint and holds no EMA weights")
+    n = num_classes or head_classes(weights) or 1000
+    model = build_model(ModelConfig(name=arch.name, patch_size=arch.patch_size), n, arch.img_size)
+    fit_state_dict(weights, model, str(ckpt), new_head_ok=False)
+    return Loaded(model.eval(), [f"class {i}" for i in range(n)], arch.img_size, arch.crop_pct, named=False)
+
+
+def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,
+                        workers: int = 2, use_ema: bool = False, loader: Loader = "auto",
+                        cache_dir: Path | None = None, arch: Architecture | None = None) -> EvalResult:
+    """Top-1/top-5 on the val split of `data` of what `load_for_inference` loads."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    _, val = load_dataset(data, cache_dir=cache_dir)
+    loaded = load_for_inference(ckpt, arch, len(val.classes), use_ema)
+    if loaded.named and loaded.classes != list(val.classes):
+        raise UserError(f"{data} has classes {list(val.classes)[:5]}..., the checkpoint was trained on "
+                        f"{loaded.classes[:5]}...")
     dev = resolve_device(device)
-    data_cfg = replace(DataConfig(), img_size=img_size, crop_pct=crop_pct, workers=workers, eval_batch_size=batch_size)
+    data_cfg = replace(DataConfig(), img_size=loaded.img_size, crop_pct=loaded.crop_pct, workers=workers,
+                       eval_batch_size=batch_size)
     kind, _ = choose_loader(loader, dev)
     batches = Loaders(kind, data_cfg, None, dev).eval(val)
-    return evaluate(model.to(dev), batches, dev, amp_dtype("auto", dev))
+    return evaluate(loaded.model.to(dev), batches, dev, amp_dtype("auto", dev))

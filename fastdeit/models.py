@@ -139,7 +139,7 @@ def load_teacher(cfg: DistillConfig, num_classes: int, img_size: int, device: to
         elif not meta:
             raise UserError(f"{cfg.teacher_ckpt} does not name its model: pass --teacher NAME")
         model_cfg = replace(model_cfg, drop_path=0.0, init="", ema=False)
-        classes = _head_classes(sd) or num_classes
+        classes = head_classes(sd) or num_classes
         model = build_model(model_cfg, classes, int(meta.get("img_size", img_size)))
         model.trained_img_size = meta.get("img_size")  # label maps are only as good as this scale
         fit_state_dict(sd, model, str(cfg.teacher_ckpt), new_head_ok=False)
@@ -182,7 +182,7 @@ def ready_teacher(teacher: nn.Module, device: torch.device, compile_mode: Compil
     return teacher
 
 
-def _head_classes(sd: dict[str, torch.Tensor]) -> int | None:
+def head_classes(sd: dict[str, torch.Tensor]) -> int | None:
     """The class count of a timm classifier state_dict, read off its head's weight."""
     for key in ("head.fc.weight", "head.weight", "fc.weight", "classifier.weight"):
         if key in sd:

@@ -83,7 +83,8 @@ def test_eval_of_an_official_file_equals_timms_logits(official, tiny_data):
 
 def test_each_mismatch_is_one_line(official, tiny_data, tmp_path):
     base = ["eval", "--data", str(tiny_data), "--workers", "0", "--loader", "torch"]
-    fails([*base, "--weights", str(official[0]), "--model", "deit_small"], "cls_token is (1, 1, 192) in the file, (1, 1, 384) in the model")
+    fails([*base, "--weights", str(official[0]), "--model", "deit_small"],
+          "cls_token is (1, 1, 192) in the file, (1, 1, 384) in the model")
     fails([*base, "--weights", str(official[0]), "--model", "deit_tiny_distilled"], "without a distillation token")
     dist = tmp_path / "dist.pth"
     torch.save({"model": timm.create_model("deit_tiny_distilled_patch16_224", num_classes=3).state_dict()}, dist)
