@@ -5,21 +5,17 @@ Bad input is one line on stderr and exit code 2, without a traceback (see `comma
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
-from rich.text import Text
 
+from fastdeit import cli_data  # noqa: F401  (registers the data commands on the app)
+from fastdeit.cli_base import FLAGS, _one_of, app, cache_dir, command, err, flagged  # noqa: F401
 from fastdeit.config import (
     AttnBackend,
     CacheMode,
@@ -30,101 +26,18 @@ from fastdeit.config import (
     TrainConfig,
     apply_overrides,
     check_choice,
-    choices,
     recipe,
     validate,
     with_section,
 )
-from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STOPPED, Stopped, UserError
+from fastdeit.errors import UserError
 from fastdeit.fetch import is_url, local_weights
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train DeiT students, with distillation through the distillation token, fast.")
-# Log lines stay whole (paths are greppable), and text is never read as markup: a path or a
-# shape in square brackets is printed as it is.
-err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
-
-# The config keys that have a flag of their own (train and cache-teacher): an error about a
-# key is shown with its flag, unless the key was given with --set.
-FLAGS = {"data.path": "--data", "model.name": "--model", "run.out": "--out", "sched.epochs": "--epochs",
-         "run.batch_size": "--batch-size", "data.img_size": "--img-size", "optim.lr": "--lr",
-         "distill.mode": "--distill", "distill.alpha": "--alpha", "distill.tau": "--tau",
-         "distill.teacher": "--teacher", "distill.teacher_ckpt": "--teacher-ckpt", "distill.targets": "--targets",
-         "distill.teacher_cache": "--teacher-cache", "run.device": "--device", "data.loader": "--loader",
-         "run.seed": "--seed", "model.attn": "--attn", "run.compile": "--compile", "run.ckpt_every": "--ckpt-every",
-         "distill.topk": "--topk"}
-
-
-def _one_of(typ: Any) -> str:
-    return " | ".join(choices(typ))
-
-
-def flagged(text: str, overrides: list[str]) -> str:
-    """An error line with config keys shown as this command's flags (keys set with --set stay keys)."""
-    given = {item.split("=", 1)[0] for item in overrides}
-    for key, flag in FLAGS.items():
-        if key not in given:
-            text = re.sub(rf"(?<![\w.]){re.escape(key)}(?!\w)", flag, text)
-    return text
-
-
-def command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A command's body, guarded: bad input (UserError) becomes one line and exit code 2;
-    Ctrl-C (outside training, which handles its own) says what is kept, exit code 130."""
-
-    @functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            err.print(Text.assemble(("error:", "red"), " ", flagged(str(e), kwargs.get("overrides") or [])))
-            raise typer.Exit(EXIT_BAD_INPUT) from None
-        except Stopped as e:
-            err.print(str(e), markup=False)
-            raise typer.Exit(EXIT_STOPPED) from None
-        except KeyboardInterrupt:
-            err.print("interrupted: what was finished is on disk; the same command resumes where it can")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-
-    return guarded
-
-
-def cache_dir() -> Path:
-    """Where `fastdeit demo` keeps its generated data and measured choices: $FASTDEIT_CACHE,
-    else the XDG cache folder."""
-    if os.environ.get("FASTDEIT_CACHE"):
-        return Path(os.environ["FASTDEIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastdeit"
-
-
-@app.command("make-data")
-@command
-def make_data(
-    out: Path = typer.Argument(..., help="Folder to write train/ and val/ into."),
-    classes: int = typer.Option(10, help="Number of classes (2-10)."),
-    train_per_class: int = typer.Option(300, help="Training images per class."),
-    val_per_class: int = typer.Option(50, help="Validation images per class."),
-    seed: int = typer.Option(0, help="Same seed, byte-identical files."),
-) -> None:
-    """Write the embedded synthetic data set (JPEG files in an ImageFolder tree)."""
-    from fastdeit.data.synthetic import SyntheticSet, write_synthetic
-
-    synthetic = SyntheticSet(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder")
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("writing images", total=None)
-        try:
-            write_synthetic(out, synthetic, progress=lambda d, t: bar.update(task, completed=d, total=t))
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    err.print(f"wrote {classes * (train_per_class + val_per_class)} images to {out}")
 
 
 @app.command()
 @command
 def train(
-    data: Path = typer.Option(None, help="ImageFolder root holding train/ and val/."),
+    data: Path = typer.Option(None, help="ImageFolder root (train/, val/) or a prepared data set."),
     model: str = typer.Option(None, help="deit_tiny/small/base[_distilled] or any timm classifier."),
     out: Path = typer.Option(None, help="Run folder (config.json, metrics.jsonl, checkpoints, summary.json)."),
     recipe_name: str = typer.Option("deit", "--recipe", help="deit (the paper's ImageNet recipe) or demo."),
@@ -198,7 +111,7 @@ def build_train_config(recipe_name: str, flags: dict[str, Any], overrides: list[
 @app.command("cache-teacher")
 @command
 def cache_teacher(
-    data: Path = typer.Option(None, help="ImageFolder root holding train/ and val/."),
+    data: Path = typer.Option(None, help="ImageFolder root (train/, val/) or a prepared data set."),
     teacher: str = typer.Option(None, help="Teacher model name (timm); read from a fastdeit checkpoint if omitted."),
     teacher_ckpt: str = typer.Option(None, help="Teacher weights (a path or an http(s) URL)."),
     out: Path = typer.Option(None, help="The cache folder (created; a killed build resumes in it)."),
@@ -241,99 +154,10 @@ def cache_teacher(
         print(json.dumps(result))
 
 
-@app.command("index")
-@command
-def index(data: Path = typer.Argument(..., help="ImageFolder root holding train/ and val/.")) -> None:
-    """Scan DATA once and store its index (file list and every image's size) for later starts."""
-    import time
-
-    from fastdeit.data.folder import load_dataset
-    from fastdeit.data.stored_index import stored_path
-
-    start = time.perf_counter()
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("reading headers", total=None)
-        train, val = load_dataset(data, lambda d, t: bar.update(task, completed=d, total=t), cache_dir())
-    seconds = time.perf_counter() - start
-    err.print(f"{data} is a prepared data set: its index is stored with it, nothing to scan" if train.store else
-              f"indexed {len(train)} train and {len(val)} val images of {data} in {seconds:.1f} s: "
-              f"{stored_path(cache_dir(), train.root)} and {stored_path(cache_dir(), val.root)}")
-    print(json.dumps({"train": len(train), "val": len(val), "seconds": seconds,
-                      "unreadable": len(train.skip) + len(val.skip)}))
-
-
-@app.command("prepare-data")
-@command
-def prepare_data(
-    src: Path = typer.Argument(..., help="ImageFolder root holding train/ and val/."),
-    out: Path = typer.Argument(..., help="The prepared data set's folder (a killed build resumes in it)."),
-    max_side: int = typer.Option(512, help="Longest side of a stored image (px); 0 keeps the source bytes."),
-    quality: int = typer.Option(90, help="JPEG quality of re-encoded images."),
-    shard_rows: int = typer.Option(4096, help="Images per tar file."),
-    workers: int = typer.Option(0, help="Processes (0: one per CPU core)."),
-) -> None:
-    """Store DATA once, shrunk to --max-side, in tar shards with one index: fast starts and reads."""
-    from fastdeit.preparing import PrepareOptions, summary
-    from fastdeit.preparing import prepare_data as run
-
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("preparing", total=None)
-        manifest = run(src, out, PrepareOptions(max_side, quality, shard_rows, workers),
-                       lambda d, t: bar.update(task, completed=d, total=t), cache_dir())
-    lines, result = summary(manifest, out)
-    for line in lines:
-        err.print(line)
-    print(json.dumps(result))
-
-
-@app.command("check-data")
-@command
-def check_data(
-    data: Path = typer.Argument(..., help="ImageFolder root holding train/ and val/."),
-    out: Path = typer.Option(None, help="Also write the list to this file (for --set data.skip_list=FILE)."),
-    loader: str = typer.Option("auto", help="The decoders to try: torch (PIL) | dali | auto (both where DALI is "
-                               "installed: each refuses files the other reads)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda: where DALI decodes."),
-) -> None:
-    """Decode every image once and list the ones a decoder refuses (a skip list)."""
-    from fastdeit.data.folder import load_dataset
-    from fastdeit.device import resolve_device
-    from fastdeit.loaders import check_decoders, find_undecodable
-
-    check_choice("--loader", loader, Loader)
-    if out is not None and out.is_dir():
-        raise UserError(f"--out {out} is a folder: name the file to write the list to")
-    decoders, dev = check_decoders(loader), resolve_device(device)
-    bad, refused = [], {d: 0 for d in decoders}
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("reading headers", total=None)
-        train, val = load_dataset(data, lambda d, t: bar.update(task, completed=d, total=t), cache_dir())
-        for split, index in (("train", train), ("val", val)):
-            if index.store is not None:  # a prepared set: every row's bytes against its checksum first
-                crc = bar.add_task(f"checksums {split}", total=len(index))
-                rows = list(range(len(index)))
-                bad += [f"{split}/{index.paths[i]}"
-                        for i in index.store.corrupted(rows, lambda n, t, crc=crc: bar.update(crc, completed=n))]
-            tasks = {d: bar.add_task(f"decoding {split} ({d})", total=len(index)) for d in decoders}
-            found = find_undecodable(index, decoders, dev,
-                                     lambda d, n, t, tasks=tasks: bar.update(tasks[d], completed=n))
-            bad += [f"{split}/{index.paths[i]}" for i in found]
-            for who in found.values():
-                for d in who:
-                    refused[d] += 1
-    for line in bad:
-        print(line)
-    if out is not None:
-        out.write_text("".join(f"{line}\n" for line in bad))
-    err.print(f"{len(bad)} unreadable of {len(train) + len(val)} images ("
-              + ", ".join(f"{d} refused {n}" for d, n in refused.items()) + ")"
-              + (f"; skip them with --set data.skip_list={out}" if out is not None and bad else ""))
-
-
 @app.command("eval")
 @command
 def eval_cmd(
-    data: Path = typer.Option(..., help="ImageFolder root; its val/ split is evaluated."),
+    data: Path = typer.Option(..., help="ImageFolder root or prepared data set; its val split is evaluated."),
     ckpt: str = typer.Option(..., "--ckpt", "--weights", help="A fastdeit checkpoint, or weights from elsewhere "
                              "(official DeiT .pth, timm, .safetensors; a path or an http(s) URL) with --model."),
     model: str = typer.Option(None, help="For weights that do not name their model: e.g. deit_small_distilled."),

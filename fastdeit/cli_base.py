@@ -1,0 +1,76 @@
+"""What every `fastdeit` command shares: the typer app, the error console, the guard that
+turns bad input into one line and exit code 2, and the fastdeit cache folder."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from fastdeit.config import choices
+from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STOPPED, Stopped, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train DeiT students, with distillation through the distillation token, fast.")
+# Log lines stay whole (paths are greppable), and text is never read as markup: a path or a
+# shape in square brackets is printed as it is.
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+# The config keys that have a flag of their own (train and cache-teacher): an error about a
+# key is shown with its flag, unless the key was given with --set.
+FLAGS = {"data.path": "--data", "model.name": "--model", "run.out": "--out", "sched.epochs": "--epochs",
+         "run.batch_size": "--batch-size", "data.img_size": "--img-size", "optim.lr": "--lr",
+         "distill.mode": "--distill", "distill.alpha": "--alpha", "distill.tau": "--tau",
+         "distill.teacher": "--teacher", "distill.teacher_ckpt": "--teacher-ckpt", "distill.targets": "--targets",
+         "distill.teacher_cache": "--teacher-cache", "run.device": "--device", "data.loader": "--loader",
+         "run.seed": "--seed", "model.attn": "--attn", "run.compile": "--compile", "run.ckpt_every": "--ckpt-every",
+         "distill.topk": "--topk"}
+
+
+def _one_of(typ: Any) -> str:
+    return " | ".join(choices(typ))
+
+
+def flagged(text: str, overrides: list[str]) -> str:
+    """An error line with config keys shown as this command's flags (keys set with --set stay keys)."""
+    given = {item.split("=", 1)[0] for item in overrides}
+    for key, flag in FLAGS.items():
+        if key not in given:
+            text = re.sub(rf"(?<![\w.]){re.escape(key)}(?!\w)", flag, text)
+    return text
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A command's body, guarded: bad input (UserError) becomes one line and exit code 2;
+    Ctrl-C (outside training, which handles its own) says what is kept, exit code 130."""
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err.print(Text.assemble(("error:", "red"), " ", flagged(str(e), kwargs.get("overrides") or [])))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except Stopped as e:
+            err.print(str(e), markup=False)
+            raise typer.Exit(EXIT_STOPPED) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: what was finished is on disk; the same command resumes where it can")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return guarded
+
+
+def cache_dir() -> Path:
+    """Where `fastdeit demo` keeps its generated data and measured choices: $FASTDEIT_CACHE,
+    else the XDG cache folder."""
+    if os.environ.get("FASTDEIT_CACHE"):
+        return Path(os.environ["FASTDEIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastdeit"
