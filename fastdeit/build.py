@@ -45,6 +45,7 @@ from fastdeit.models import (
     load_teacher,
     ready_teacher,
     set_attention,
+    set_trainable,
 )
 from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.rundir import atomic_write_text
@@ -118,6 +119,10 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
     per_rank_batch(cfg, world.size)  # fails early when the global batch does not split into ranks
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, len(data.classes), cfg.data.img_size).to(device)
+    if cfg.model.train_only != "all":
+        trainable = set_trainable(model, cfg.model.train_only)
+        console.print(f"training {cfg.model.train_only} parameters only: {trainable:,} of "
+                      f"{sum(p.numel() for p in model.parameters()):,}")
     attn = attention_backend(cfg, model, world, device, amp, console)
     # DDP wraps the student only (the teacher is frozen); compiling the wrapper lets Dynamo
     # split the graph at DDP's bucket boundaries, so all-reduce overlaps backward.

@@ -59,7 +59,8 @@ def live_step(cfg: TrainConfig, index: ImageIndex, world: World = SINGLE) -> tup
     amp = amp_dtype(cfg.run.amp, device)
     teacher = ready_teacher(load_teacher(cfg.distill, len(index.classes), cfg.data.img_size, device), device,
                             cfg.run.compile)  # as a live run has it
-    return make_step(cfg, device, amp, len(index.classes), LiveTeacher(teacher, amp)), teacher
+    live = LiveTeacher(teacher, amp, cfg.distill.teacher_img_size)
+    return make_step(cfg, device, amp, len(index.classes), live), teacher
 
 
 def _owned(writer: CacheWriter, total: int, world: World) -> list[int]:

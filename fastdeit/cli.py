@@ -40,7 +40,8 @@ def train(
     data: Path = typer.Option(None, help="ImageFolder root (train/, val/) or a prepared data set."),
     model: str = typer.Option(None, help="deit_tiny/small/base[_distilled] or any timm classifier."),
     out: Path = typer.Option(None, help="Run folder (config.json, metrics.jsonl, checkpoints, summary.json)."),
-    recipe_name: str = typer.Option("deit", "--recipe", help="deit (the paper's ImageNet recipe) or demo."),
+    recipe_name: str = typer.Option("deit", "--recipe", help="deit (the paper's ImageNet recipe), "
+                                    "deit-finetune-384, transfer or demo."),
     epochs: int = typer.Option(None, help="Training epochs."),
     batch_size: int = typer.Option(None, help="Global batch size (split across ranks)."),
     img_size: int = typer.Option(None, help="Training and eval resolution."),
@@ -70,6 +71,8 @@ def train(
                                    "only); a restarted or resumed run continues from the last one."),
     max_restarts: int = typer.Option(0, help="Times torchrun restarts a failed worker group; it resumes from "
                                      "the last checkpoint."),
+    teacher_img_size: int = typer.Option(None, help="The resolution the teacher sees (default: the student's)."),
+    train_only: str = typer.Option(None, help="all | head (a linear probe) | attn (the official --attn-only)."),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)."),
 ) -> None:
     """Train a model; distill from a teacher with --distill soft|hard; --gpus N for many GPUs."""
@@ -82,7 +85,8 @@ def train(
         "distill.tau": tau, "distill.teacher": teacher, "distill.teacher_ckpt": teacher_ckpt,
         "distill.targets": targets, "distill.teacher_cache": teacher_cache,
         "run.device": topo.device if topo else device, "data.loader": loader, "run.seed": seed, "model.attn": attn,
-        "run.compile": compile_mode, "run.ckpt_every": ckpt_every}, overrides)
+        "run.compile": compile_mode, "run.ckpt_every": ckpt_every, "distill.teacher_img_size": teacher_img_size,
+        "model.train_only": train_only}, overrides)
     summary = start(cfg, topo, resume, err)
     if summary is not None:
         print(json.dumps({k: summary[k] for k in SUMMARY_KEYS}))
@@ -118,6 +122,7 @@ def cache_teacher(
     mode: str = typer.Option("replay", help=_one_of(CacheMode) + ": exact, per epoch | one pass per image."),
     epochs: int = typer.Option(None, help="replay: cover epochs 0..E-1 (default: the recipe's)."),
     topk: int = typer.Option(None, help="Logits (replay) or class scores per cell (labelmap) to keep."),
+    teacher_img_size: int = typer.Option(None, help="replay: the resolution the teacher sees (the runs' setting)."),
     recipe_name: str = typer.Option("deit", "--recipe", help="The plan's recipe: it must be the training run's."),
     batch_size: int = typer.Option(None, help="Global batch of the training runs (part of the plan)."),
     img_size: int = typer.Option(None, help="Training resolution (part of the plan)."),
@@ -145,7 +150,7 @@ def cache_teacher(
         "data.path": data, "run.out": out, "sched.epochs": epochs, "run.batch_size": batch_size,
         "data.img_size": img_size, "distill.mode": "hard", "distill.teacher": teacher,
         "distill.teacher_ckpt": teacher_ckpt, "run.device": device, "run.seed": seed, "data.loader": loader,
-        "distill.topk": topk}, overrides)
+        "distill.topk": topk, "distill.teacher_img_size": teacher_img_size}, overrides)
     if verify_batches:
         from fastdeit.caching import cache_teacher as run
 

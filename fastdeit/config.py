@@ -30,6 +30,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Amp = Literal["auto", "bf16", "fp16", "fp32"]  # auto: bf16 on CUDA, fp32 on a CPU
 CompileMode = Literal["none", "auto", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"]
 Interpolation = Literal["bicubic", "bilinear"]
+TrainOnly = Literal["all", "head", "attn"]  # head: a linear probe; attn: the official --attn-only
 Head = Literal["cls", "dist", "joint"]  # the heads of a distilled student; joint (their mean) is every model's
 
 
@@ -75,6 +76,9 @@ class ModelConfig:
     init: str = ""  # weights to start from: an official DeiT .pth or a fastdeit checkpoint
     ema: bool = False
     ema_decay: float = 0.99996
+    # Which parameters train: all; the classifier head(s) only; or, as the official
+    # --attn-only, the attention layers, the heads and the position embedding.
+    train_only: TrainOnly = "all"
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,9 @@ class DistillConfig:
     # Rows per shard of a cache this run builds (replay: rounded down to whole global batches).
     # The unit of resuming and of the work split over ranks; a built cache records its own.
     cache_shard_rows: int = 65536
+    # The resolution the teacher sees (0: the student's, data.img_size): the batch is resized
+    # for the teacher only, e.g. a 224 px teacher for a 384 px fine-tune.
+    teacher_img_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,7 +204,29 @@ def _demo() -> TrainConfig:
     )
 
 
-RECIPES = {"deit": _deit, "demo": _demo}
+def _finetune_384() -> TrainConfig:
+    """Fine-tuning at 384 px from 224 px weights (`--set model.init=`), as the official
+    repository's command: lr 5e-6 at batch 512, weight decay 1e-8, 30 epochs, min lr 5e-6,
+    its default warm-up (5 epochs from 1e-6); augmentation as in training."""
+    base = TrainConfig()
+    return replace(base, data=replace(base.data, img_size=384),
+                   optim=replace(base.optim, lr=5e-6, base_batch=512, weight_decay=1e-8),
+                   sched=replace(base.sched, epochs=30, min_lr=5e-6), run=replace(base.run, batch_size=512))
+
+
+def _transfer() -> TrainConfig:
+    """Transfer to a small data set from ImageNet weights (`--set model.init=`), as the DeiT
+    authors gave it for CIFAR-10 and Stanford Cars (facebookresearch/deit issue #45): batch
+    768, SGD at lr 0.01, weight decay 1e-4, 1,000 epochs, no random erasing and no stochastic
+    depth; everything else as the ImageNet recipe."""
+    base = TrainConfig()
+    return replace(base, model=replace(base.model, drop_path=0.0),
+                   optim=replace(base.optim, opt="sgd", lr=0.01, base_batch=768, weight_decay=1e-4),
+                   sched=replace(base.sched, epochs=1000), aug=replace(base.aug, reprob=0.0),
+                   run=replace(base.run, batch_size=768))
+
+
+RECIPES = {"deit": _deit, "demo": _demo, "deit-finetune-384": _finetune_384, "transfer": _transfer}
 
 
 def recipe(name: str) -> TrainConfig:
@@ -328,7 +357,8 @@ def validate(cfg: TrainConfig) -> None:
         (k.tau > 0, "distill.tau", f"must be positive, got {k.tau}"),
         (k.targets != "replay" or bool(k.teacher_cache), "distill.targets",
          "replay needs distill.teacher_cache CACHE (build one with fastdeit cache-teacher --mode replay)"),
-        (k.topk >= 1 and k.labelmap_size >= 0 and k.agreement_batches >= 0 and k.cache_shard_rows >= 1,
+        (k.topk >= 1 and k.labelmap_size >= 0 and k.agreement_batches >= 0 and k.cache_shard_rows >= 1
+         and k.teacher_img_size >= 0,
          "distill.topk", "must be >= 1, distill.labelmap_size and distill.agreement_batches >= 0, "
                          "distill.cache_shard_rows >= 1"),
         (k.mode == "none" or bool(k.teacher or k.teacher_ckpt), "distill.mode",

@@ -119,6 +119,17 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, source: str, n
         raise UserError(f"{source} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+def set_trainable(model: nn.Module, train_only: str) -> int:
+    """Freeze all but what `train_only` names (config.TrainOnly); returns the trainable
+    parameter count. `attn` is the official --attn-only: the attention layers, the heads and
+    the position embedding train, the patch embedding and the rest stay frozen."""
+    if train_only != "all":
+        for name, p in model.named_parameters():
+            head = name.split(".")[0] in ("head", "head_dist", "fc", "classifier")
+            p.requires_grad_(head or (train_only == "attn" and (".attn." in name or name == "pos_embed")))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def load_teacher(cfg: DistillConfig, num_classes: int, img_size: int, device: torch.device) -> nn.Module:
     """The frozen teacher in eval mode, from a fastdeit checkpoint (its config is inside), or
     --teacher NAME with --teacher-ckpt PATH (e.g. official weights), or NAME alone (timm's

@@ -38,7 +38,10 @@ FORMAT = 2  # 2: shard checksums keyed by the cache identity
 MANIFEST = "manifest.json"
 # Keys that say what the rows mean: a run and a cache must agree on all of them.
 IDENTITY_KEYS = ("format", "mode", "teacher", "teacher_sha256", "dataset", "num_classes", "plan", "topk",
-                 "amp", "shard_rows", "record_dtype", "labelmap_size")
+                 "amp", "shard_rows", "record_dtype", "labelmap_size", "teacher_img_size")
+# Keys added after format 2 was fixed: part of a cache's identity only where they are set, so
+# the checksums of existing caches stay valid.
+OPTIONAL_KEYS = ("teacher_img_size",)
 
 
 def replay_dtype(topk: int, num_classes: int) -> np.dtype:
@@ -66,6 +69,8 @@ def identity(cfg: TrainConfig, mode: CacheMode, index: ImageIndex, teacher: nn.M
            "dataset": index.fingerprint(), "num_classes": len(index.classes)}
     if mode == "replay":
         out["plan"] = PlanSpec.from_config(cfg).to_json()
+        if d.teacher_img_size and d.teacher_img_size != cfg.data.img_size:  # the teacher saw resized views
+            out["teacher_img_size"] = d.teacher_img_size
     else:
         out["labelmap_size"] = d.labelmap_size or cfg.data.img_size
     return json.loads(json.dumps(out))  # as the manifest stores it (tuples become lists)
@@ -87,7 +92,8 @@ def _shard_sum(path: Path, key: str, number: int) -> str:
 
 
 def identity_key(manifest: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({k: manifest.get(k) for k in IDENTITY_KEYS}, sort_keys=True).encode()).hexdigest()
+    keys = {k: manifest.get(k) for k in IDENTITY_KEYS if k not in OPTIONAL_KEYS or k in manifest}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
 def _shard_length(path: Path) -> int:
@@ -205,9 +211,9 @@ class CacheReader:
             raise UserError(f"teacher cache {self.root} has format {self.manifest.get('format')}, this fastdeit "
                             f"reads format {FORMAT}: build it again with fastdeit cache-teacher")
         for key in IDENTITY_KEYS:
-            if key in expected and self.manifest.get(key) != expected[key]:
+            if (key in expected or key in OPTIONAL_KEYS) and self.manifest.get(key) != expected.get(key):
                 raise UserError(f"teacher cache {self.root} was built for another "
-                                f"{describe(key.replace('_', ' '), self.manifest.get(key), expected[key])}")
+                                f"{describe(key.replace('_', ' '), self.manifest.get(key), expected.get(key))}")
 
     def _shard(self, i: int) -> np.ndarray:
         if i not in self._shards:

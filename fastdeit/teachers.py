@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 from torchvision.ops import roi_align
@@ -57,14 +58,18 @@ def _on_device(source: TeacherSource, plan: BatchPlan, inputs: Inputs | None, de
 class LiveTeacher:
     name = "live"
 
-    def __init__(self, teacher: nn.Module, amp_dtype: torch.dtype | None) -> None:
+    def __init__(self, teacher: nn.Module, amp_dtype: torch.dtype | None, img_size: int = 0) -> None:
         self.teacher = teacher
         self.amp_dtype = amp_dtype
+        self.img_size = img_size  # the teacher's resolution; 0: the student's batch as it is
 
     def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
         return {}
 
     def __call__(self, images: torch.Tensor, plan: BatchPlan, inputs: Inputs | None = None) -> torch.Tensor:
+        if self.img_size and images.shape[-1] != self.img_size:  # e.g. a 224 px teacher for a 384 px student
+            images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bicubic", antialias=True,
+                                   align_corners=False)
         if images.device.type == "cuda":  # the teacher's convolutions run channels_last (models.ready_teacher)
             images = images.contiguous(memory_format=torch.channels_last)
         # no_grad rather than inference_mode: the logits are saved by the loss's backward.
@@ -231,7 +236,7 @@ def open_teacher_source(cfg: TrainConfig, index: ImageIndex, teacher: nn.Module,
     A cache must exist (label maps are built beforehand, see build.prepare_label_maps) and
     match the run: teacher, data, plan, epochs; otherwise one line says what differs."""
     d = cfg.distill
-    live = LiveTeacher(teacher, amp)
+    live = LiveTeacher(teacher, amp, cfg.distill.teacher_img_size)
     if d.targets == "live":
         return live, None
     cache = cache_folder(cfg)
