@@ -223,6 +223,24 @@ def predict(
 
 @app.command()
 @command
+def export(
+    run: Path = typer.Argument(..., help="A run folder (its best checkpoint) or a fastdeit checkpoint."),
+    fmt: str = typer.Option("hf", "--format", help="hf (transformers) | timm | safetensors."),
+    out: Path = typer.Option(..., help="The folder to write (new or empty)."),
+    ema: bool = typer.Option(False, help="Export the EMA weights."),
+) -> None:
+    """Write a trained student for Hugging Face transformers, timm, or as safetensors."""
+    from fastdeit.export import export as run_export
+    from fastdeit.predicting import weights_of
+
+    if fmt not in ("hf", "timm", "safetensors"):
+        raise UserError(f"--format {fmt}: use hf, timm or safetensors")
+    for path in run_export(weights_of(run), fmt, out, ema):
+        print(path)
+
+
+@app.command()
+@command
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Folder for the demo's runs and summary.json."),
     data: Path = typer.Option(None, help="Where the synthetic data lives (default: the fastdeit cache)."),

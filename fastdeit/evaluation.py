@@ -108,6 +108,7 @@ class Loaded:
     img_size: int
     crop_pct: float
     named: bool = True  # the classes are the names the model was trained on
+    name: str = ""  # the model's name (config.ModelConfig.name)
 
 
 def load_for_inference(ckpt: Path, arch: Architecture | None, num_classes: int | None = None,
@@ -121,7 +122,8 @@ def load_for_inference(ckpt: Path, arch: Architecture | None, num_classes: int |
             weights = read_ema_weights(ckpt)
         model = build_model(model_config_of(meta, drop_path=0.0), meta["num_classes"], meta["img_size"])
         model.load_state_dict(weights)
-        return Loaded(model.eval(), list(meta["classes"]), meta["img_size"], meta["crop_pct"])
+        return Loaded(model.eval(), list(meta["classes"]), meta["img_size"], meta["crop_pct"],
+                      name=model_config_of(meta).name)
     if arch is None or not arch.name:
         raise UserError(f"{ckpt} is not a fastdeit checkpoint and does not name its model: pass --model NAME "
                         f"(e.g. deit_small_distilled)")
@@ -130,7 +132,8 @@ def load_for_inference(ckpt: Path, arch: Architecture | None, num_classes: int |
     n = num_classes or head_classes(weights) or 1000
     model = build_model(ModelConfig(name=arch.name, patch_size=arch.patch_size), n, arch.img_size)
     fit_state_dict(weights, model, str(ckpt), new_head_ok=False)
-    return Loaded(model.eval(), [f"class {i}" for i in range(n)], arch.img_size, arch.crop_pct, named=False)
+    return Loaded(model.eval(), [f"class {i}" for i in range(n)], arch.img_size, arch.crop_pct, named=False,
+                  name=arch.name)
 
 
 def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,

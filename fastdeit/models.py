@@ -8,6 +8,7 @@ resampled when the grid differs (fine-tuning at another size).
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -39,7 +40,17 @@ def timm_name(name: str) -> str:
 
 
 def is_vit(name: str) -> bool:
-    return timm_name(name).startswith("deit_")
+    """timm's VisionTransformer family (DeiT, DeiT III, ViT): built at any image and patch size."""
+    name = timm_name(name)
+    return timm.is_model(name) and timm.models.model_entrypoint(name).__module__ in (
+        "timm.models.deit", "timm.models.vision_transformer")
+
+
+def _patch_size(name: str, asked: int) -> int:
+    """The patch size to build `name` with: model.patch_size, except that the default (16)
+    leaves a name's own patch size (vit_small_patch32_224 stays at 32)."""
+    own = re.search(r"patch(\d+)", name)
+    return int(own.group(1)) if own and asked == 16 else asked
 
 
 def is_distilled(model: nn.Module) -> bool:
@@ -54,14 +65,16 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
                         f"or a timm classifier name (timm.list_models())")
     kwargs: dict = {"num_classes": num_classes, "drop_path_rate": cfg.drop_path}
     if is_vit(name):
-        if img_size % cfg.patch_size:
-            raise ConfigError("data.img_size", f"{img_size} is not a multiple of model.patch_size {cfg.patch_size}")
-        kwargs.update(img_size=img_size, patch_size=cfg.patch_size)
+        patch = _patch_size(name, cfg.patch_size)
+        if img_size % patch:
+            raise ConfigError("data.img_size", f"{img_size} is not a multiple of {name}'s patch size {patch} "
+                                               f"(model.patch_size)")
+        kwargs.update(img_size=img_size, patch_size=patch)
         for key in ("depth", "embed_dim", "num_heads"):
             if getattr(cfg, key):
                 kwargs[key] = getattr(cfg, key)
     elif cfg.depth or cfg.embed_dim or cfg.num_heads:
-        raise UserError("model.depth/embed_dim/num_heads apply to DeiT models only")
+        raise UserError("model.depth/embed_dim/num_heads apply to DeiT / ViT models only")
     if cfg.width != 1.0:
         if not name.startswith("resnet") or name.startswith("resnetv2"):
             raise UserError(f"model.width applies to timm ResNets (resnet18, resnet50, ...), not {cfg.name!r}")

@@ -83,3 +83,18 @@ def test_transfer_to_other_classes_with_frozen_parts(tiny_data, tmp_path):
         assert torch.equal(sd["patch_embed.proj.weight"], start["patch_embed.proj.weight"])
         moved = not torch.equal(sd["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
         assert moved == (only == "attn")
+
+
+def test_vit_family_students_build_at_any_size_or_say_why():
+    from fastdeit.config import ModelConfig
+    from fastdeit.errors import ConfigError
+    from fastdeit.models import build_model
+
+    for name, patch, tokens in (("deit3_small_patch16_224", 8, 64), ("vit_small_patch32_224", 16, 1 + 4)):
+        model = build_model(ModelConfig(name=name, patch_size=patch, depth=1), 3, 64)
+        assert model.pos_embed.shape[1] == tokens and model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+    try:
+        build_model(ModelConfig(name="deit3_small_patch16_224", depth=1), 3, 60)
+        raise AssertionError("60 px with 16 px patches built")
+    except ConfigError as e:
+        assert "patch size 16" in str(e)

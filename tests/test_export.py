@@ -1,0 +1,86 @@
+"""fastdeit export: Hugging Face transformers and timm load what it writes, with fastdeit's logits."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from fastdeit.cli import app
+from fastdeit.evaluation import load_for_inference
+from fastdeit.models import head_logits
+from fastdeit.pipelines.tail import normalize
+
+from tiny import TINY_MODEL, TINY_RUN
+
+transformers = pytest.importorskip("transformers")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for model in ("deit_tiny_distilled", "deit_tiny"):
+        res = runner.invoke(app, ["train", *TINY_RUN, *TINY_MODEL, "--data", str(tiny_data), "--model", model,
+                                  "--out", str(root / model)])
+        assert res.exit_code == 0, res.output
+        out[model] = root / model / "checkpoint-last.pt"
+    return out
+
+
+def ours(ckpt: Path, x: torch.Tensor) -> torch.Tensor:
+    model = load_for_inference(ckpt, None).model
+    with torch.no_grad():
+        return head_logits(model, x)["joint"]
+
+
+@pytest.mark.parametrize("model", ["deit_tiny_distilled", "deit_tiny"])
+def test_hf_export_gives_fastdeits_logits(runs, model, tmp_path):
+    out = tmp_path / "hf"
+    res = runner.invoke(app, ["export", str(runs[model]), "--format", "hf", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    hf = transformers.AutoModelForImageClassification.from_pretrained(out).eval()
+    assert type(hf).__name__ == ("DeiTForImageClassificationWithTeacher" if "distilled" in model
+                                 else "ViTForImageClassification")
+    with torch.no_grad():
+        got = hf(pixel_values=x).logits
+    assert torch.allclose(got, ours(runs[model], x), atol=1e-4)
+    assert hf.config.id2label == {0: "00_disk", 1: "01_square", 2: "02_triangle"}
+    # The image processor is the eval transform: shorter side to size / crop_pct, bicubic, centre crop.
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    from fastdeit.data.folder import ImageIndex
+    from fastdeit.pipelines.torch import EvalSamples
+
+    path = tmp_path / "x.png"
+    img.save(path)
+    index = ImageIndex(Path("/"), ("a",), (str(path),), np.zeros(1, np.int64), np.zeros((1, 2), np.int32),
+                       np.zeros(1, np.int64))
+    ref = normalize(EvalSamples(index, 32, 0.875)[0][0][None])
+    pix = processor(images=img, return_tensors="pt")["pixel_values"]
+    assert pix.shape == ref.shape and (pix - ref).abs().mean() < 0.02
+
+
+def test_timm_and_safetensors_exports_load(runs, tmp_path):
+    ckpt = runs["deit_tiny_distilled"]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    res = runner.invoke(app, ["export", str(ckpt), "--format", "timm", "--out", str(tmp_path / "timm")])
+    assert res.exit_code == 0, res.output
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), ours(ckpt, x), atol=1e-5)
+    assert model.pretrained_cfg["label_names"] == ["00_disk", "01_square", "02_triangle"]
+    res = runner.invoke(app, ["export", str(ckpt.parent), "--format", "safetensors", "--out", str(tmp_path / "st")])
+    assert res.exit_code == 0, res.output
+    from fastdeit.rundir import read_weights
+
+    got, _ = read_weights(tmp_path / "st" / "model.safetensors")  # a run folder: its best checkpoint
+    want = load_for_inference(ckpt.parent / "checkpoint-best.pt", None).model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    fails = runner.invoke(app, ["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "timm")])
+    assert fails.exit_code == 2 and "not empty" in fails.stderr
