@@ -204,6 +204,8 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model weights, meta) from a fastdeit checkpoint (its meta names the model config and
     image size), an official DeiT .pth ({"model": state_dict}) or a bare state_dict; meta is
     {} for the last two."""
+    if Path(path).is_dir() and (Path(path) / "config.json").is_file():  # a transformers folder
+        return _load_hf_folder(Path(path)), {}
     if not Path(path).is_file():
         raise UserError(f"weights file {path} does not exist")
     if Path(path).suffix == ".safetensors":
@@ -224,6 +226,28 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _load_hf_folder(path: Path) -> dict[str, torch.Tensor]:
+    """A Hugging Face transformers ViT / DeiT folder's weights, in timm's names."""
+    from fastdeit.hf_keys import timm_state_dict
+
+    try:
+        kind = json.loads((path / "config.json").read_text()).get("model_type")
+    except ValueError as e:
+        raise UserError(f"{path}/config.json is not valid JSON: {e}") from None
+    if kind not in ("deit", "vit"):
+        raise UserError(f"{path} holds a transformers {kind!r} model: fastdeit reads ViT and DeiT folders")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} has no .safetensors weights (save it with safe_serialization=True)")
+    hf: dict[str, torch.Tensor] = {}
+    for f in files:
+        hf.update(_load_safetensors(f))
+    try:
+        return timm_state_dict(hf)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path} is not a ViT / DeiT image classifier folder (no {e})") from None
 
 
 def read_ema_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -84,3 +84,21 @@ def test_timm_and_safetensors_exports_load(runs, tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     fails = runner.invoke(app, ["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "timm")])
     assert fails.exit_code == 2 and "not empty" in fails.stderr
+
+
+def test_a_transformers_folder_is_read_back_as_weights(runs, tmp_path):
+    """The hf export given to `eval --weights` (with the tiny architecture): fastdeit's own accuracy."""
+    import json as js
+
+    from fastdeit.rundir import read_weights
+
+    ckpt = runs["deit_tiny_distilled"]
+    res = runner.invoke(app, ["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")])
+    assert res.exit_code == 0, res.output
+    got, _ = read_weights(tmp_path / "hf")
+    want = load_for_inference(ckpt, None).model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(js.dumps({"model_type": "bert"}))
+    with pytest.raises(Exception, match="fastdeit reads ViT and DeiT folders"):
+        read_weights(tmp_path / "bert")
