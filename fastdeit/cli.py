@@ -32,6 +32,7 @@ from fastdeit.config import (
 )
 from fastdeit.errors import UserError
 from fastdeit.fetch import is_url, local_weights
+from fastdeit.sinks import check_sink
 
 
 @app.command()
@@ -73,6 +74,7 @@ def train(
                                      "the last checkpoint."),
     teacher_img_size: int = typer.Option(None, help="The resolution the teacher sees (default: the student's)."),
     train_only: str = typer.Option(None, help="all | head (a linear probe) | attn (the official --attn-only)."),
+    log: str = typer.Option(None, help="none | tensorboard (RUN/tensorboard/) | wandb, besides metrics.jsonl."),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)."),
 ) -> None:
     """Train a model; distill from a teacher with --distill soft|hard; --gpus N for many GPUs."""
@@ -86,7 +88,8 @@ def train(
         "distill.targets": targets, "distill.teacher_cache": teacher_cache,
         "run.device": topo.device if topo else device, "data.loader": loader, "run.seed": seed, "model.attn": attn,
         "run.compile": compile_mode, "run.ckpt_every": ckpt_every, "distill.teacher_img_size": teacher_img_size,
-        "model.train_only": train_only}, overrides)
+        "model.train_only": train_only, "run.log": log}, overrides)
+    check_sink(cfg.run.log)
     summary = start(cfg, topo, resume, err)
     if summary is not None:
         print(json.dumps({k: summary[k] for k in SUMMARY_KEYS}))
@@ -237,6 +240,22 @@ def export(
         raise UserError(f"--format {fmt}: use hf, timm or safetensors")
     for path in run_export(weights_of(run), fmt, out, ema):
         print(path)
+
+
+@app.command()
+@command
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run folders (several: drawn side by side)."),
+    out: Path = typer.Option(Path("report.html"), help="The HTML page; its PNGs go to OUT-figures/."),
+) -> None:
+    """Curves of one or more runs (loss, lr, top-1/top-5 per head, img/s, ...) in one HTML page."""
+    from fastdeit.report import write_report
+
+    result = write_report(runs, out)
+    for note in result["notes"]:
+        err.print(f"note: {note}")
+    err.print(f"wrote {out} ({len(result['figures'])} figures) and {out.stem}-figures/")
+    print(json.dumps({"report": str(out), "figures": sorted(result["figures"]), "pngs": result["pngs"]}))
 
 
 @app.command()

@@ -30,6 +30,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Amp = Literal["auto", "bf16", "fp16", "fp32"]  # auto: bf16 on CUDA, fp32 on a CPU
 CompileMode = Literal["none", "auto", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"]
 Interpolation = Literal["bicubic", "bilinear"]
+LogTo = Literal["none", "tensorboard", "wandb"]  # besides metrics.jsonl
 TrainOnly = Literal["all", "head", "attn"]  # head: a linear probe; attn: the official --attn-only
 Head = Literal["cls", "dist", "joint"]  # the heads of a distilled student; joint (their mean) is every model's
 
@@ -151,6 +152,7 @@ class RunConfig:
     progress: bool = True
     compile: CompileMode = "none"  # auto: max-autotune-no-cudagraphs on CUDA, default on a CPU
     cache_dir: str = ""  # where measured choices (attention backend) are remembered; "" = not on disk
+    log: LogTo = "none"  # tensorboard: RUN/tensorboard/ event files; wandb: a Weights & Biases run
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.errors import UserError
 from fastdeit.pipelines import dali
 from fastdeit.provenance import git_commit
+from fastdeit.report import write_report
 from fastdeit.rundir import RunDir
 from fastdeit.trainer import train
 
@@ -122,7 +123,8 @@ def run_demo(out: Path, data_root: Path, console: Console, base: TrainConfig | N
     for targets in choices(CacheMode):  # caches of an earlier demo's teacher: built again
         if (demo_cache(out, targets) / "manifest.json").exists():
             shutil.rmtree(demo_cache(out, targets))
-    for run in runs or demo_runs():
+    runs = runs or demo_runs()
+    for run in runs:
         cfg = run_config(base, run, data, out)
         _fresh(Path(cfg.run.out), console)
         console.rule(f"{run.folder}: {run.model}, distill {run.distill}, targets {run.targets}")
@@ -154,5 +156,7 @@ def run_demo(out: Path, data_root: Path, console: Console, base: TrainConfig | N
     total = time.perf_counter() - start
     folder = RunDir(out)  # the demo's folder holds its runs, and their summary as a run's own
     folder.write_summary({"rows": rows, "runs": summaries, "total_wall_s": total, "git_commit": git_commit()})
-    console.print(f"demo done in {total:.0f} s; table and run summaries in {folder.summary}")
+    page = out / "report.html"  # every run's curves side by side
+    write_report([out / run.folder for run in runs], page)
+    console.print(f"demo done in {total:.0f} s; table and run summaries in {folder.summary}; curves in {page}")
     return rows

@@ -27,6 +27,7 @@ from fastdeit.progress import TrainProgress
 from fastdeit.provenance import git_commit
 from fastdeit.rundir import RunDir, atomic_save, read_training_checkpoint, training_checkpoint
 from fastdeit.signals import StopSignal
+from fastdeit.sinks import open_sinks
 from fastdeit.teachers import agreement
 
 StepHook = Callable[[int], None]  # called with the number of updates after each step
@@ -69,6 +70,7 @@ class Trainer:
         self.meter = Meter()
         self.vote = dist.StopVote(self.world)  # every rank stops after the same step
         self.bad_seen: set[str] = set()
+        self.sinks = open_sinks(self.cfg.run.log, run_dir.root, self.cfg.to_dict()) if self.world.is_main else []
 
     def fit(self, resume: Path | None = None) -> dict[str, Any]:
         """Train to the last epoch, evaluate, write summary.json; returns the summary."""
@@ -102,6 +104,8 @@ class Trainer:
                               f"continue with --resume") from None
             finally:
                 self.vote.close()
+                for sink in self.sinks:
+                    sink.close()
         return self.summarize(images, seconds, time.perf_counter() - start)
 
     def train_epoch(self, bar: TrainProgress, stop: StopSignal) -> dict[str, float]:
@@ -204,6 +208,8 @@ class Trainer:
     def log(self, record: dict[str, Any]) -> None:
         if self.world.is_main:
             self.dir.log(record)
+            for sink in self.sinks:
+                sink.write(record)
 
     def components(self) -> dict[str, Any]:
         """The parts whose state a checkpoint holds (None where the run has none)."""
