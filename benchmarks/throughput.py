@@ -325,6 +325,19 @@ def _print_scaling(rows: list[dict], title: str) -> None:
     Console(width=160).print(table)
 
 
+def chart(results: Path) -> str:
+    """The results drawn beside them (benchmarks/plot.py, loaded by path: the scripts are no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastdeit_bench_plot", Path(__file__).with_name("plot.py"))
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    try:
+        return str(plot.plot(results))
+    except SystemExit:  # a section with nothing to draw as bars
+        return "no chart"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--section", default="model", choices=["model", "attention", "distill", "scaling"])
@@ -387,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"batch {a.batch_size}, {report['device']}")
     write_report(report, a.out)
     if a.out:
-        console.print(f"wrote {a.out}")
+        console.print(f"wrote {a.out} and {chart(a.out)}")
     return 0
 
 

@@ -16,7 +16,19 @@ def test_loader_benchmark_runs_and_writes_json(tiny_data, tmp_path):
     assert set(report["img_per_s"]) >= {"torch", "torch, prepared 24px", "baseline"}
     assert all(v > 0 for v in report["img_per_s"].values())
     assert report["settings"]["prepared"]["prepared 24px"]["max_side"] == 24
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"  # its bar chart beside it
     assert "torch/baseline" in report["ratios"]
+
+
+def test_plot_redraws_the_committed_results(tmp_path):
+    plot = load("plot")
+    for name in ("loader-cpu-2core", "loader-prepared-cpu-2core", "throughput-distill-cpu-2core",
+                 "throughput-model-cpu-2core", "throughput-scaling-cpu-2core"):
+        results = ROOT / "benchmarks" / "results" / f"{name}.json"
+        _title, values, _ = plot.bars(json.loads(results.read_text()))
+        assert values and all(v > 0 for v in values.values()), name
+        assert plot.main([str(results), "--out", str(tmp_path / f"{name}.png")]) == 0
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_throughput_distill_section_runs(tmp_path):
