@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from fastdeit import cli_data  # noqa: F401  (registers the data commands on the app)
@@ -185,8 +186,11 @@ def eval_cmd(
     check_choice("--loader", loader, Loader)
     if workers < 0:
         raise UserError(f"--workers must be >= 0 (0: load in this process), got {workers}")
-    res = evaluate_checkpoint(local_weights(ckpt, cache_dir()), data, device, batch_size, workers, ema, loader,
-                              cache_dir(), Architecture(model or "", img_size, patch_size))
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+        res = evaluate_checkpoint(local_weights(ckpt, cache_dir()), data, device, batch_size, workers, ema, loader,
+                                  cache_dir(), Architecture(model or "", img_size, patch_size),
+                                  lambda d, t: bar.update(task, completed=d, total=t))
     if head not in res.heads:
         raise UserError(f"--head {head}: this model has only the joint head (not distilled)")
     table = Table(title=f"{ckpt}")

@@ -57,7 +57,7 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
-             amp_dtype: torch.dtype | None = None) -> EvalResult:
+             amp_dtype: torch.dtype | None = None, progress: Callable[[int], None] | None = None) -> EvalResult:
     """Top-1/top-5 of every head over (uint8 images, labels, ok) batches; rows whose file
     failed to decode (ok False) are left out and counted in `bad`."""
     model.eval()
@@ -82,6 +82,8 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
             counts = torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).double()
             hits[head] = hits[head] + counts if head in hits else counts
         n += kept
+        if progress is not None:
+            progress(len(keep))
     read = {head: c.tolist() for head, c in hits.items()}  # the one wait for the device
     sync(device)
     return EvalResult(n=n, correct1={h: c[0] for h, c in read.items()}, correct5={h: c[1] for h, c in read.items()},
@@ -138,8 +140,10 @@ def load_for_inference(ckpt: Path, arch: Architecture | None, num_classes: int |
 
 def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,
                         workers: int = 2, use_ema: bool = False, loader: Loader = "auto",
-                        cache_dir: Path | None = None, arch: Architecture | None = None) -> EvalResult:
-    """Top-1/top-5 on the val split of `data` of what `load_for_inference` loads."""
+                        cache_dir: Path | None = None, arch: Architecture | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Top-1/top-5 on the val split of `data` of what `load_for_inference` loads;
+    `progress(done, total)` after each batch."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     _, val = load_dataset(data, cache_dir=cache_dir)
@@ -152,4 +156,11 @@ def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size
                        eval_batch_size=batch_size)
     kind, _ = choose_loader(loader, dev)
     batches = Loaders(kind, data_cfg, None, dev).eval(val)
-    return evaluate(loaded.model.to(dev), batches, dev, amp_dtype("auto", dev))
+    done = [0]
+
+    def advance(images: int) -> None:
+        done[0] += images
+        if progress is not None:
+            progress(done[0], len(val))
+
+    return evaluate(loaded.model.to(dev), batches, dev, amp_dtype("auto", dev), advance)
