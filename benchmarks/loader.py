@@ -27,6 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fastdeit.charts import chart
 from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, recipe, with_section
 from fastdeit.data.folder import ImageIndex, load_dataset
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
@@ -156,19 +157,6 @@ def print_table(report: dict, title: str) -> None:
         ratio = report["ratios"].get(f"{k}/baseline")
         table.add_row(k, f"{v:.0f}", f"{min(runs[k]):.0f}-{max(runs[k]):.0f}", "" if ratio is None else f"{ratio:.2f}x")
     Console().print(table)
-
-
-def chart(results: Path) -> str:
-    """The results drawn beside them (benchmarks/plot.py, loaded by path: the scripts are no package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fastdeit_bench_plot", Path(__file__).with_name("plot.py"))
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
-    try:
-        return str(plot.plot(results))
-    except SystemExit:  # a section with nothing to draw as bars
-        return "no chart"
 
 
 def main(argv: list[str] | None = None) -> int:

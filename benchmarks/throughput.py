@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastdeit.build import Data, load_data, make_optimizer, open_teacher
 from fastdeit.caching import build_labelmap, build_replay
+from fastdeit.charts import chart
 from fastdeit.config import TeacherTargets, TrainConfig, apply_overrides, choices, recipe, with_section
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.device import amp_dtype, sync
@@ -323,19 +324,6 @@ def _print_scaling(rows: list[dict], title: str) -> None:
                       f"{r.get('speedup', 0):.2f}x", f"{r.get('efficiency', 0):.0%}", f"{r['step_ms']:.0f}",
                       "" if r["allreduce_ms"] is None else f"{r['allreduce_ms']:.1f}", f"{r['grad_mb']:.0f}")
     Console(width=160).print(table)
-
-
-def chart(results: Path) -> str:
-    """The results drawn beside them (benchmarks/plot.py, loaded by path: the scripts are no package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fastdeit_bench_plot", Path(__file__).with_name("plot.py"))
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
-    try:
-        return str(plot.plot(results))
-    except SystemExit:  # a section with nothing to draw as bars
-        return "no chart"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from fastdeit import cli_data  # noqa: F401  (registers the data commands on the app)
-from fastdeit.cli_base import FLAGS, _one_of, app, cache_dir, command, err, flagged  # noqa: F401
+from fastdeit.cli_base import _one_of, app, cache_dir, command, err
 from fastdeit.config import (
     AttnBackend,
     CacheMode,
@@ -221,7 +221,7 @@ def predict(
     from fastdeit.predicting import predict as run
 
     check_choice("--head", head, Head)
-    path = Path(weights) if not is_url(weights) else local_weights(weights, cache_dir())
+    path = local_weights(weights, cache_dir())  # a URL downloaded once; a path as it is
     for record in run(images, path, Architecture(model or "", img_size), head, max(1, topk), device):
         print(json.dumps(record))
         err.print(f"{record['image']}: " + (", ".join(f"{c} {p:.1%}" for c, p in record["top"])

@@ -6,12 +6,12 @@ on every reuse, so a truncated or altered copy is fetched again instead of read.
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.error
 from pathlib import Path
 from urllib.parse import urlparse
 
 from fastdeit.errors import UserError
+from fastdeit.rundir import atomic_write_text
 
 
 def is_url(source: str | Path) -> bool:
@@ -50,7 +50,5 @@ def local_weights(source: str | Path, cache_dir: Path) -> Path:
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
         raise UserError(f"cannot download {url}: {reason}") from None
-    tmp = check.with_name(check.name + f".{os.getpid()}.tmp")
-    tmp.write_text(sha256_of(dst))
-    os.replace(tmp, check)
+    atomic_write_text(sha256_of(dst), check)
     return dst

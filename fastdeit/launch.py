@@ -11,12 +11,14 @@ CLI's flags, so every rank trains the very same config. A worker group that torc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,37 +221,39 @@ def start_cache_teacher(cfg: TrainConfig, topo: Topology | None, mode: str, out:
 def run_cache_worker(cfg: TrainConfig, mode: str, out: Path) -> dict[str, Any] | None:
     """One rank of a cache-teacher worker group: its share of the shards. Rank 0's result."""
     from fastdeit.caching import cache_teacher
-    from fastdeit.dist import init_from_env, shutdown
 
-    device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        world = init_from_env(device)
-        console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False, quiet=not world.is_main)
+    with _rank(cfg) as (world, console):
         result = cache_teacher(cfg, mode, out, 0, console, world)
-    finally:
-        shutdown()
     return result if world.is_main else None
 
 
 def run_worker(cfg: TrainConfig, resume: Path | None) -> dict | None:
     """One rank of a torchrun worker group: join the process group, train, leave. Returns the
     summary on rank 0, None on the others; only rank 0 prints."""
-    from fastdeit.dist import init_from_env, shutdown
     from fastdeit.trainer import train
 
-    device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        world = init_from_env(device)
-        console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False, quiet=not world.is_main)
+    with _rank(cfg) as (world, console):
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         last = RunDir(cfg.run.out).last
         if restarted:
             resume = last if last.exists() else resume
             console.print(f"worker group restarted: resuming from {resume or 'the start'}")
         summary = train(cfg, console, world, resume, restarted=restarted, on_step=_fault_hooks(world))
+    return summary if world.is_main else None
+
+
+@contextlib.contextmanager
+def _rank(cfg: TrainConfig) -> Iterator[tuple[World, Console]]:
+    """This process as one rank of torchrun's group (left on the way out), with a console
+    that only rank 0 prints to."""
+    from fastdeit.dist import init_from_env, shutdown
+
+    device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        world = init_from_env(device)
+        yield world, Console(stderr=True, soft_wrap=True, markup=False, highlight=False, quiet=not world.is_main)
     finally:
         shutdown()
-    return summary if world.is_main else None
 
 
 def _fault_hooks(world: World) -> list:
