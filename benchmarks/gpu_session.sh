@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The GPU measurements, one part per call of at most ten minutes, for a lent GPU machine whose
 # image has torch, timm and triton but not fastdeit (nor DALI: see `loader`). GPU time is
-# scarce (assume about twelve minutes in all, machine start included, once): the parts are
-# listed in the order to run them, the most valuable first, and together they should take
-# about ten minutes on an H100 (the estimates beside them are guesses until a run says).
+# scarce (fifteen minutes a session, machine start included): the parts are listed in the
+# order to run them next, the most valuable first. Times are from the H200 run of 2026-11-30
+# (results in benchmarks/results/*nvidia-h200*), machine start about 30 s.
 #
-#   bash benchmarks/gpu_session.sh tests       # ~2 min  pytest -m gpu: bf16 kernel, compiled triton_op, DALI GPU graph, no host sync in the step
-#   bash benchmarks/gpu_session.sh step-s      # ~2 min  DeiT-S distilled, eager vs compiled (SDPA), batch 256, 224 px
-#   bash benchmarks/gpu_session.sh step-b      # ~2 min  DeiT-B distilled, the same
-#   bash benchmarks/gpu_session.sh loader      # ~1 min  DALI on the GPU (ROI and full decoding) vs the official pipeline
-#   bash benchmarks/gpu_session.sh attention   # ~1 min  Triton vs SDPA's kernels, forward + backward, DeiT-Ti/S/B shapes
-#   bash benchmarks/gpu_session.sh step-triton # ~2 min  DeiT-S/B with --attn triton, eager and compiled
-#   bash benchmarks/gpu_session.sh distill     # ~2 min  none / live / replay / labelmap targets, DeiT-S <- RegNetY-16GF
+#   bash benchmarks/gpu_session.sh tests       # ~1 min  pytest -m gpu: bf16 kernel, compiled triton_op, DALI GPU graph, no host sync
+#   bash benchmarks/gpu_session.sh loader      # ? min   DALI on the GPU (ROI and full decoding) vs the official pipeline
+#   bash benchmarks/gpu_session.sh step-triton # ~2 min  DeiT-S/B with --attn triton, eager and compiled (compiled: never run)
+#   bash benchmarks/gpu_session.sh step-s      # ~1 min  DeiT-S distilled, eager vs compiled (SDPA), batch 256, 224 px
+#   bash benchmarks/gpu_session.sh step-b      # ~1.5 min DeiT-B distilled, the same
 #   bash benchmarks/gpu_session.sh step-ti     # ~1 min  DeiT-Ti distilled, eager vs compiled
+#   bash benchmarks/gpu_session.sh attention   # ~1 min  Triton vs SDPA's kernels, forward + backward, DeiT-Ti/S/B shapes
+#   bash benchmarks/gpu_session.sh distill     # ~1.5 min none / live / replay / labelmap targets, DeiT-S <- RegNetY-16GF
+#
+# DALI (tests, loader): run benchmarks/stage_dali.sh here first; carry one of .gpuwheels/x0..x2
+# per call (mkdir -p /tmp/gw && cp .gpuwheels/xN/* /tmp/gw/ before this script), so three calls
+# that each also run a part; this script unpacks DALI once the three parts are in /tmp/gw.
 #
 #   bash benchmarks/gpu_session.sh --dry all   # every part at toy size on the CPU, nothing installed (the tests run it)
 #
@@ -37,6 +41,14 @@ else
   model_args=(--device cuda --img-size 224 --batch-sizes 256 --steps 20 --warmup 5 --repeats 3)
   # fastdeit.kernels and fastdeit.pipelines are mapped by setuptools' package-dir: install, no deps.
   $py -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+  if [ -f /tmp/gw/gw.sha256 ] && [ ! -d /tmp/site/nvidia/dali ]; then  # DALI staged by stage_dali.sh
+    if (cd /tmp/gw && cat gw.part.0 gw.part.1 gw.part.2 > gw.tar.xz && sha256sum -c --quiet gw.sha256); then
+      mkdir -p /tmp/site && $py -c "import tarfile; tarfile.open('/tmp/gw/gw.tar.xz').extractall('/tmp/site')"
+    else
+      echo "the DALI parts in /tmp/gw are incomplete or corrupt: carry .gpuwheels/x0..x2, one per call"
+    fi
+  fi
+  [ -d /tmp/site/nvidia/dali ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/gpu-$part.txt"
 fi
 # Device, driver and versions first: a cut run still says what it ran on.
@@ -77,7 +89,7 @@ run_part() {
       fi ;;
     loader)
       if ! $py -c "import nvidia.dali" 2>/dev/null; then
-        echo "DALI is not installed here: bring it with ../shared/tools/stage-gpu-wheels (see .gpuwheels/HOWTO)"
+        echo "DALI is not installed here: stage it with benchmarks/stage_dali.sh (see the top of this script)"
         return 2
       fi
       if [ "$dry" = 1 ]; then

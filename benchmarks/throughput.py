@@ -201,7 +201,7 @@ def measure_student(a: argparse.Namespace, name: str, batch: int, attn: str, com
     model = build_model(cfg.model, classes, a.img_size).to(device)
     gmacs = forward_gmacs(model, a.img_size, device)
     set_attention(model, attn)
-    mode = compile_model(model, comp, device)
+    mode = compile_model(model, comp)
     step = make_step(cfg, device, amp, classes, model=model, optimizer=make_optimizer(cfg, model, device))
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, a.img_size, a.img_size, device=device, generator=g).to(amp or torch.float32)

@@ -127,7 +127,7 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
     # DDP wraps the student only (the teacher is frozen); compiling the wrapper lets Dynamo
     # split the graph at DDP's bucket boundaries, so all-reduce overlaps backward.
     trained = wrap_ddp(cfg, model, world, device)
-    compiled = compile_model(trained, cfg.run.compile, device)
+    compiled = compile_model(trained, cfg.run.compile)
     teacher, live_check = open_teacher(cfg, data, model, world, device, amp, console)
     optimizer = make_optimizer(cfg, model, device)
     scheduler = make_scheduler(cfg, optimizer, steps)

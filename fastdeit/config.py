@@ -150,7 +150,7 @@ class RunConfig:
     ckpt_every: int = 1000  # steps between mid-epoch checkpoints besides epoch ends (0 = epoch ends only)
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     progress: bool = True
-    compile: CompileMode = "none"  # auto: max-autotune-no-cudagraphs on CUDA, default on a CPU
+    compile: CompileMode = "none"  # auto: default (models.compile_model says why)
     cache_dir: str = ""  # where measured choices (attention backend) are remembered; "" = not on disk
     log: LogTo = "none"  # tensorboard: RUN/tensorboard/ event files; wandb: a Weights & Biases run
 

@@ -96,7 +96,10 @@ def demo_cache(out: Path, targets: TeacherTargets) -> Path:
     return out / f"teacher-{targets}"
 
 
-def run_config(base: TrainConfig, run: DemoRun, data: Path, out: Path) -> TrainConfig:
+def run_config(base: TrainConfig, run: DemoRun, data: Path, out: Path, teacher: Path | None = None,
+               cache: Path | None = None) -> TrainConfig:
+    """The run's config: the demo recipe, its overrides, and for a distilled run the teacher's
+    folder (default OUT/teacher) and, for cached targets, the cache (default demo_cache)."""
     cfg = with_section(base, "data", path=str(data))
     if cfg.data.loader == "auto" and dali.available():
         # DALI's CPU graph beats PIL workers on these small images (no RandAugment in the demo)
@@ -105,9 +108,9 @@ def run_config(base: TrainConfig, run: DemoRun, data: Path, out: Path) -> TrainC
     cfg = with_section(cfg, "run", out=str(out / run.folder))
     cfg = apply_overrides(cfg, list(run.sets))
     if run.distill != "none":
-        cfg = with_section(cfg, "distill", mode=run.distill, teacher_ckpt=str(RunDir(out / "teacher").last),
-                           targets=run.targets,
-                           teacher_cache=str(demo_cache(out, run.targets)) if run.targets != "live" else None)
+        cache = cache or demo_cache(out, run.targets)
+        cfg = with_section(cfg, "distill", mode=run.distill, teacher_ckpt=str(RunDir(teacher or out / "teacher").last),
+                           targets=run.targets, teacher_cache=str(cache) if run.targets != "live" else None)
     validate(cfg)
     return cfg
 

@@ -66,6 +66,8 @@ def _tile(ptr, b, h, idx, dims, sb, sh, sn, sd, ok):
 def _fwd_kernel(Q, K, V, OUT, LSE, qk_scale, N, H,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # torch.compile passes Python floats as fp64 scalars: fp64 math here would change the loop's types
+    qk_scale = tl.cast(qk_scale, tl.float32)
     # (batch x head) on grid axis 0, which holds 2**31 - 1 programs (axes 1 and 2 hold 65,535)
     bh, b, h = _split(tl.program_id(0), H)
     pid_m = tl.program_id(1)
@@ -116,6 +118,9 @@ def _delta_kernel(OUT, DO, DELTA, N, H, sob, soh, son, sod, sdb, sdh, sdn, sdd,
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # torch.compile passes Python floats as fp64 scalars: fp64 math here would change the loop's types
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     bh, b, h = _split(tl.program_id(0), H)
     pid_n = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,6 +155,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H,
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H,
                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
                HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # torch.compile passes Python floats as fp64 scalars: fp64 math here would change the loop's types
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     # (batch x head) on grid axis 0, which holds 2**31 - 1 programs (axes 1 and 2 hold 65,535)
     bh, b, h = _split(tl.program_id(0), H)
     pid_m = tl.program_id(1)

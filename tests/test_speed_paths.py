@@ -83,7 +83,7 @@ def test_compiled_student_matches_eager_and_does_not_recompile():
     for mode in ("none", "default"):
         torch.manual_seed(0)
         model = build_model(TINY, 5, 32)
-        compile_model(model, mode, torch.device("cpu"))
+        compile_model(model, mode)
         step = make_step(HARD, torch.device("cpu"), None, 5, model=model,
                          optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
         losses[mode] = []

@@ -151,8 +151,9 @@ def test_the_gpu_step_never_waits_for_the_device(tiny_data, tmp_path):
     batch = dataclasses.replace(batch, images=batch.images.pin_memory(), labels=batch.labels.pin_memory())
     for step in steps.values():
         step = dataclasses.replace(step, device=gpu, amp=torch.bfloat16, model=step.model.to(gpu))
-        if step.teacher is not None and hasattr(step.teacher, "teacher"):
+        if step.teacher is not None and hasattr(step.teacher, "teacher"):  # live: under the student's autocast
             step.teacher.teacher.to(gpu)
+            step.teacher.amp_dtype = torch.bfloat16
         step.optimizer = torch.optim.AdamW(step.model.parameters(), lr=1e-4, fused=True)
         step.update(step.prepare(batch), 1)  # warm-up: lazy state, cuBLAS handles
         torch.cuda.synchronize()

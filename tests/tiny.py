@@ -1,6 +1,7 @@
 """Settings of the tiny runs the tests make (seconds per epoch on a CPU), and loading a benchmark script."""
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -22,5 +23,6 @@ def load_benchmark(name: str) -> ModuleType:
     """benchmarks/NAME.py as a module (the scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod

@@ -1,0 +1,59 @@
+"""benchmarks/ablation.py end to end at its tiny scale: the runs, the statistics, the
+figures, and a study stopped and started again."""
+
+import json
+import shutil
+import statistics
+
+import pytest
+
+from tiny import load_benchmark
+
+ARMS = "none,hard,hard-replay,hard-transformer,hard-10pct"
+
+
+def test_the_study_runs_aggregates_and_resumes(tmp_path, monkeypatch):
+    ablation = load_benchmark("ablation")
+    out = tmp_path / "study"
+    args = ["--tiny", "--seeds", "2", "--out", str(out), "--arms", ARMS]
+    report = ablation.main(args)
+
+    assert {(r["arm"], r["seed"]) for r in report["runs"]} == {(a, s) for a in ARMS.split(",") for s in (0, 1)}
+    assert set(report["teachers"]) == {"convnet", "transformer"}  # the matched convnet is not needed here
+    for arm, stats in report["arms"].items():
+        joint = [r["top1_joint"] for r in report["runs"] if r["arm"] == arm]
+        assert stats["joint"]["mean"] == pytest.approx(statistics.fmean(joint))
+        assert stats["joint"]["std"] == pytest.approx(statistics.stdev(joint)) and stats["joint"]["n"] == 2
+        assert ("cls" in stats) == (arm != "none")  # deit_tiny has one head
+    # Replayed targets are the live teacher's: the same students, seed by seed.
+    for seed in (0, 1):
+        live, replay = (next(r for r in report["runs"] if r["arm"] == a and r["seed"] == seed)
+                        for a in ("hard", "hard-replay"))
+        assert [live[f"top1_{h}"] for h in ablation.HEADS] == [replay[f"top1_{h}"] for h in ablation.HEADS]
+    # The 10% arm trained on 10% of the images: one per class at this scale, the val split whole.
+    sub = out / "data" / "train-10pct"
+    assert sum(1 for _ in (sub / "train").rglob("*.jpg")) == 10
+    assert sum(1 for _ in (sub / "val").rglob("*.jpg")) == sum(1 for _ in (out / "data/full/val").rglob("*.jpg"))
+    saved = json.loads((out / "ablation.json").read_text())
+    assert saved["arms"] == report["arms"] and saved["settings"]["seeds"] == 2
+    for q in ("distillation", "teacher", "scarcity"):
+        assert (out / f"ablation-{q}.png").stat().st_size > 0
+
+    # Started again: nothing is trained again. With one run lost, only that one is.
+    trained = []
+    real_train = ablation.train
+    monkeypatch.setattr(ablation, "train", lambda cfg, *a, **k: trained.append(cfg.run.out) or real_train(cfg, *a, **k))
+    assert ablation.main(args)["arms"] == report["arms"]
+    assert trained == []
+    (out / "records" / "hard-s1.json").unlink()
+    shutil.rmtree(out / "runs" / "hard-s1")
+    again = ablation.main(args)
+    assert trained == [str(out / "runs" / "hard-s1")]
+    heads = ablation.HEADS  # the accuracies again (the same machine trains deterministically), not the timings
+    assert {h: again["arms"]["hard"][h] for h in heads} == {h: report["arms"]["hard"][h] for h in heads}
+
+
+def test_an_unknown_arm_is_one_line(tmp_path):
+    ablation = load_benchmark("ablation")
+    with pytest.raises(SystemExit, match="unknown arm 'hardest'; choose from: none, soft"):
+        ablation.main(["--tiny", "--out", str(tmp_path), "--arms", "hard,hardest"])
