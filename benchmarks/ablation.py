@@ -58,7 +58,7 @@ class Scale:
     vit_sets: tuple[str, ...] = ()  # and for every transformer (students, the transformer teacher)
 
 
-FULL = Scale(SyntheticSet(), student_epochs=10, convnet_epochs=12, matched_epochs=3, transformer_epochs=20)
+FULL = Scale(SyntheticSet(), student_epochs=10, convnet_epochs=12, matched_epochs=5, transformer_epochs=20)
 QUICK = Scale(SyntheticSet(train_per_class=100, val_per_class=30), student_epochs=3, convnet_epochs=4,
               matched_epochs=1, transformer_epochs=6)
 TINY = Scale(SyntheticSet(train_per_class=10, val_per_class=4, min_size=32, max_size=40), student_epochs=1,
