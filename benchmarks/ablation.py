@@ -263,13 +263,12 @@ def _errorbars(ax, labels: list[str], series: dict[str, list[dict | None]]) -> N
     """Grouped bars: one group per label, one bar per series (mean, std as error bar)."""
     width = 0.8 / len(series)
     for k, (name, stats) in enumerate(series.items()):
-        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
-        means = [s["mean"] if s else 0.0 for s in stats]
-        errs = [s["std"] or 0.0 if s else 0.0 for s in stats]
-        ax.bar(xs, means, width, yerr=errs, capsize=3, label=name)
+        xs = [i + (k - (len(series) - 1) / 2) * width for i, s in enumerate(stats) if s]  # no bar for a head
+        stats = [s for s in stats if s]  # an arm lacks (deit_tiny has no dist head)
+        ax.bar(xs, [s["mean"] for s in stats], width, yerr=[s["std"] or 0.0 for s in stats], capsize=3, label=name,
+               color=f"C{k}")
         for x, s in zip(xs, stats):
-            if s:
-                ax.text(x, s["mean"] + (s["std"] or 0) + 0.5, f"{s['mean']:.1f}", ha="center", fontsize=7)
+            ax.text(x, s["mean"] + (s["std"] or 0) + 0.5, f"{s['mean']:.1f}", ha="center", fontsize=7)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("top-1 (%)")
     ax.legend(fontsize=8)
