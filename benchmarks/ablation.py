@@ -7,10 +7,12 @@ Questions, each answered by arms (one training configuration) run once per seed:
                 label-map targets; the cls, dist and joint heads of every distilled arm
   teacher       hard distillation from a transformer teacher vs a convnet teacher trained to
                 a similar accuracy (and the full convnet teacher, for scale)
-  scarcity      10%, 30% and 100% of the training images, without and with distillation
+  scarcity      10%, 30% and 100% of the training images, without and with distillation, at
+                the same number of updates (epochs, warm-up and eval interval x 100/fraction)
 Teachers are trained once (seed 0); students once per seed (run.seed). Every run is a normal
 fastdeit run folder under DIR/runs; a run whose folder has its summary is skipped, a run cut
-short resumes from its last checkpoint, so stopping and restarting the study loses nothing.
+short resumes from its last checkpoint, so stopping and restarting the study loses nothing. A
+record made with other settings than the study's now is refused, never mixed in.
 Writes FILE (default DIR/ablation.json: every run, and mean ± std over seeds per arm and
 head) and one figure per question beside it.
 """
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -37,6 +38,7 @@ from fastdeit.caching import build_replay
 from fastdeit.config import TrainConfig, apply_overrides, recipe
 from fastdeit.data.synthetic import SyntheticSet
 from fastdeit.demo import DemoRun, ensure_data, run_config
+from fastdeit.errors import UserError, differences
 from fastdeit.provenance import measured_on, write_report
 from fastdeit.rundir import RunDir
 from fastdeit.trainer import train
@@ -124,22 +126,45 @@ def subset(full: Path, out: Path, pct: int) -> Path:
     return root
 
 
+def settings(cfg: TrainConfig) -> dict[str, Any]:
+    """What decides a run's numbers: its config without the places of its files (the study's
+    --out may move) and the knobs that do not change what is trained."""
+    d = cfg.to_dict()
+    for section, key in (("run", "out"), ("run", "progress"), ("data", "path"), ("data", "workers"),
+                         ("distill", "teacher"), ("distill", "teacher_cache")):
+        d[section].pop(key, None)
+    return json.loads(json.dumps(d))  # as a record holds it (tuples become lists)
+
+
+def check_record(record: Path, rec: dict[str, Any], cfg: TrainConfig) -> None:
+    """A record counts only for the settings it was trained with. Records older than this
+    check carry none: their run folder's config.json says what ran."""
+    then = rec.get("settings")
+    if then is None and RunDir(cfg.run.out).config.is_file():
+        then = settings(TrainConfig.from_dict(json.loads(RunDir(cfg.run.out).config.read_text())))
+    if then is not None and (what := differences(then, settings(cfg))):
+        said = "; ".join(f"{k} {a} then, {b} now" for k, a, b in what[:3])
+        raise UserError(f"{record} was trained with other settings ({said}): delete it and {cfg.run.out} to "
+                        f"train it again, or pick another --out")
+
+
 def run(cfg: TrainConfig, record: Path, console: Console, extra: dict[str, Any]) -> dict[str, Any]:
-    """Train (or resume, or skip) one run; its record: the summary's accuracies, img/s and
-    the wall time of the work done for it (with its replay cache, where it built one)."""
+    """Train (or resume, or skip) one run; its record: the summary's accuracies, img/s, the
+    wall time of the work done for it (with its replay cache, where it built one) and the
+    settings it was trained with."""
     if record.exists():
-        return json.loads(record.read_text())
+        rec = json.loads(record.read_text())
+        check_record(record, rec, cfg)
+        return rec
     folder = RunDir(cfg.run.out)
-    if folder.root.exists() and not folder.last.exists():  # stopped before its first checkpoint
-        if folder.foreign_files():
-            raise SystemExit(f"{folder.root} holds files that are not a fastdeit run: pick another --out")
-        shutil.rmtree(folder.root)
+    if not folder.last.exists():  # stopped before its first checkpoint: start it over
+        folder.remove()
     t0 = time.perf_counter()
     if cfg.distill.targets == "replay" and not (Path(cfg.distill.teacher_cache) / "manifest.json").exists():
         build_replay(cfg, load_data(cfg).train, Path(cfg.distill.teacher_cache), cfg.sched.epochs, console)
     summary = train(cfg, console, resume=folder.last if folder.last.exists() else None)
     rec = {**extra, "top1_joint": summary["top1"], "top5": summary["top5"], "train_img_s": summary["train_img_s"],
-           "wall_s": time.perf_counter() - t0}
+           "wall_s": time.perf_counter() - t0, "epochs": cfg.sched.epochs, "settings": settings(cfg)}
     rec.update({f"top1_{h}": summary[f"top1_{h}"] for h in ("cls", "dist") if f"top1_{h}" in summary})
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(rec, indent=1))
@@ -150,6 +175,17 @@ def base_config(scale: Scale, extra_sets: list[str]) -> TrainConfig:
     cfg = recipe("demo")
     cfg = apply_overrides(cfg, [f"sched.epochs={scale.student_epochs}", *scale.sets, *extra_sets])
     return replace(cfg, run=replace(cfg.run, progress=False))
+
+
+def same_updates(cfg: TrainConfig, pct: int) -> list[str]:
+    """Overrides that give a run on `pct`% of the images as many updates as one on all of them,
+    with its warm-up and evaluations at the same points of training: a scarce-data arm then
+    measures what fewer distinct images cost, not a shorter schedule."""
+    if pct == 100:
+        return []
+    k = 100 / pct
+    return [f"sched.epochs={round(cfg.sched.epochs * k)}", f"sched.warmup_epochs={cfg.sched.warmup_epochs * k:g}",
+            f"run.eval_every={max(1, round(cfg.run.eval_every * k))}"]
 
 
 def study(scale: Scale, seeds: int, out: Path, arms: tuple[Arm, ...], sets: list[str],
@@ -168,7 +204,7 @@ def study(scale: Scale, seeds: int, out: Path, arms: tuple[Arm, ...], sets: list
     for k, (seed, arm) in enumerate(plan):
         console.rule(f"[{k + 1}/{len(plan)}] {arm.name}, seed {seed}")
         spec = DemoRun(f"runs/{arm.name}-s{seed}", arm.model, arm.distill, arm.targets,
-                       sets=(*scale.vit_sets, f"run.seed={seed}", *arm.sets))
+                       sets=(*scale.vit_sets, f"run.seed={seed}", *arm.sets, *same_updates(base, arm.fraction)))
         cache = out / "caches" / (f"replay-s{seed}" if arm.targets == "replay" else arm.targets)
         cfg = run_config(base, spec, subset(data, out / "data", arm.fraction), out,
                          teacher=out / teacher_runs[arm.teacher].folder if arm.distill != "none" else None,
@@ -330,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     known = {arm.name: arm for arm in ARMS}
     wanted = [s for s in a.arms.split(",") if s]
     if unknown := [s for s in wanted if s not in known]:
-        raise SystemExit(f"unknown arm {unknown[0]!r}; choose from: {', '.join(known)}")
+        raise UserError(f"unknown arm {unknown[0]!r}; choose from: {', '.join(known)}")
     arms = tuple(known[s] for s in wanted) if wanted else ARMS
     console = Console(stderr=True)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
@@ -354,4 +390,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # bad input: one line, exit 2, the records written so far kept
+        print(f"ablation.py: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -33,7 +33,6 @@ from fastdeit.config import (
     with_section,
 )
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
-from fastdeit.errors import UserError
 from fastdeit.pipelines import dali
 from fastdeit.provenance import git_commit
 from fastdeit.report import write_report
@@ -82,13 +81,9 @@ def ensure_data(root: Path, console: Console, synthetic: SyntheticSet | None = N
 def _fresh(folder: Path, console: Console) -> None:
     """A demo run starts from scratch; an earlier demo run in the same folder is replaced,
     but a folder holding anything else is never touched."""
-    if not folder.exists():
-        return
-    others = RunDir(folder).foreign_files()
-    if others:
-        raise UserError(f"{folder} holds files that are not a fastdeit run ({others[0]}): pick another --out")
-    console.print(f"replacing the earlier demo run in {folder}")
-    shutil.rmtree(folder)
+    if folder.exists():
+        RunDir(folder).remove()  # refuses a folder holding anything else
+        console.print(f"replacing the earlier demo run in {folder}")
 
 
 def demo_cache(out: Path, targets: TeacherTargets) -> Path:

@@ -121,6 +121,15 @@ class RunDir:
         ours = {*self.NAMES, self.labelmap_cache.name}
         return [p.name for p in self.root.iterdir() if p.name not in ours and not p.name.endswith(".tmp")]
 
+    def remove(self) -> None:
+        """Delete the folder to start its run over; a folder holding any file that no run
+        writes is never touched (one line names it)."""
+        if not self.root.exists():
+            return
+        if others := self.foreign_files():
+            raise UserError(f"{self.root} holds files that are not a fastdeit run ({others[0]}): pick another --out")
+        shutil.rmtree(self.root)
+
     def create(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 

@@ -7,9 +7,15 @@ import statistics
 
 import pytest
 
+from fastdeit.errors import UserError
+
 from tiny import load_benchmark
 
 ARMS = "none,hard,hard-replay,hard-transformer,hard-10pct"
+
+
+def rec_of(report: dict, arm: str) -> dict:
+    return next(r for r in report["runs"] if r["arm"] == arm)["settings"]
 
 
 def test_the_study_runs_aggregates_and_resumes(tmp_path, monkeypatch):
@@ -40,6 +46,12 @@ def test_the_study_runs_aggregates_and_resumes(tmp_path, monkeypatch):
     sub = out / "data" / "train-10pct"
     assert sum(1 for _ in (sub / "train").rglob("*.jpg")) == 10
     assert sum(1 for _ in (sub / "val").rglob("*.jpg")) == sum(1 for _ in (out / "data/full/val").rglob("*.jpg"))
+    # ... for ten times the epochs (as many updates as on all of them), warm-up and evaluations alike.
+    rec = next(r for r in report["runs"] if r["arm"] == "hard-10pct")
+    assert rec["epochs"] == 10 * ablation.TINY.student_epochs
+    full = rec_of(report, "hard")
+    assert rec["settings"]["sched"]["warmup_epochs"] == pytest.approx(10 * full["sched"]["warmup_epochs"])
+    assert rec["settings"]["run"]["eval_every"] == 10 * full["run"]["eval_every"]
     saved = json.loads((out / "ablation.json").read_text())
     assert saved["arms"] == report["arms"] and saved["settings"]["seeds"] == 2
     for q in ("distillation", "teacher", "scarcity"):
@@ -55,11 +67,19 @@ def test_the_study_runs_aggregates_and_resumes(tmp_path, monkeypatch):
     shutil.rmtree(out / "runs" / "hard-s1")
     again = ablation.main(args)
     assert trained == [str(out / "runs" / "hard-s1")]
+    # A record of other settings (the scarce arms trained at fixed epochs, say) is refused, not mixed in.
+    record = out / "records" / "hard-10pct-s0.json"
+    rec = json.loads(record.read_text())
+    rec["settings"]["sched"]["epochs"] = ablation.TINY.student_epochs
+    record.write_text(json.dumps(rec))
+    with pytest.raises(UserError, match=r"hard-10pct-s0.json was trained with other settings \(sched.epochs 1 then, "
+                                        r"10 now\): delete it and .*runs/hard-10pct-s0 to train it again"):
+        ablation.main(args)
     heads = ablation.HEADS  # the accuracies again (the same machine trains deterministically), not the timings
     assert {h: again["arms"]["hard"][h] for h in heads} == {h: report["arms"]["hard"][h] for h in heads}
 
 
 def test_an_unknown_arm_is_one_line(tmp_path):
     ablation = load_benchmark("ablation")
-    with pytest.raises(SystemExit, match="unknown arm 'hardest'; choose from: none, soft"):
+    with pytest.raises(UserError, match="unknown arm 'hardest'; choose from: none, soft"):
         ablation.main(["--tiny", "--out", str(tmp_path), "--arms", "hard,hardest"])

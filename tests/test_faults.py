@@ -371,3 +371,20 @@ def test_a_one_class_data_set_is_warned_about(data, tmp_path):
             shutil.rmtree(folder)
     res = runner.invoke(app, train(data, tmp_path / "run"))
     assert res.exit_code == 0 and "has a single class" in res.stderr
+
+
+def test_a_run_folder_is_removed_only_when_it_holds_nothing_else(tmp_path):
+    from fastdeit.errors import UserError
+    from fastdeit.rundir import RunDir
+
+    folder = RunDir(tmp_path / "run")
+    folder.remove()  # nothing there: nothing to do
+    folder.create()
+    folder.log({"epoch": 0})
+    (folder.root / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"run holds files that are not a fastdeit run \(notes.txt\): pick another"):
+        folder.remove()
+    assert (folder.root / "notes.txt").read_text() == "mine" and folder.metrics.exists()
+    (folder.root / "notes.txt").unlink()
+    folder.remove()
+    assert not folder.root.exists()
