@@ -9,12 +9,11 @@ Questions, each answered by arms (one training configuration) run once per seed:
                 a similar accuracy (and the full convnet teacher, for scale)
   scarcity      10%, 30% and 100% of the training images, without and with distillation, at
                 the same number of updates (epochs, warm-up and eval interval x 100/fraction)
-Teachers are trained once (seed 0); students once per seed (run.seed). Every run is a normal
-fastdeit run folder under DIR/runs; a run whose folder has its summary is skipped, a run cut
-short resumes from its last checkpoint, so stopping and restarting the study loses nothing. A
-record made with other settings than the study's now is refused, never mixed in.
-Writes FILE (default DIR/ablation.json: every run, and mean ± std over seeds per arm and
-head) and one figure per question beside it.
+Teachers are trained once (seed 0), students once per seed (run.seed), each in a normal run
+folder under DIR/runs. A run with a record is skipped, a run cut short resumes from its last
+checkpoint, a record made with other settings is refused: restarting loses and mixes nothing.
+Writes FILE (default DIR/ablation.json: every run, mean ± std per arm and head, per-claim
+differences) and one figure per question beside it.
 """
 
 from __future__ import annotations
@@ -30,20 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ablation_report import HEADS, draw, print_table  # benchmarks/, beside this script
 from rich.console import Console
-from rich.table import Table
 
 from fastdeit.build import load_data
 from fastdeit.caching import build_replay
-from fastdeit.config import TrainConfig, apply_overrides, recipe
+from fastdeit.config import TrainConfig, apply_overrides
 from fastdeit.data.synthetic import SyntheticSet
 from fastdeit.demo import DemoRun, ensure_data, run_config
 from fastdeit.errors import UserError, differences
 from fastdeit.provenance import measured_on, write_report
+from fastdeit.recipes import recipe
 from fastdeit.rundir import RunDir
 from fastdeit.trainer import train
 
-HEADS = ("cls", "dist", "joint")
 CONVNET = ("model.width=0.5", "optim.lr=0.016", "run.batch_size=64")  # the demo's teacher recipe
 
 
@@ -99,13 +98,11 @@ ARMS = (
 
 
 def teachers(scale: Scale) -> dict[str, DemoRun]:
-    return {
-        "convnet": DemoRun("teachers/convnet", "resnet18", sets=(*CONVNET, f"sched.epochs={scale.convnet_epochs}")),
-        "convnet-matched": DemoRun("teachers/convnet-matched", "resnet18",
-                                   sets=(*CONVNET, f"sched.epochs={scale.matched_epochs}")),
-        "transformer": DemoRun("teachers/transformer", "deit_tiny",
-                               sets=(*scale.vit_sets, f"sched.epochs={scale.transformer_epochs}")),
-    }
+    convnets = {"convnet": scale.convnet_epochs, "convnet-matched": scale.matched_epochs}
+    return {**{k: DemoRun(f"teachers/{k}", "resnet18", sets=(*CONVNET, f"sched.epochs={n}"))
+               for k, n in convnets.items()},
+            "transformer": DemoRun("teachers/transformer", "deit_tiny",
+                                   sets=(*scale.vit_sets, f"sched.epochs={scale.transformer_epochs}"))}
 
 
 def subset(full: Path, out: Path, pct: int) -> Path:
@@ -120,8 +117,7 @@ def subset(full: Path, out: Path, pct: int) -> Path:
             keep = files if split == "val" else files[:max(1, round(len(files) * pct / 100))]
             (root / split / cls.name).mkdir(parents=True, exist_ok=True)
             for f in keep:
-                link = root / split / cls.name / f.name
-                if not link.exists():
+                if not (link := root / split / cls.name / f.name).exists():
                     os.link(f, link)
     return root
 
@@ -201,18 +197,22 @@ def study(scale: Scale, seeds: int, out: Path, arms: tuple[Arm, ...], sets: list
         records["teachers"][name] = run(cfg, out / "records" / f"teacher-{name}.json", console, {"teacher": name})
     plan = [(seed, arm) for seed in range(seeds) for arm in arms  # seed by seed: a cut study has whole seeds
             if not arm.seeds or seed < arm.seeds]
+    todo = sum(not (out / "records" / f"{arm.name}-s{seed}.json").exists() for seed, arm in plan)
     for k, (seed, arm) in enumerate(plan):
-        console.rule(f"[{k + 1}/{len(plan)}] {arm.name}, seed {seed}")
+        per_run = statistics.fmean([r["wall_s"] for r in records["runs"]] or [records["teachers"]["convnet"]["wall_s"]])
+        console.rule(f"[{k + 1}/{len(plan)}] {arm.name}, seed {seed} ({todo} runs left to train, about "
+                     f"{todo * per_run / 60:.0f} min)")
         spec = DemoRun(f"runs/{arm.name}-s{seed}", arm.model, arm.distill, arm.targets,
                        sets=(*scale.vit_sets, f"run.seed={seed}", *arm.sets, *same_updates(base, arm.fraction)))
         cache = out / "caches" / (f"replay-s{seed}" if arm.targets == "replay" else arm.targets)
         cfg = run_config(base, spec, subset(data, out / "data", arm.fraction), out,
                          teacher=out / teacher_runs[arm.teacher].folder if arm.distill != "none" else None,
                          cache=cache)
-        rec = run(cfg, out / "records" / f"{arm.name}-s{seed}.json", console,
-                  {"arm": arm.name, "question": arm.question, "seed": seed, "fraction": arm.fraction,
-                   "distill": arm.distill, "targets": arm.targets, "teacher": arm.teacher})
-        records["runs"].append(rec)
+        record = out / "records" / f"{arm.name}-s{seed}.json"
+        todo -= not record.exists()
+        records["runs"].append(run(cfg, record, console, {
+            "arm": arm.name, "question": arm.question, "seed": seed, "fraction": arm.fraction,
+            "distill": arm.distill, "targets": arm.targets, "teacher": arm.teacher}))
     return records
 
 
@@ -232,123 +232,48 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-# (claim, arm a, head a, arm b, head b): the claim holds where a - b > 0.
+# (claim, arm a, head a, arm b, head b, kind): "more" holds where a - b > 0, "same" where a == b.
 CLAIMS = (
-    ("distillation helps: hard vs none", "hard", "joint", "none", "joint"),
-    ("hard distillation beats soft", "hard", "joint", "soft", "joint"),
-    ("the joint classifier beats the class head alone", "hard", "joint", "hard", "cls"),
-    ("the joint classifier beats the distillation head alone", "hard", "joint", "hard", "dist"),
-    ("the distillation head beats the class head", "hard", "dist", "hard", "cls"),
+    ("distillation helps: hard vs none", "hard", "joint", "none", "joint", "more"),
+    ("hard distillation beats soft", "hard", "joint", "soft", "joint", "more"),
+    ("the joint classifier beats the class head alone", "hard", "joint", "hard", "cls", "more"),
+    ("the joint classifier beats the distillation head alone", "hard", "joint", "hard", "dist", "more"),
+    ("the distillation head beats the class head", "hard", "dist", "hard", "cls", "more"),
     ("a convnet teacher beats a transformer teacher of similar accuracy", "hard-convnet-matched", "joint",
-     "hard-transformer", "joint"),
-    ("distillation helps with 10% of the images", "hard-10pct", "joint", "none-10pct", "joint"),
-    ("distillation helps with 30% of the images", "hard-30pct", "joint", "none-30pct", "joint"),
-    ("replayed targets train as the live teacher", "hard-replay", "joint", "hard", "joint"),
-    ("label-map targets train as the live teacher", "hard-labelmap", "joint", "hard", "joint"),
+     "hard-transformer", "joint", "more"),
+    ("distillation helps with 10% of the images", "hard-10pct", "joint", "none-10pct", "joint", "more"),
+    ("distillation helps with 30% of the images", "hard-30pct", "joint", "none-30pct", "joint", "more"),
+    ("replayed targets train as the live teacher", "hard-replay", "joint", "hard", "joint", "same"),
+    ("label-map targets train as the live teacher", "hard-labelmap", "joint", "hard", "joint", "same"),
 )
+
+
+def _claim(claim: str, a: str, b: str, d: list[float], kind: str) -> dict[str, Any]:
+    holds = (lambda x: x > 0) if kind == "more" else (lambda x: x == 0)
+    return {"claim": claim, "a": a, "b": b, "kind": kind, **mean_std(d), "seeds_for": sum(map(holds, d)),
+            "diffs": d}
 
 
 def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each claim as per-seed differences (students of one seed share their initialisation and
-    data order): their mean ± std, and how many seeds point the claim's way. With the
-    gains at 10% and at 100%, "distillation helps most when data is scarce" is their difference."""
+    data order): their mean ± std, and on how many seeds the claim holds (a > b, or a == b for
+    the claims of equal training). "Distillation helps most when data is scarce" is the gain
+    at 10% (30%) minus the gain at 100%, seed by seed."""
     top1 = {(r["arm"], r["seed"], h): r[f"top1_{h}"] for r in runs for h in HEADS if f"top1_{h}" in r}
     seeds = sorted({r["seed"] for r in runs})
 
-    def diffs(a: str, ha: str, b: str, hb: str) -> list[float] | None:  # over the seeds both arms ran
-        both = [s for s in seeds if (a, s, ha) in top1 and (b, s, hb) in top1]
-        return [top1[a, s, ha] - top1[b, s, hb] for s in both] or None
+    def diffs(a: str, ha: str, b: str, hb: str) -> dict[int, float]:  # seed -> a - b, where both arms ran
+        return {s: top1[a, s, ha] - top1[b, s, hb] for s in seeds if (a, s, ha) in top1 and (b, s, hb) in top1}
 
-    out = []
-    for claim, a, ha, b, hb in CLAIMS:
-        if (d := diffs(a, ha, b, hb)) is not None:
-            out.append({"claim": claim, "a": f"{a}/{ha}", "b": f"{b}/{hb}", **mean_std(d),
-                        "seeds_for": sum(x > 0 for x in d), "diffs": d})
-    scarce, full = diffs("hard-10pct", "joint", "none-10pct", "joint"), diffs("hard", "joint", "none", "joint")
-    if scarce is not None and full is not None:
-        d = [x - y for x, y in zip(scarce, full)]
-        out.append({"claim": "distillation helps more with 10% of the images than with all of them",
-                    "a": "gain at 10%", "b": "gain at 100%", **mean_std(d), "seeds_for": sum(x > 0 for x in d),
-                    "diffs": d})
+    out = [_claim(claim, f"{a}/{ha}", f"{b}/{hb}", list(d.values()), kind) for claim, a, ha, b, hb, kind in CLAIMS
+           if (d := diffs(a, ha, b, hb))]
+    gain = diffs("hard", "joint", "none", "joint")
+    for pct in (10, 30):
+        scarce = diffs(f"hard-{pct}pct", "joint", f"none-{pct}pct", "joint")
+        if d := [x - gain[s] for s, x in scarce.items() if s in gain]:
+            out.append(_claim(f"distillation helps more with {pct}% of the images than with all of them",
+                              f"gain at {pct}%", "gain at 100%", d, "more"))
     return out
-
-
-def fmt(stat: dict[str, Any] | None) -> str:
-    if not stat:
-        return ""
-    return f"{stat['mean']:.1f}" + (f" ± {stat['std']:.1f}" if stat["std"] is not None else "")
-
-
-def print_table(report: dict[str, Any], console: Console) -> None:
-    n = report["settings"]["seeds"]
-    table = Table(title=f"ablation: top-1 (%) on the synthetic val split, mean ± std over {n} seed(s)")
-    for col in ("arm", "question", "cls", "dist", "joint", "train img/s", "wall s"):
-        table.add_column(col, justify="left" if col in ("arm", "question") else "right")
-    questions = {r["arm"]: r["question"] for r in report["runs"]}
-    for arm, s in report["arms"].items():
-        table.add_row(arm, questions[arm], fmt(s.get("cls")), fmt(s.get("dist")), fmt(s["joint"]),
-                      f"{s['train_img_s']['mean']:.0f}", f"{s['wall_s']['mean']:.0f}")
-    Console(width=max(120, console.width), stderr=True).print(table)
-    for name, t in report["teachers"].items():
-        console.print(f"teacher {name}: top-1 {t['top1_joint']:.1f}%, {t['wall_s']:.0f} s")
-    for c in report["comparisons"]:
-        console.print(f"{c['claim']}: {c['a']} - {c['b']} = {fmt(c)} points ({c['seeds_for']}/{c['n']} seeds for)")
-
-
-def _errorbars(ax, labels: list[str], series: dict[str, list[dict | None]]) -> None:
-    """Grouped bars: one group per label, one bar per series (mean, std as error bar)."""
-    width = 0.8 / len(series)
-    for k, (name, stats) in enumerate(series.items()):
-        xs = [i + (k - (len(series) - 1) / 2) * width for i, s in enumerate(stats) if s]  # no bar for a head
-        stats = [s for s in stats if s]  # an arm lacks (deit_tiny has no dist head)
-        ax.bar(xs, [s["mean"] for s in stats], width, yerr=[s["std"] or 0.0 for s in stats], capsize=3, label=name,
-               color=f"C{k}")
-        for x, s in zip(xs, stats):
-            ax.text(x, s["mean"] + (s["std"] or 0) + 0.5, f"{s['mean']:.1f}", ha="center", fontsize=7)
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_ylabel("top-1 (%)")
-    ax.legend(fontsize=8)
-
-
-def draw(report: dict[str, Any], results: Path) -> list[Path]:
-    """One figure per question, beside the results file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms, n = report["arms"], report["settings"]["seeds"]
-    figures = []
-    by_question: dict[str, list[str]] = {}
-    for r in report["runs"]:
-        by_question.setdefault(r["question"], [])
-        if r["arm"] not in by_question[r["question"]]:
-            by_question[r["question"]].append(r["arm"])
-    teacher_of = {r["arm"]: r["teacher"] for r in report["runs"]}
-    for question, names in by_question.items():
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 2), 3.8))
-        if question == "scarcity":  # the 100% points are the distillation question's none and hard
-            for kind, label in (("none", "no distillation"), ("hard", "hard distillation")):
-                points = sorted((pct, arms[a]["joint"]) for pct, a in ((10, f"{kind}-10pct"), (30, f"{kind}-30pct"),
-                                                                       (100, kind)) if a in arms)
-                ax.errorbar([p for p, _ in points], [s["mean"] for _, s in points],
-                            yerr=[s["std"] or 0 for _, s in points], marker="o", capsize=3, label=label)
-            ax.set_xlabel("% of the training images")
-            ax.set_ylabel("top-1 (%), joint head")
-            ax.legend(fontsize=8)
-        else:
-            if question == "teacher" and "hard" in arms:
-                names = [*names, "hard"]  # the full convnet teacher, for scale
-            labels = [a if question != "teacher" else
-                      f"{a}\nteacher {report['teachers'][teacher_of[a]]['top1_joint']:.0f}%" for a in names]
-            _errorbars(ax, labels, {h: [arms[a].get(h) for a in names] for h in HEADS})
-        ax.set_title(f"{question}: mean ± std over {n} seed(s)", fontsize=10)
-        fig.tight_layout()
-        path = results.with_name(f"{results.stem}-{question}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        figures.append(path)
-    return figures
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -380,7 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "sets": [*scale.sets, *a.sets]},
               "command": "ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               **records, "arms": aggregate(records["runs"]), "comparisons": compare(records["runs"]),
-              "study_wall_s": time.perf_counter() - start}
+              # every run's wall time, whichever sitting trained it: what the study costs in one go
+              "compute_wall_s": sum(r["wall_s"] for r in [*records["teachers"].values(), *records["runs"]]),
+              "sitting_wall_s": time.perf_counter() - start}
     results = a.results or a.out / "ablation.json"
     write_report(report, results)
     figures = draw(report, results)

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fastdeit.charts import chart
-from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, recipe, with_section
+from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, with_section
 from fastdeit.data.folder import ImageIndex, load_dataset
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.device import amp_dtype, sync
@@ -37,6 +37,7 @@ from fastdeit.pipelines import dali
 from fastdeit.plan import PlanSpec
 from fastdeit.preparing import PrepareOptions, prepare_data
 from fastdeit.provenance import measured_on, write_report
+from fastdeit.recipes import recipe
 from fastdeit.step import make_step
 
 

@@ -37,9 +37,10 @@ def worker(a: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from fastdeit.build import make_optimizer
-    from fastdeit.config import recipe, with_section
+    from fastdeit.config import with_section
     from fastdeit.device import amp_dtype
     from fastdeit.models import build_model
+    from fastdeit.recipes import recipe
     from fastdeit.step import Prepared, make_step
 
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))

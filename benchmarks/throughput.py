@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastdeit.build import Data, load_data, make_optimizer, open_teacher
 from fastdeit.caching import build_labelmap, build_replay
 from fastdeit.charts import chart
-from fastdeit.config import TeacherTargets, TrainConfig, apply_overrides, choices, recipe, with_section
+from fastdeit.config import TeacherTargets, TrainConfig, apply_overrides, choices, with_section
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.device import amp_dtype, sync
 from fastdeit.dist import SINGLE
@@ -54,6 +54,7 @@ from fastdeit.loaders import Loaders
 from fastdeit.models import build_model
 from fastdeit.plan import PlanSpec
 from fastdeit.provenance import measured_on, write_report
+from fastdeit.recipes import recipe
 from fastdeit.rundir import atomic_save
 from fastdeit.step import Prepared, Step, make_step
 

@@ -27,12 +27,12 @@ from fastdeit.config import (
     TrainConfig,
     apply_overrides,
     check_choice,
-    recipe,
     validate,
     with_section,
 )
 from fastdeit.errors import UserError
 from fastdeit.fetch import is_url, local_weights
+from fastdeit.recipes import recipe
 from fastdeit.sinks import check_sink
 
 

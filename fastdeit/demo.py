@@ -28,13 +28,13 @@ from fastdeit.config import (
     TrainConfig,
     apply_overrides,
     choices,
-    recipe,
     validate,
     with_section,
 )
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.pipelines import dali
 from fastdeit.provenance import git_commit
+from fastdeit.recipes import recipe
 from fastdeit.report import write_report
 from fastdeit.rundir import RunDir
 from fastdeit.trainer import train

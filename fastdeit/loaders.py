@@ -15,7 +15,7 @@ import torch
 from fastdeit.config import DataConfig, Loader
 from fastdeit.data.folder import ImageIndex, find_unreadable
 from fastdeit.errors import ConfigError, UserError
-from fastdeit.pipelines import dali
+from fastdeit.pipelines import dali, dali_decode
 from fastdeit.pipelines.torch import LoadedBatch, eval_loader, train_loader
 from fastdeit.plan import PlanSpec
 
@@ -85,7 +85,7 @@ def find_undecodable(index: ImageIndex, decoders: tuple[str, ...], device: torch
             bad.setdefault(i, []).append("torch")
     if "dali" in decoders:
         device_id = (device.index or 0) if device.type == "cuda" else None
-        for i in dali.dali_unreadable(index, rows, device_id, progress=report("dali")):
+        for i in dali_decode.dali_unreadable(index, rows, device_id, progress=report("dali")):
             bad.setdefault(i, []).append("dali")
     return dict(sorted(bad.items()))
 

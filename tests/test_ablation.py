@@ -9,7 +9,7 @@ import pytest
 
 from fastdeit.errors import UserError
 
-from tiny import load_benchmark
+from tiny import ROOT, load_benchmark
 
 ARMS = "none,hard,hard-replay,hard-transformer,hard-10pct"
 
@@ -38,10 +38,14 @@ def test_the_study_runs_aggregates_and_resumes(tmp_path, monkeypatch):
             if f"top1_{h}" in r}
     assert all(top1["hard", 0, h] == top1["hard-replay", 0, h] for h in ablation.HEADS)
     claims = {c["claim"]: c for c in report["comparisons"]}
-    assert claims["replayed targets train as the live teacher"]["diffs"] == [0.0]
+    same = claims["replayed targets train as the live teacher"]
+    assert same["diffs"] == [0.0] and same["kind"] == "same" and same["seeds_for"] == 1  # a claim of equality
     hard_none = claims["distillation helps: hard vs none"]
     assert hard_none["diffs"] == [top1["hard", s, "joint"] - top1["none", s, "joint"] for s in (0, 1)]
     assert hard_none["mean"] == pytest.approx(statistics.fmean(hard_none["diffs"]))
+    assert hard_none["seeds_for"] == sum(d > 0 for d in hard_none["diffs"])
+    assert report["compute_wall_s"] == pytest.approx(sum(r["wall_s"] for r in [*report["runs"],
+                                                                               *report["teachers"].values()]))
     # The 10% arm trained on 10% of the images: one per class at this scale, the val split whole.
     sub = out / "data" / "train-10pct"
     assert sum(1 for _ in (sub / "train").rglob("*.jpg")) == 10
@@ -83,3 +87,11 @@ def test_an_unknown_arm_is_one_line(tmp_path):
     ablation = load_benchmark("ablation")
     with pytest.raises(UserError, match="unknown arm 'hardest'; choose from: none, soft"):
         ablation.main(["--tiny", "--out", str(tmp_path), "--arms", "hard,hardest"])
+
+
+def test_the_readme_shows_the_committed_study():
+    """The README's two ablation tables are the committed results file's, as the report prints them."""
+    report = load_benchmark("ablation_report")
+    results = json.loads((ROOT / "benchmarks" / "results" / "ablation-cpu-2core.json").read_text())
+    tables = report.markdown(results)
+    assert tables in (ROOT / "README.md").read_text()

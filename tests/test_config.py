@@ -6,7 +6,6 @@ from fastdeit.config import (
     TrainConfig,
     apply_overrides,
     per_rank_batch,
-    recipe,
     save_json,
     scaled_lr,
     validate,
@@ -14,6 +13,7 @@ from fastdeit.config import (
 )
 from fastdeit.errors import UserError
 from fastdeit.randaugment import parse_rand_augment
+from fastdeit.recipes import RECIPES, recipe
 
 
 def test_deit_recipe_is_the_papers():
@@ -82,7 +82,7 @@ def test_validation_errors(changes, words):
 
 
 def test_recipes_validate_and_unknown_recipe():
-    for name in ("deit", "demo"):
+    for name in RECIPES:
         validate(recipe(name))
     with pytest.raises(UserError, match="unknown recipe 'imagenet'"):
         recipe("imagenet")

@@ -175,8 +175,9 @@ def test_eval_rows_split_whole_batches(world):
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from fastdeit.config import ModelConfig, recipe, with_section
+    from fastdeit.config import ModelConfig, with_section
     from fastdeit.models import build_model
+    from fastdeit.recipes import recipe
     from fastdeit.step import Prepared, make_step
 
     torch.set_num_threads(1)

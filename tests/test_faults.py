@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from fastdeit.build import make_scheduler
 from fastdeit.cli import app, build_train_config
 from fastdeit.data.folder import scan_split
-from fastdeit.pipelines import dali
+from fastdeit.pipelines import dali, dali_decode
 from fastdeit.step import Step
 from fastdeit.teacher_cache import CacheReader
 
@@ -86,7 +86,7 @@ def corrupt_scan(path: Path) -> None:
             continue
         except OSError:
             pass
-        if not dali._refused([np.frombuffer(bad, np.uint8)], 1, None):
+        if not dali_decode._refused([np.frombuffer(bad, np.uint8)], 1, None):
             path.write_bytes(bad)
             return
     raise AssertionError(f"no damage of {path} that DALI reads and PIL refuses")

@@ -8,8 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from fastdeit.cli import app
-from fastdeit.config import recipe
 from fastdeit.data.synthetic import SyntheticSet, write_synthetic
+from fastdeit.recipes import recipe
 
 from tiny import TINY_MODEL, TINY_RUN
 

@@ -11,7 +11,7 @@ from fastdeit.cli import app
 from fastdeit.data.folder import scan_split
 from fastdeit.errors import UserError
 from fastdeit.loaders import choose_loader, read_skip_list
-from fastdeit.pipelines import dali
+from fastdeit.pipelines import dali, dali_decode
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -80,9 +80,9 @@ def test_train_and_eval_with_dali_on_the_cpu(tiny_data, tmp_path):
 def test_the_gpu_decoder_keeps_the_plan_world_size_independent():
     """nvJPEG's hardware decoder takes images by their position in the per-rank batch: off by
     default, so every image meets the same decoder whatever the world size."""
-    assert dali.decoder_options("gpu") == {"device": "mixed", "hw_decoder_load": 0.0}
-    assert dali.decoder_options("gpu", hw_decode=True) == {"device": "mixed"}
-    assert dali.decoder_options("cpu") == {"device": "cpu"}
+    assert dali_decode.decoder_options("gpu") == {"device": "mixed", "hw_decoder_load": 0.0}
+    assert dali_decode.decoder_options("gpu", hw_decode=True) == {"device": "mixed"}
+    assert dali_decode.decoder_options("cpu") == {"device": "cpu"}
     from fastdeit.config import DataConfig
 
     assert DataConfig().hw_decode is False

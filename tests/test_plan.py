@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from timm.data import auto_augment as aa
 
-from fastdeit.config import AugConfig, recipe
+from fastdeit.config import AugConfig
 from fastdeit.errors import UserError
 from fastdeit.plan import RA_OPS, RA_OPS_INC, PlanSpec, epoch_order, level_to_arg, make_plan, steps_per_epoch
+from fastdeit.recipes import recipe
 
 RNG = np.random.default_rng(123)
 SIZES = np.stack([RNG.integers(40, 400, 2100), RNG.integers(40, 400, 2100)], 1).astype(np.int32)

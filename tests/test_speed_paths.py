@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch._dynamo
 
-from fastdeit.config import ModelConfig, recipe, with_section
+from fastdeit.config import ModelConfig, with_section
 from fastdeit.models import FastAttention, build_model, choose_attention, compile_model, set_attention
+from fastdeit.recipes import recipe
 from fastdeit.step import Prepared, make_step
 
 TINY = ModelConfig(name="deit_tiny_distilled", patch_size=8, depth=2, embed_dim=32, num_heads=2, drop_path=0.0)

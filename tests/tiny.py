@@ -20,7 +20,10 @@ TINY_RUN = ["--recipe", "demo", "--img-size", "32", "--batch-size", "16", "--epo
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """benchmarks/NAME.py as a module (the scripts are not a package)."""
+    """benchmarks/NAME.py as a module (the scripts are not a package; they import their
+    siblings as a script does, from the folder they are in)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.append(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # dataclasses look their module up there
