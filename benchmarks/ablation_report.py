@@ -120,7 +120,8 @@ def draw(report: dict[str, Any], results: Path) -> list[Path]:
             labels = [a if question != "teacher" else
                       f"{a}\nteacher {report['teachers'][teacher_of[a]]['top1_joint']:.0f}%" for a in names]
             _errorbars(ax, labels, {h: [arms[a].get(h) for a in names] for h in HEADS})
-        ax.set_title(f"{question}: mean ± std over {n} seed(s)", fontsize=10)
+        what = question + (" (the same number of updates at every size)" if question == "scarcity" else "")
+        ax.set_title(f"{what}: mean ± std over {n} seed(s)", fontsize=10)
         fig.tight_layout()
         path = results.with_name(f"{results.stem}-{question}.png")
         fig.savefig(path, dpi=110)

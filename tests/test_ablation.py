@@ -93,5 +93,6 @@ def test_the_readme_shows_the_committed_study():
     """The README's two ablation tables are the committed results file's, as the report prints them."""
     report = load_benchmark("ablation_report")
     results = json.loads((ROOT / "benchmarks" / "results" / "ablation-cpu-2core.json").read_text())
-    tables = report.markdown(results)
-    assert tables in (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    tables = report.markdown(results).split("\n\n")
+    assert len(tables) == 2 and all(t.strip() in readme for t in tables)
