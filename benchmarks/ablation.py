@@ -32,16 +32,13 @@ import torch
 from ablation_report import HEADS, draw, print_table  # benchmarks/, beside this script
 from rich.console import Console
 
-from fastdeit.build import load_data
-from fastdeit.caching import build_replay
-from fastdeit.config import TrainConfig, apply_overrides
+from fastdeit.config import TrainConfig, apply_overrides, load_json
 from fastdeit.data.synthetic import SyntheticSet
-from fastdeit.demo import DemoRun, ensure_data, run_config
+from fastdeit.demo import DemoRun, ensure_data, run_config, train_run
 from fastdeit.errors import UserError, differences
 from fastdeit.provenance import measured_on, write_report
 from fastdeit.recipes import recipe
 from fastdeit.rundir import RunDir
-from fastdeit.trainer import train
 
 CONVNET = ("model.width=0.5", "optim.lr=0.016", "run.batch_size=64")  # the demo's teacher recipe
 
@@ -137,7 +134,7 @@ def check_record(record: Path, rec: dict[str, Any], cfg: TrainConfig) -> None:
     check carry none: their run folder's config.json says what ran."""
     then = rec.get("settings")
     if then is None and RunDir(cfg.run.out).config.is_file():
-        then = settings(TrainConfig.from_dict(json.loads(RunDir(cfg.run.out).config.read_text())))
+        then = settings(load_json(RunDir(cfg.run.out).config))
     if then is not None and (what := differences(then, settings(cfg))):
         said = "; ".join(f"{k} {a} then, {b} now" for k, a, b in what[:3])
         raise UserError(f"{record} was trained with other settings ({said}): delete it and {cfg.run.out} to "
@@ -155,12 +152,9 @@ def run(cfg: TrainConfig, record: Path, console: Console, extra: dict[str, Any])
     folder = RunDir(cfg.run.out)
     if not folder.last.exists():  # stopped before its first checkpoint: start it over
         folder.remove()
-    t0 = time.perf_counter()
-    if cfg.distill.targets == "replay" and not (Path(cfg.distill.teacher_cache) / "manifest.json").exists():
-        build_replay(cfg, load_data(cfg).train, Path(cfg.distill.teacher_cache), cfg.sched.epochs, console)
-    summary = train(cfg, console, resume=folder.last if folder.last.exists() else None)
+    summary = train_run(cfg, console, resume=folder.last if folder.last.exists() else None)
     rec = {**extra, "top1_joint": summary["top1"], "top5": summary["top5"], "train_img_s": summary["train_img_s"],
-           "wall_s": time.perf_counter() - t0, "epochs": cfg.sched.epochs, "settings": settings(cfg)}
+           "wall_s": summary["wall_s"], "settings": settings(cfg)}
     rec.update({f"top1_{h}": summary[f"top1_{h}"] for h in ("cls", "dist") if f"top1_{h}" in summary})
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(rec, indent=1))

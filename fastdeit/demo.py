@@ -110,6 +110,17 @@ def run_config(base: TrainConfig, run: DemoRun, data: Path, out: Path, teacher: 
     return cfg
 
 
+def train_run(cfg: TrainConfig, console: Console, resume: Path | None = None) -> dict[str, Any]:
+    """Train one run of the demo (or of the ablation study), building its replay cache first
+    where it replays (a whole cache is kept, a killed build resumes). Its summary gains wall_s,
+    the time of this call: the cache's build included."""
+    t0 = time.perf_counter()
+    if cfg.distill.targets == "replay":
+        build_replay(cfg, load_data(cfg).train, Path(cfg.distill.teacher_cache), cfg.sched.epochs, console)
+    summary = train(cfg, console, resume=resume)
+    return {**summary, "wall_s": time.perf_counter() - t0}
+
+
 def run_demo(out: Path, data_root: Path, console: Console, base: TrainConfig | None = None,
              runs: list[DemoRun] | None = None, synthetic: SyntheticSet | None = None) -> list[dict[str, Any]]:
     """Train the demo's runs on the synthetic data; returns the table's rows."""
@@ -126,12 +137,7 @@ def run_demo(out: Path, data_root: Path, console: Console, base: TrainConfig | N
         cfg = run_config(base, run, data, out)
         _fresh(Path(cfg.run.out), console)
         console.rule(f"{run.folder}: {run.model}, distill {run.distill}, targets {run.targets}")
-        t0 = time.perf_counter()
-        if run.targets == "replay":
-            build_replay(cfg, load_data(cfg).train, Path(cfg.distill.teacher_cache), cfg.sched.epochs, console)
-        summary = train(cfg, console)
-        summary["wall_s"] = time.perf_counter() - t0  # with the cache it built
-        summaries[run.folder] = summary
+        summaries[run.folder] = summary = train_run(cfg, console)
         heads = [h for h in choices(Head) if h == "joint" or f"top1_{h}" in summary]
         for head in heads:
             rows.append({

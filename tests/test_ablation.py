@@ -52,7 +52,7 @@ def test_the_study_runs_aggregates_and_resumes(tmp_path, monkeypatch):
     assert sum(1 for _ in (sub / "val").rglob("*.jpg")) == sum(1 for _ in (out / "data/full/val").rglob("*.jpg"))
     # ... for ten times the epochs (as many updates as on all of them), warm-up and evaluations alike.
     rec = next(r for r in report["runs"] if r["arm"] == "hard-10pct")
-    assert rec["epochs"] == 10 * ablation.TINY.student_epochs
+    assert rec["settings"]["sched"]["epochs"] == 10 * ablation.TINY.student_epochs
     full = rec_of(report, "hard")
     assert rec["settings"]["sched"]["warmup_epochs"] == pytest.approx(10 * full["sched"]["warmup_epochs"])
     assert rec["settings"]["run"]["eval_every"] == 10 * full["run"]["eval_every"]
@@ -63,8 +63,9 @@ def test_the_study_runs_aggregates_and_resumes(tmp_path, monkeypatch):
 
     # Started again: nothing is trained again. With one run lost, only that one is.
     trained = []
-    real_train = ablation.train
-    monkeypatch.setattr(ablation, "train", lambda cfg, *a, **k: trained.append(cfg.run.out) or real_train(cfg, *a, **k))
+    real_train = ablation.train_run
+    monkeypatch.setattr(ablation, "train_run",
+                        lambda cfg, *a, **k: trained.append(cfg.run.out) or real_train(cfg, *a, **k))
     assert ablation.main(args)["arms"] == report["arms"]
     assert trained == []
     (out / "records" / "hard-s1.json").unlink()
