@@ -250,7 +250,8 @@ def export(
 @command
 def report(
     runs: list[Path] = typer.Argument(..., help="Run folders (several: drawn side by side)."),
-    out: Path = typer.Option(Path("report.html"), help="The HTML page; its PNGs go to OUT-figures/."),
+    out: Path = typer.Option(Path("report.html"), help="The HTML page; its PNGs go to OUT-figures/. Only a "
+                             "report this command wrote is written over (any other file is refused)."),
 ) -> None:
     """Curves of one or more runs (loss, lr, top-1/top-5 per head, img/s, ...) in one HTML page."""
     from fastdeit.report import write_report

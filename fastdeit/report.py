@@ -19,6 +19,11 @@ from typing import Any
 from fastdeit.errors import UserError
 from fastdeit.rundir import RunDir
 
+# Marks the pages and PNGs `write_report` writes: only files bearing it are written over, so
+# a mistyped --out (a checkpoint, someone's figures) is refused instead of lost.
+GENERATOR = "fastdeit report"
+_MARK = f'<meta name="generator" content="{GENERATOR}">'
+
 # (figure, title, [(record kind, key, label)]): what each figure draws, per run.
 FIGURES = [
     ("loss", "training loss", [("step", "loss", "loss"), ("step", "loss_base", "base"),
@@ -121,13 +126,43 @@ def _draw(fig_name: str, data: dict[str, dict[str, tuple[list[float], list[float
     ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": GENERATOR})
     plt.close(fig)
     return buf.getvalue()
 
 
 def _cell(v: Any) -> str:
     return "" if v is None else f"{v:.2f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _ours(path: Path, png: bool) -> bool:
+    """Whether `path` is a page (or a PNG) that `write_report` wrote: it bears the mark."""
+    try:
+        if png:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                return img.format == "PNG" and img.info.get("Software") == GENERATOR
+        with path.open("rb") as f:
+            return _MARK.encode() in f.read(512)
+    except (OSError, ValueError, SyntaxError):  # unreadable, a folder, not an image
+        return False
+
+
+def check_out(out: Path, pngs: Path) -> None:
+    """Refuse, before writing anything, an `out` or a figures folder holding what this
+    command did not write; its own earlier report is written over."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: name the HTML file to write (e.g. {out / 'report.html'})")
+    if out.exists() and not _ours(out, png=False):
+        raise UserError(f"--out {out} exists and is not a report fastdeit wrote: name a new file (nothing written)")
+    if pngs.exists() and not pngs.is_dir():
+        raise UserError(f"{pngs}, where the figures of --out {out} go, is a file: name another --out (nothing written)")
+    foreign = [p.name for p in sorted(pngs.iterdir()) if not _ours(p, png=True)] if pngs.is_dir() else []
+    if foreign:
+        raise UserError(f"{pngs}, where the figures of --out {out} go, holds files fastdeit report did not write "
+                        f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): name another --out "
+                        f"(nothing written)")
 
 
 def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
@@ -142,7 +177,10 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
     rows = [summary_row(r) for r in runs]
     notes = [f"{r.name}: {n}" for r in runs for n in r.notes]
     pngs = out.with_name(out.stem + "-figures")
+    check_out(out, pngs)
     pngs.mkdir(parents=True, exist_ok=True)
+    for old in pngs.glob("*.png"):  # all its own (checked): figures this report no longer draws go
+        old.unlink()
     parts = [f"<h1>fastdeit report: {html.escape(', '.join(r.name for r in runs))}</h1>", "<table border=1>",
              "<tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in rows[0]) + "</tr>"]
     parts += ["<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row.values()) + "</tr>" for row in rows]
@@ -152,6 +190,6 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
         png = _draw(name, data)
         (pngs / f"{name}.png").write_bytes(png)
         parts.append(f'<h2>{html.escape(name)}</h2><img src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-    page = "<!doctype html><html><head><meta charset='utf-8'><title>fastdeit report</title></head><body>"
+    page = f"<!doctype html><html><head><meta charset='utf-8'>{_MARK}<title>fastdeit report</title></head><body>"
     out.write_text(page + "\n".join(parts) + "</body></html>")
     return {"figures": figures, "rows": rows, "notes": notes, "pngs": sorted(str(p) for p in pngs.glob("*.png"))}

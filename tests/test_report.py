@@ -76,3 +76,37 @@ def test_a_missing_logging_package_is_one_line(tiny_data, tmp_path):
         pytest.skip("wandb is installed here")
     res = runner.invoke(app, ["train", *RUN, "--data", str(tiny_data), "--out", str(tmp_path / "w"), "--log", "wandb"])
     assert res.exit_code == 2 and "pip install wandb" in res.stderr and not (tmp_path / "w").exists()
+
+
+def fake_run(path):
+    """A run folder as report reads it: two logged steps, one evaluated epoch."""
+    path.mkdir(parents=True)
+    recs = [{"kind": "step", "updates": u, "loss": 2.0 - u / 10, "lr": 1e-3} for u in (1, 2)]
+    recs.append({"kind": "epoch", "epoch": 0, "top1": 40.0})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_report_writes_over_its_own_report_only(tmp_path):
+    run = fake_run(tmp_path / "run")
+    ckpt = run / "checkpoint-last.pt"
+    ckpt.write_bytes(b"PK\x03\x04 weights")
+    args = ["report", str(run), "--out"]
+    res = runner.invoke(app, [*args, str(ckpt)])
+    assert res.exit_code == 2 and "not a report fastdeit wrote" in res.stderr and "Traceback" not in res.output
+    assert ckpt.read_bytes() == b"PK\x03\x04 weights" and not (run / "checkpoint-last-figures").exists()
+    res = runner.invoke(app, [*args, str(run)])  # a folder
+    assert res.exit_code == 2 and "is a folder" in res.stderr
+
+    out = tmp_path / "r.html"
+    for _ in range(2):  # its own page and figures are written again
+        res = runner.invoke(app, [*args, str(out)])
+        assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["pngs"]) == 3
+
+    mine = tmp_path / "mine.html"
+    (tmp_path / "mine-figures").mkdir()
+    (tmp_path / "mine-figures" / "loss.png").write_bytes(b"a figure of mine")
+    res = runner.invoke(app, [*args, str(mine)])
+    assert res.exit_code == 2 and "mine-figures" in res.stderr and "loss.png" in res.stderr
+    assert (tmp_path / "mine-figures" / "loss.png").read_bytes() == b"a figure of mine" and not mine.exists()
