@@ -26,8 +26,10 @@ from PIL import Image
 
 from fastdeit.data import prepared
 from fastdeit.data.folder import ImageIndex, scan_split
-from fastdeit.errors import UserError, differences
+from fastdeit.errors import Requeue, Stopped, UserError, differences
+from fastdeit.pipelines.torch import to_rgb
 from fastdeit.rundir import atomic_write, atomic_write_bytes, atomic_write_text
+from fastdeit.signals import REQUEUE, quiet_worker, requested, workers_start_quiet
 
 SPLITS = ("train", "val")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -63,7 +65,7 @@ def encode(data: bytes, max_side: int, quality: int) -> tuple[bytes, int, int] |
             scale = min(1.0, max_side / max(w, h))
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             img.draft("RGB", size)  # JPEG: decode at the smallest DCT scale still >= size
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img)  # as the pipelines decode it (16-bit gray scaled, not clipped)
             if rgb.size != size:
                 rgb = rgb.resize(size, Image.Resampling.LANCZOS)
             out = io.BytesIO()
@@ -206,15 +208,34 @@ def prepare_data(src: Path, out: Path, opts: PrepareOptions, progress: Callable[
     if progress is not None:
         progress(done, total)
     if todo:
-        with ProcessPoolExecutor(max_workers=min(len(todo), opts.workers or os.cpu_count() or 1)) as pool:
-            for fut in as_completed([pool.submit(build_shard, j) for j in todo]):
-                done += fut.result()
-                if progress is not None:
-                    progress(done, total)
+        _build_shards(todo, opts, done, total, progress)
     manifest = {**json.loads((out / prepared.JOB).read_text()),
                 "splits": {s: _finish_split(indexes[s], out / s, len(jobs[s])) for s in SPLITS}}
     atomic_write_text(json.dumps(manifest, indent=1), out / prepared.MANIFEST)
     return manifest
+
+
+def _build_shards(todo: list[ShardJob], opts: PrepareOptions, done: int, total: int,
+                  progress: Callable[[int, int], None] | None) -> None:
+    """Build the shards in worker processes; on a stop request (signals.py) the shards being
+    written are finished, the rest left for the next start (Stopped)."""
+    pool = ProcessPoolExecutor(max_workers=min(len(todo), opts.workers or os.cpu_count() or 1),
+                               initializer=quiet_worker)
+    try:
+        with workers_start_quiet():
+            futures = [pool.submit(build_shard, j) for j in todo]
+        finished = 0
+        for fut in as_completed(futures):
+            done, finished = done + fut.result(), finished + 1
+            if progress is not None:
+                progress(done, total)
+            if reason := requested():
+                pool.shutdown(wait=True, cancel_futures=True)
+                left = sum(1 for f in futures if not f.done() or f.cancelled())
+                raise (Requeue if reason == REQUEUE else Stopped)(
+                    f"stopped with {left} of {len(todo)} shards left; the same command continues") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C twice: the workers die with this process
 
 
 def summary(manifest: dict[str, Any], out: Path) -> tuple[list[str], dict[str, Any]]:

@@ -72,9 +72,26 @@ def augment(img: Image.Image, crop: np.ndarray, flip: bool, ops: list[tuple[str,
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+# Grayscale wider than 8 bits (16-bit PNG and TIFF, 32-bit integer TIFF): PIL's
+# convert("RGB") clips it, so a mid-gray image reads as white; DALI scales it to 8 bits.
+_WIDE_GRAY = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB, the pixels DALI's decoder gives (RGB output): wide grayscale
+    scaled as round(v / 257), alpha and a palette's transparency dropped, colours kept.
+    Every PIL path (training, evaluation, predict, prepare-data) converts through here."""
+    if img.mode in _WIDE_GRAY:
+        wide = np.asarray(img).astype(np.int64)
+        img = Image.fromarray(np.clip((wide + 128) // 257, 0, 255).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # the same colours; P -> RGB directly warns on every such file
+    return img.convert("RGB")
+
+
 def decode(source: str | io.BytesIO) -> Image.Image:
     with Image.open(source) as img:
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 def load_plan_rows(index: ImageIndex, spec: PlanSpec, plan: BatchPlan) -> LoadedBatch:

@@ -1,0 +1,96 @@
+"""Inputs a hostile user tried: images of unusual modes, diverged weights, file names that are
+not UTF-8 or hold a newline, and flags at the edge of their range."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_faults import run
+
+from fastdeit.pipelines import dali
+from fastdeit.pipelines.torch import decode, to_rgb
+from fastdeit.preparing import encode
+
+needs_dali = pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed")
+
+
+def raw_png(pixels: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (PIL writes no 16-bit RGB): gray 0, RGB 2."""
+    h, w = pixels.shape[:2]
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    head = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def png(img: Image.Image, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **options)
+    return buf.getvalue()
+
+
+def unusual_pngs() -> dict[str, bytes]:
+    """16-bit gray (a true mean near 128), 16-bit RGB, a palette with transparency, LA, RGBA."""
+    rng = np.random.default_rng(0)
+    gray16 = (np.linspace(0, 65535, 24 * 32).reshape(24, 32) + rng.integers(-300, 300, (24, 32))).clip(0, 65535)
+    palette = Image.fromarray(rng.integers(0, 4, (24, 32)).astype(np.uint8), "P")
+    palette.putpalette([250, 10, 10, 10, 240, 20, 30, 30, 220, 100, 110, 120])
+    return {"gray16.png": raw_png(gray16.astype(np.uint16), 0),
+            "rgb16.png": raw_png(rng.integers(0, 65536, (24, 32, 3)), 2),
+            "palette.png": png(palette, transparency=bytes([0, 128, 255, 40])),
+            "la.png": png(Image.fromarray(rng.integers(0, 256, (24, 32, 2)).astype(np.uint8), "LA")),
+            "rgba.png": png(Image.fromarray(rng.integers(0, 256, (24, 32, 4)).astype(np.uint8), "RGBA"))}
+
+
+def dali_decoded(files: list[bytes]) -> list[np.ndarray]:
+    """What DALI's CPU decoder makes of each file, as RGB."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    batch = [np.frombuffer(f, np.uint8) for f in files]
+
+    @pipeline_def(batch_size=len(batch), num_threads=1, device_id=None)
+    def graph():
+        data = fn.external_source(source=lambda: batch, batch=True)
+        return fn.decoders.image(data, output_type=types.RGB, device="cpu")
+
+    pipe = graph()
+    pipe.build()
+    (out,) = pipe.run()
+    return [np.array(out[i]) for i in range(len(batch))]
+
+
+def test_high_bit_depth_gray_is_scaled_not_clipped():
+    wide = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+    expected = (wide.astype(np.int64) + 128) // 257  # what DALI gives: round(v / 257)
+    for img in (Image.frombytes("I;16", (32, 32), wide.astype("<u2").tobytes()),
+                Image.frombytes("I;16B", (32, 32), wide.astype(">u2").tobytes()),
+                Image.fromarray(wide.astype(np.int32))):  # mode "I"
+        rgb = np.asarray(to_rgb(img)).astype(np.int64)
+        assert rgb.shape == (32, 32, 3) and (rgb == expected[..., None]).all(), img.mode
+    stored, _, _ = encode(unusual_pngs()["gray16.png"], 16, 95)  # prepare-data re-encodes it
+    assert abs(np.asarray(Image.open(io.BytesIO(stored))).mean() - 128) < 3
+
+
+@needs_dali
+def test_the_reference_decodes_unusual_pngs_as_dali_does(tmp_path):
+    files = unusual_pngs()
+    for (name, data), theirs in zip(files.items(), dali_decoded(list(files.values()))):
+        ours = np.asarray(decode(io.BytesIO(data))).astype(int)
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1, name
+    assert abs(np.asarray(decode(io.BytesIO(files["gray16.png"]))).mean() - 128) < 3
+
+    for split in ("train", "val"):  # check-data finds nothing to refuse in them
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for name, data in files.items():
+                (tmp_path / split / c / name).write_bytes(data)
+    code, stdout, err = run("check-data", str(tmp_path))
+    assert code == 0 and stdout == "" and "0 unreadable of 20 images" in err, err
