@@ -113,15 +113,26 @@ class Loaded:
     name: str = ""  # the model's name (config.ModelConfig.name)
 
 
+def check_finite(weights: dict[str, torch.Tensor], ckpt: Path) -> None:
+    """Refuse weights holding NaN or inf: a diverged state scores as chance and predicts NaN
+    (not JSON), which would pass for a result."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{ckpt}: its weights are not finite (NaN or inf in {bad[0]}"
+                        f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): a diverged state; use the "
+                        f"run's checkpoint-last.pt (the last good state) or checkpoint-best.pt")
+
+
 def load_for_inference(ckpt: Path, arch: Architecture | None, num_classes: int | None = None,
                        use_ema: bool = False) -> Loaded:
     """A fastdeit checkpoint as it was trained (its model, classes, image size and crop), or
     weights from elsewhere (official DeiT, timm, safetensors) built as `arch` describes, with
     `num_classes` outputs (default: the file's head)."""
     weights, meta = read_weights(ckpt)
+    if meta and use_ema:
+        weights = read_ema_weights(ckpt)
+    check_finite(weights, ckpt)
     if meta:
-        if use_ema:
-            weights = read_ema_weights(ckpt)
         model = build_model(model_config_of(meta, drop_path=0.0), meta["num_classes"], meta["img_size"])
         model.load_state_dict(weights)
         return Loaded(model.eval(), list(meta["classes"]), meta["img_size"], meta["crop_pct"],

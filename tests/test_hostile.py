@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-from test_faults import run
+from test_faults import one_line, run, trained
 
 from fastdeit.pipelines import dali
 from fastdeit.pipelines.torch import decode, to_rgb
@@ -94,3 +96,23 @@ def test_the_reference_decodes_unusual_pngs_as_dali_does(tmp_path):
                 (tmp_path / split / c / name).write_bytes(data)
     code, stdout, err = run("check-data", str(tmp_path))
     assert code == 0 and stdout == "" and "0 unreadable of 20 images" in err, err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One trained tiny run for the tests that only read it."""
+    return trained(tiny_data, tmp_path_factory.mktemp("hostile") / "run")
+
+
+def test_diverged_weights_get_no_score(tiny_run, tiny_data, tmp_path):
+    state = torch.load(tiny_run / "checkpoint-last.pt", weights_only=True)
+    next(iter(state["model"].values())).fill_(float("nan"))
+    diverged = tmp_path / "checkpoint-diverged.pt"
+    torch.save(state, diverged)
+    image = next((tiny_data / "val").glob("*/*.jpg"))
+    for args in (["eval", "--data", str(tiny_data), "--ckpt", str(diverged)],
+                 ["predict", str(image), "--weights", str(diverged)],
+                 ["export", str(diverged), "--out", str(tmp_path / "hf")]):
+        line = one_line(args, "not finite")
+        assert "diverged" in line and "checkpoint-last.pt" in line, line
+    assert not (tmp_path / "hf").exists()
