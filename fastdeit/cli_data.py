@@ -94,7 +94,7 @@ def check_data(
     """Decode every image once and list the ones a decoder refuses (a skip list)."""
     from fastdeit.data.folder import load_dataset
     from fastdeit.device import resolve_device
-    from fastdeit.loaders import check_decoders, find_undecodable
+    from fastdeit.loaders import check_decoders, find_undecodable, skip_line
 
     check_choice("--loader", loader, Loader)
     if out is not None and out.is_dir():
@@ -117,6 +117,7 @@ def check_data(
             for who in found.values():
                 for d in who:
                     refused[d] += 1
+    bad = [skip_line(path) for path in bad]  # a name holding a newline or non-UTF-8 bytes: quoted
     for line in bad:
         print(line)
     if out is not None:

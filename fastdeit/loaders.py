@@ -6,6 +6,7 @@ for training, and (uint8 images, labels, ok) batches for evaluation.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -90,13 +91,35 @@ def find_undecodable(index: ImageIndex, decoders: tuple[str, ...], device: torch
     return dict(sorted(bad.items()))
 
 
+def skip_line(path: str) -> str:
+    """A skip list's line for `path` (`train/<class>/<file>`): the path as it is, or, where it
+    holds a newline or another control character, bytes that are not UTF-8, or edge spaces,
+    the path as a JSON string (ASCII), which `read_skip_list` reads back to the same name."""
+    plain = path.isprintable() and path == path.strip() and not path.startswith(('"', "#"))
+    return path if plain else json.dumps(path)
+
+
+def _unquote(line: str, path: str) -> str:
+    if not line.startswith('"'):
+        return line
+    try:
+        name = json.loads(line)
+    except ValueError:
+        name = None
+    if not isinstance(name, str):
+        raise UserError(f"data.skip_list {path}: {line!r} starts with a quote but is not a JSON string "
+                        f"(check-data quotes only names holding newlines or bytes that are not UTF-8)")
+    return name
+
+
 def read_skip_list(path: str, train: ImageIndex, val: ImageIndex) -> tuple[ImageIndex, ImageIndex]:
     """Add the files of a skip list (lines `train/<class>/<file>` or `val/...`, as
-    `fastdeit check-data` prints them) to each split's skip set."""
+    `fastdeit check-data` prints them: quoted where `skip_line` quotes) to each split's skip set."""
     if not path:
         return train, val
     try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        text = Path(path).read_text(errors="surrogateescape")  # bytes that are not UTF-8 stay the name's
+        lines = [_unquote(ln.strip(), path) for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     except OSError as e:
         raise UserError(f"data.skip_list: cannot read {path}: {e.strerror}") from None
     split = {"train": [], "val": []}

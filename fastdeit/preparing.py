@@ -186,7 +186,8 @@ def _finish_split(index: ImageIndex, folder: Path, shards: int) -> dict[str, Any
             np.save(f, table, allow_pickle=False)
 
     atomic_write(folder / "index.npy", save)
-    atomic_write_bytes("\n".join(r[0] for r in rows).encode("utf-8"), folder / "paths.txt")
+    # A name that is not UTF-8 keeps its bytes (surrogateescape, as os.fsencode); prepared.py reads it back.
+    atomic_write_bytes("\n".join(r[0] for r in rows).encode("utf-8", "surrogateescape"), folder / "paths.txt")
     return {"classes": list(index.classes), "rows": len(rows), "shards": shards,
             "bytes": int(sum(t["tar_bytes"] for t in tables)), "left_out": [x for t in tables for x in t["left_out"]]}
 

@@ -4,6 +4,9 @@ not UTF-8 or hold a newline, and flags at the edge of their range."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -12,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_faults import one_line, run, trained
+from test_faults import one_line, run, train, trained
 
+from fastdeit.data.folder import load_dataset
+from fastdeit.loaders import read_skip_list
 from fastdeit.pipelines import dali
 from fastdeit.pipelines.torch import decode, to_rgb
 from fastdeit.preparing import encode
@@ -116,3 +121,53 @@ def test_diverged_weights_get_no_score(tiny_run, tiny_data, tmp_path):
         line = one_line(args, "not finite")
         assert "diverged" in line and "checkpoint-last.pt" in line, line
     assert not (tmp_path / "hf").exists()
+
+
+def odd_names(data: Path) -> list[str]:
+    """Add to each split of `data` a JPEG whose name holds a byte that is not UTF-8, one whose
+    name holds a newline, and a cut one with both; returns the cut ones, as check-data lists them."""
+    cut = []
+    for split in ("train", "val"):
+        good = sorted((data / split).glob("*/*.jpg"))
+        folder = os.fsencode(good[0].parent)
+        shutil.copy(good[0], os.fsdecode(folder + b"/bad\xff.jpg"))
+        shutil.copy(good[1], good[1].parent / "new\nline.jpg")
+        raw = good[2].read_bytes()
+        Path(os.fsdecode(folder + b"/cut\xfe\nname.jpg")).write_bytes(raw[: len(raw) * 2 // 3])
+        cut.append(os.fsdecode(os.fsencode(f"{split}/{good[0].parent.name}/") + b"cut\xfe\nname.jpg"))
+    return cut
+
+
+def test_file_names_that_are_not_utf8_or_hold_a_newline(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDEIT_CACHE", str(tmp_path / "cache"))
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    cut = odd_names(data)
+    listing = tmp_path / "bad.txt"
+    for _ in range(2):  # the second start reuses the stored index
+        code, stdout, err = run("index", str(data))
+        assert code == 0 and json.loads(stdout.splitlines()[-1])["train"] == 75, err
+        code, stdout, err = run("check-data", str(data), "--out", str(listing))
+        assert code == 0 and stdout.splitlines() == listing.read_text().splitlines(), err
+        assert "2 unreadable of 96 images" in err and len(stdout.splitlines()) == 2
+    skipped = read_skip_list(str(listing), *load_dataset(data))  # the list names them exactly
+    assert [f"{split}/{index.paths[i]}" for split, index in zip(("train", "val"), skipped) for i in index.skip] == cut
+
+    for extra in ((), ("--set", f"data.skip_list={listing}")):  # a fresh run each, the stored index reused
+        code, _, err = run(*train(data, tmp_path / f"run{len(extra)}", "--epochs", "2", *extra))
+        assert code == 0 and "warning: skipped unreadable image" in err, err
+        summary = json.loads((tmp_path / f"run{len(extra)}" / "summary.json").read_text())
+        assert summary["bad_files"] == [cut[0].removeprefix("train/")]
+
+
+def test_a_prepared_set_keeps_names_that_are_not_utf8(tiny_data, tmp_path):
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    first = sorted((data / "train").glob("*/*.jpg"))[0]
+    odd = Path(os.fsdecode(os.fsencode(first.parent) + b"/bad\xff.jpg"))
+    shutil.copy(first, odd)
+    code, _, err = run("prepare-data", str(data), str(tmp_path / "prep"), "--workers", "1")
+    assert code == 0, err
+    train_idx, _ = load_dataset(tmp_path / "prep")
+    row = train_idx.paths.index(f"{odd.parent.name}/{odd.name}")
+    assert train_idx.read(row).tobytes() == first.read_bytes()
+    code, stdout, err = run("check-data", str(tmp_path / "prep"), "--loader", "torch")
+    assert code == 0 and stdout == "", err

@@ -65,9 +65,9 @@ class ImageIndex:
     def fingerprint(self) -> str:
         """sha256 of the sorted relative file list, byte sizes and class list."""
         h = hashlib.sha256()
-        h.update("\n".join(self.classes).encode())
+        h.update(os.fsencode("\n".join(self.classes)))  # a name's own bytes, UTF-8 or not
         for p, n in zip(self.paths, self.nbytes):
-            h.update(f"\n{p}\t{int(n)}".encode())
+            h.update(os.fsencode(f"\n{p}\t{int(n)}"))
         return h.hexdigest()
 
 

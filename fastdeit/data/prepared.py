@@ -120,7 +120,8 @@ def load_split(root: Path, split: str, manifest: dict[str, Any]) -> tuple[tuple[
         raise UserError(f"the prepared data set {root} has no {split} split")
     try:
         rows = np.load(folder / "index.npy", allow_pickle=False)
-        paths = tuple((folder / "paths.txt").read_text(encoding="utf-8").split("\n")) if len(rows) else ()
+        text = (folder / "paths.txt").read_text(encoding="utf-8", errors="surrogateescape")  # names as listed
+        paths = tuple(text.split("\n")) if len(rows) else ()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the index of {folder}: {e}: prepare the data set again") from None
     if rows.dtype != ROW_DTYPE or len(paths) != len(rows) or len(rows) != info["rows"]:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2  # 2: names as file-system bytes, NUL-separated (1 held UTF-8 text split on newlines)
 
 
 def stored_path(cache_dir: Path, base: Path) -> Path:
     """Where the index of the split folder `base` is kept."""
-    key = hashlib.sha256(str(Path(base).resolve()).encode()).hexdigest()[:24]
+    key = hashlib.sha256(os.fsencode(Path(base).resolve())).hexdigest()[:24]
     return Path(cache_dir) / "index" / f"{key}.npz"
 
 
@@ -38,8 +38,8 @@ def load(path: Path) -> dict[str, np.ndarray] | None:
             if int(f["version"]) != VERSION:
                 return None
             out = {k: f[k] for k in ("sizes", "nbytes", "mtimes")}
-            out["paths"] = f["paths"].tobytes().decode().split("\n") if f["paths"].size else []
-            return out
+            out["paths"] = os.fsdecode(f["paths"].tobytes()).split("\0") if f["paths"].size else []
+            return out if len(out["paths"]) == len(out["sizes"]) else None  # damaged: scanned again
     except (OSError, ValueError, KeyError, EOFError):
         return None
 
@@ -48,7 +48,10 @@ def save(path: Path, paths: list[str], sizes: np.ndarray, nbytes: np.ndarray, mt
     """Write the index under a temporary name, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, version=np.array(VERSION), paths=np.frombuffer("\n".join(paths).encode(), np.uint8),
+    # A Linux file name may hold any byte but NUL and "/": names kept as their bytes (os.fsencode
+    # of names that are not UTF-8 gives back their bytes) joined by NUL, which no name holds.
+    names = b"\0".join(os.fsencode(p) for p in paths)
+    np.savez(tmp, version=np.array(VERSION), paths=np.frombuffer(names, np.uint8),
              sizes=sizes, nbytes=nbytes, mtimes=mtimes)
     os.replace(tmp, path)
 
