@@ -52,6 +52,17 @@ def test_missing_and_empty_data(tmp_path):
     fails(tiny_train(tmp_path / "empty", tmp_path / "r", "--model", "deit_tiny"), "has no class folders")
 
 
+def test_data_that_is_a_file(tmp_path):
+    file = tmp_path / "data.tar"
+    file.write_bytes(b"not a folder")
+    for args in (tiny_train(file, tmp_path / "r", "--model", "deit_tiny"), ["check-data", str(file)],
+                 ["index", str(file)], ["eval", "--data", str(file), "--ckpt", str(file)]):
+        assert "does not exist" not in fails(args, "data.tar is a file, not a data folder")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train").write_bytes(b"a file where a folder belongs")
+    fails(tiny_train(tmp_path / "d", tmp_path / "r", "--model", "deit_tiny"), "d/train is a file, not a folder")
+
+
 def test_class_folder_without_images(tiny_data, tmp_path):
     data = copy_data(tiny_data, tmp_path / "d")
     (data / "train" / "zzz").mkdir()

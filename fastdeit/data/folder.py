@@ -151,6 +151,8 @@ def scan_split(root: Path, split: str, progress: Callable[[int, int], None] | No
     With `cache_dir`, the index is stored there and reused while the files are unchanged
     (see stored_index.py): only new, resized or replaced files have their header read."""
     base = Path(root) / split
+    if base.exists() and not base.is_dir():
+        raise UserError(f"{base} is a file, not a folder: expected {split}/<class>/<images>")
     if not base.is_dir():
         raise UserError(f"data folder {base} does not exist: expected {split}/<class>/<images> "
                         f"(make one with: fastdeit make-data DIR)")
@@ -210,6 +212,9 @@ def load_dataset(
     their class sets checked against each other; with `cache_dir`, a tree's indexes are stored
     and reused (stored_index.py)."""
     root = Path(root)
+    if str(root) and root.exists() and not root.is_dir():  # "does not exist" would send the user looking for it
+        raise UserError(f"{root} is a file, not a data folder: pass the folder holding train/ and val/ "
+                        f"(or a prepared data set's folder)")
     if not str(root) or not root.is_dir():
         raise UserError(f"data folder {str(root) or '(none given)'} does not exist: pass --data DIR "
                         f"(make one with: fastdeit make-data DIR)")
