@@ -284,7 +284,17 @@ def _load(path: Path, what: str = "checkpoint") -> Any:
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols would break the one line
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # torch's advice (load with weights_only=False) is never passed on
+        objects = "Unsupported global" in str(e)  # torch's advice (load with weights_only=False) is never passed on
+        if not objects and not zipfile.is_zipfile(path):  # a plain pickle: torch's reader stops at an opcode it
+            import pickletools  # does not take (protocol 0, 4, 5) before any object; read them, never run
+
+            try:
+                with open(path, "rb") as f:
+                    objects = any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "EXT1", "EXT2", "EXT4")
+                                  for op, _, _ in pickletools.genops(f))
+            except (ValueError, OSError, EOFError, IndexError):  # not a pickle either
+                pass
+        if objects:
             raise UserError(f"{path} holds Python objects besides tensors: refused (fastdeit reads tensors only, "
                             f"so that a file cannot run code)") from None
         raise UserError(f"{path} is not a readable {what} (not a torch file)") from None

@@ -284,6 +284,19 @@ def test_an_unreadable_checkpoint_is_one_line(data, tmp_path, kind):
         assert ADVICE not in line and ("refused" in line if kind == "pickle" else "not a readable" in line)
 
 
+@pytest.mark.parametrize("protocol", [0, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
+def test_a_plain_pickle_of_objects_is_refused_as_such(data, tmp_path, protocol):
+    """Not torch's zip format: objects are named from the pickle's opcodes, never run."""
+    for obj, words in ((Payload(), "holds Python objects besides tensors: refused"),
+                       ({"model": Payload()}, "holds Python objects besides tensors: refused"),
+                       ({"model": [1.0, 2.0]}, "is not a readable")):
+        bad = tmp_path / "plain.pt"
+        bad.write_bytes(pickle.dumps(obj, protocol=protocol))
+        for args in (train(data, tmp_path / "new", "--resume", str(bad)),
+                     ["eval", "--data", str(data), "--ckpt", str(bad)]):
+            assert ADVICE not in one_line(args, words)
+
+
 def test_a_full_disk_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
     out = trained(data, tmp_path / "run")
     before = (out / "checkpoint-last.pt").read_bytes()
