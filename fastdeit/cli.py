@@ -213,7 +213,8 @@ def predict(
     model: str = typer.Option(None, help="For weights that do not name their model."),
     img_size: int = typer.Option(224, help="With --model: the input resolution."),
     head: str = typer.Option("joint", help=_one_of(Head) + " (distilled models have all three)."),
-    topk: int = typer.Option(5, help="Classes to list per image."),
+    topk: int = typer.Option(5, help="Classes to list per image (at least 1; more than the model has lists "
+                             "all of its classes, with a note)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
 ) -> None:
     """The top classes of each image (one JSON line each), with the run's class names."""
@@ -221,8 +222,14 @@ def predict(
     from fastdeit.predicting import predict as run
 
     check_choice("--head", head, Head)
+    if topk < 1:
+        raise UserError(f"--topk {topk}: list at least 1 class per image")
     path = local_weights(weights, cache_dir())  # a URL downloaded once; a path as it is
-    for record in run(images, path, Architecture(model or "", img_size), head, max(1, topk), device):
+    noted = False
+    for record in run(images, path, Architecture(model or "", img_size), head, topk, device):
+        if not noted and "top" in record and len(record["top"]) < topk:  # fewer classes: all are listed
+            err.print(f"note: --topk {topk}: the model has {len(record['top'])} classes; listing all of them")
+            noted = True
         print(json.dumps(record))
         err.print(f"{record['image']}: " + (", ".join(f"{c} {p:.1%}" for c, p in record["top"])
                                             if "top" in record else record["error"]))

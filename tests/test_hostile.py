@@ -171,3 +171,10 @@ def test_a_prepared_set_keeps_names_that_are_not_utf8(tiny_data, tmp_path):
     assert train_idx.read(row).tobytes() == first.read_bytes()
     code, stdout, err = run("check-data", str(tmp_path / "prep"), "--loader", "torch")
     assert code == 0 and stdout == "", err
+
+
+def test_predict_topk_below_one_is_refused_and_above_the_classes_lists_them_all(tiny_run, tiny_data):
+    image = str(next((tiny_data / "val").glob("*/*.jpg")))
+    one_line(["predict", image, "--weights", str(tiny_run), "--topk", "0"], "--topk 0")
+    code, stdout, err = run("predict", image, "--weights", str(tiny_run), "--topk", "7")
+    assert code == 0 and len(json.loads(stdout)["top"]) == 3 and "the model has 3 classes" in err, err
