@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tiny import ROOT
 from tiny import load_benchmark as load
 
@@ -126,3 +128,19 @@ def test_the_gpu_session_script_runs_every_part_dry(tmp_path):
         assert report["model"] and all("error" not in row for row in report["model"]), part
     assert set(json.loads((tmp_path / "loader-dry.json").read_text())["img_per_s"]) == {"dali", "torch"}
     assert json.loads((tmp_path / "throughput-distill-dry.json").read_text())["distill"]["img_per_s"]["replay"] > 0
+
+
+@pytest.mark.slow
+def test_the_soak_kills_and_resumes_a_training_that_ends_as_its_reference(tmp_path):
+    """benchmarks/soak.py at toy size: a training of 6 updates killed twice (seed 531: SIGKILL
+    early, then SIGTERM later, to the process group) and resumed; the results file holds the
+    kills and no difference (the second kill may miss the end of the run on a loaded machine)."""
+    out = tmp_path / "soak.json"
+    rc = load("soak").main(["--kills", "2", "--seed", "531", "--scenarios", "train", "--images", "16",
+                            "--epochs", "2", "--work", str(tmp_path / "work"), "--results", str(out)])
+    report = json.loads(out.read_text())
+    train = report["scenarios"]["train"]
+    assert rc == 0 and report["result"].endswith(" survived exactly, 0 differences"), report
+    assert train["kills"][0]["signal"] == "SIGKILL" and train["restarts"] == len(train["kills"]) >= 1
+    assert train["differences"] == train["defects"] == [] and train["max_abs_weight_difference"] == 0.0
+    assert train["steps"] == 6 and report["versions"]["torch"] and report["command"].startswith("benchmarks/soak.py")
