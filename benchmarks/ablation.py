@@ -123,8 +123,8 @@ def settings(cfg: TrainConfig) -> dict[str, Any]:
     """What decides a run's numbers: its config without the places of its files (the study's
     --out may move) and the knobs that do not change what is trained."""
     d = cfg.to_dict()
-    for section, key in (("run", "out"), ("run", "progress"), ("data", "path"), ("data", "workers"),
-                         ("distill", "teacher"), ("distill", "teacher_cache")):
+    for section, key in (("run", "out"), ("run", "progress"), ("run", "requeue_signal"), ("data", "path"),
+                         ("data", "workers"), ("distill", "teacher"), ("distill", "teacher_cache")):
         d[section].pop(key, None)
     return json.loads(json.dumps(d))  # as a record holds it (tuples become lists)
 

@@ -42,6 +42,7 @@ import torch
 
 from fastdeit.data.synthetic import SyntheticSet, write_synthetic
 from fastdeit.provenance import measured_on, write_report
+from fastdeit.rundir import RunDir, read_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("train", "train-procs2", "cache-teacher", "prepare-data")
@@ -214,7 +215,7 @@ def reap(seen: dict[int, str], out: Path, log: Path) -> list[str]:
 def records(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """metrics.jsonl's records, and what is wrong with lines that are not JSON."""
     recs, bad = [], []
-    for n, line in enumerate(read(str(run / "metrics.jsonl")).splitlines(), 1):
+    for n, line in enumerate(read(str(RunDir(run).metrics)).splitlines(), 1):
         try:
             recs.append(json.loads(line))
         except ValueError:
@@ -254,15 +255,15 @@ def phase(sc: Scenario, out: Path, before: int, total: int, last_step: int) -> s
 
 def compare_runs(ref: Path, vic: Path) -> dict[str, Any]:
     diffs, worst = [], 0.0
-    for name in ("checkpoint-last.pt", "checkpoint-best.pt"):
+    for name in (RunDir(ref).last.name, RunDir(ref).best.name):
         if not (vic / name).exists():
             continue  # a missing file is said below
-        a, b = (torch.load(r / name, map_location="cpu", weights_only=True)["model"] for r in (ref, vic))
+        a, b = (read_weights(r / name)[0] for r in (ref, vic))
         if a.keys() != b.keys():
             diffs.append(f"{name}: other parameter names")
             continue
         gap = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-        worst = gap if name == "checkpoint-last.pt" else worst
+        worst = gap if name == RunDir(ref).last.name else worst
         if not all(torch.equal(a[k], b[k]) for k in a):
             diffs.append(f"{name}: weights differ (max abs difference {gap:.3g})")
     (ra, _), (rb, bad) = records(ref), records(vic)
@@ -271,9 +272,9 @@ def compare_runs(ref: Path, vic: Path) -> dict[str, Any]:
     if unequal := [k for k in la.keys() & lb.keys() if la[k] != lb[k]]:
         diffs.append(f"step losses differ at {len(unequal)} steps, first {min(unequal)} "
                      f"(max abs difference {max(abs(la[k] - lb[k]) for k in unequal):.3g})")
-    if (vic / "summary.json").exists():
-        sa, sb = (json.loads((r / "summary.json").read_text()) for r in (ref, vic))
-        diffs += [f"summary.json {k}: {sa.get(k)} vs {sb.get(k)}" for k in ("top1", "top5") if sa.get(k) != sb.get(k)]
+    if RunDir(vic).summary.exists():
+        sa, sb = (json.loads(RunDir(r).summary.read_text()) for r in (ref, vic))
+        diffs += [f"summary {k}: {sa.get(k)} vs {sb.get(k)}" for k in ("top1", "top5") if sa.get(k) != sb.get(k)]
     return {"max_abs_weight_difference": worst, "steps": len(la), "differences": diffs + strays(ref, vic)}
 
 
@@ -335,7 +336,7 @@ def victim(sc: Scenario, kills: int, rng: random.Random, first: dict[str, Any], 
                                            "said": got["said"]})
             print(f"{sc.name:14s} kill {len(result['kills'])}/{kills}: {kill.signal} to {rec['target']} after "
                   f"{rec['delay_s']:.1f} s ({rec['phase']}): exit {got['rc']}", flush=True)
-        if got["rc"] == 0 and (vic / ("summary.json" if sc.training else "manifest.json")).exists():
+        if got["rc"] == 0 and (RunDir(vic).summary if sc.training else vic / "manifest.json").exists():
             result["unsent"] = int(kill is not None and not hit)  # the run ended before its kill
             return True
         if not hit:  # not killed and not finished: every next start would fail the same way

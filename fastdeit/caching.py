@@ -21,11 +21,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from fastdeit import signals
 from fastdeit.config import CacheMode, TrainConfig
 from fastdeit.data.folder import ImageIndex, load_dataset
 from fastdeit.device import amp_dtype, autocast, resolve_device, sync
 from fastdeit.dist import SINGLE, World, all_reduce, barrier
-from fastdeit.errors import UserError
+from fastdeit.errors import Requeue, Stopped, UserError
 from fastdeit.loaders import Loaders, choose_loader, read_skip_list
 from fastdeit.models import load_teacher, ready_teacher
 from fastdeit.pipelines.tail import normalize
@@ -100,7 +101,14 @@ def _build(writer: CacheWriter, todo: list[int], total: int,
 
         for k in todo:
             writer.write_shard(k, make(k * n, min((k + 1) * n, total), tick))
-    barrier(world)
+            if signals.requested():  # the shard is whole; the rest is left for the next start
+                break
+    # Every rank finishes its shard in hand, then all learn whether any of them was asked to stop.
+    asked = all_reduce(torch.tensor([signals.requested() is not None, signals.requested() == signals.REQUEUE],
+                                    dtype=torch.float32, device=device), world).tolist()
+    if asked[0]:
+        raise (Requeue if asked[1] else Stopped)(f"stopped; the shards written to {writer.root} are kept: run the "
+                                                 f"same command again to continue")
     if world.is_main:
         writer.finish(added=written > 0)
     return read_manifest(writer.root)

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from fastdeit.config import choices
-from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STOPPED, Stopped, UserError
+from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_STOPPED, Requeue, Stopped, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train DeiT students, with distillation through the distillation token, fast.")
@@ -59,9 +59,9 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as e:
             err.print(Text.assemble(("error:", "red"), " ", flagged(str(e), kwargs.get("overrides") or [])))
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        except Stopped as e:
+        except Stopped as e:  # a requeue stop exits with its own code
             err.print(str(e), markup=False)
-            raise typer.Exit(EXIT_STOPPED) from None
+            raise typer.Exit(EXIT_REQUEUE if isinstance(e, Requeue) else EXIT_STOPPED) from None
         except KeyboardInterrupt:
             err.print("interrupted: what was finished is on disk; the same command resumes where it can")
             raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -71,8 +71,10 @@ def prepare_data(
     """Store DATA once, shrunk to --max-side, in tar shards with one index: fast starts and reads."""
     from fastdeit.preparing import PrepareOptions, summary
     from fastdeit.preparing import prepare_data as run
+    from fastdeit.signals import StopSignal, say
 
-    with Progress(console=err, transient=True) as bar:
+    with StopSignal(lambda _: say("stopping after the shards being written (Ctrl-C again to stop at once)")), \
+            Progress(console=err, transient=True) as bar:
         task = bar.add_task("preparing", total=None)
         manifest = run(src, out, PrepareOptions(max_side, quality, shard_rows, workers),
                        lambda d, t: bar.update(task, completed=d, total=t), cache_dir())

@@ -32,6 +32,7 @@ Amp = Literal["auto", "bf16", "fp16", "fp32"]  # auto: bf16 on CUDA, fp32 on a C
 CompileMode = Literal["none", "auto", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"]
 Interpolation = Literal["bicubic", "bilinear"]
 LogTo = Literal["none", "tensorboard", "wandb"]  # besides metrics.jsonl
+RequeueSignal = Literal["USR1", "USR2", "none"]  # stop after the step and exit 4 ("requeue me"): signals.py
 TrainOnly = Literal["all", "head", "attn"]  # head: a linear probe; attn: the official --attn-only
 Head = Literal["cls", "dist", "joint"]  # the heads of a distilled student; joint (their mean) is every model's
 
@@ -154,6 +155,7 @@ class RunConfig:
     compile: CompileMode = "none"  # auto: default (models.compile_model says why)
     cache_dir: str = ""  # where measured choices (attention backend) are remembered; "" = not on disk
     log: LogTo = "none"  # tensorboard: RUN/tensorboard/ event files; wandb: a Weights & Biases run
+    requeue_signal: RequeueSignal = "USR1"  # SLURM's --signal=USR1@120 warns before the time limit
 
 
 @dataclass(frozen=True)

@@ -119,30 +119,33 @@ def step_seed(seed: int, rank: int, updates: int) -> int:
 
 
 class StopVote:
-    """Whether any rank was asked to stop (Ctrl-C, SIGTERM to one process), agreed on by every
-    rank at the same step boundary without stalling the step: each step's vote is all-reduced
-    (max) asynchronously on a CPU (gloo) group and read at the next boundary, so all ranks
-    stop after the same step, one step after the request reached the first of them."""
+    """Whether any rank was asked to stop (Ctrl-C, SIGTERM, the requeue signal: to one process
+    or to all), agreed on by every rank at the same step boundary without stalling the step:
+    each step's vote is all-reduced (max) asynchronously on a CPU (gloo) group and read at the
+    next boundary, so all ranks stop after the same step, one step after the request reached
+    the first of them. A vote is a reason: None, "stop", or "requeue" (which wins)."""
+
+    REASONS = (None, "stop", "requeue")  # ordered: the max over ranks is the reason all act on
 
     def __init__(self, world: World) -> None:
         self.world = world
         self.group = dist.new_group(backend="gloo") if world.distributed else None
         self.pending: tuple[torch.Tensor, dist.Work] | None = None
 
-    def __call__(self, requested: bool) -> bool:
-        """Cast this rank's vote for this step; True when the previous step's vote said stop."""
+    def __call__(self, requested: str | None) -> str | None:
+        """Cast this rank's vote for this step; the reason the previous step's vote agreed on."""
         if not self.world.distributed:
             return requested
         agreed = self.close()
-        vote = torch.tensor([int(requested)], dtype=torch.int32)
+        vote = torch.tensor([self.REASONS.index(requested)], dtype=torch.int32)
         self.pending = (vote, dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
         return agreed
 
-    def close(self) -> bool:
-        """Wait for the vote in flight (before the group goes away); whether it said stop."""
+    def close(self) -> str | None:
+        """Wait for the vote in flight (before the group goes away); the reason it agreed on."""
         if self.pending is None:
-            return False
+            return None
         vote, work = self.pending
         work.wait()
         self.pending = None
-        return bool(vote.item())
+        return self.REASONS[int(vote.item())]

@@ -24,8 +24,13 @@ class Stopped(Exception):
     not an error. The CLI exits with code 3."""
 
 
+class Requeue(Stopped):
+    """Stopped on the requeue signal (run.requeue_signal, e.g. SLURM's warning before the time
+    limit): the same, with exit code 4, which a job script reads as "requeue me"."""
+
+
 # Exit codes of the `fastdeit` command (documented in the README).
-EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_REQUEUE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 def differences(ours: object, theirs: object, prefix: str = "") -> list[tuple[str, object, object]]:

@@ -28,8 +28,10 @@ from rich.console import Console
 
 from fastdeit.config import TrainConfig, load_json, per_rank_batch, save_json
 from fastdeit.dist import World, in_torchrun
-from fastdeit.errors import EXIT_BAD_INPUT, Stopped, UserError
+from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_STOPPED, Requeue, Stopped, UserError
+from fastdeit.relay import Relay
 from fastdeit.rundir import RunDir, atomic_write_text
+from fastdeit.signals import REQUEUE, StopSignal, die_with_parent, say, stop_notice
 
 SUMMARY_KEYS = ("top1", "top5", "train_img_s", "wall_s")  # the summary line a run prints on stdout
 
@@ -82,14 +84,15 @@ def start(cfg: TrainConfig, topo: Topology | None, resume: str | None, console: 
     from fastdeit.trainer import train
 
     path = RunDir(cfg.run.out).resume_path(resume, console)
+    again = resume == "auto" and path is None  # nothing saved yet: (re)start in the folder
     if in_torchrun():
-        return run_worker(cfg, path)
+        return run_worker(cfg, path, again=again)
     if topo is not None:
         check(topo, cfg)
         if topo.world > 1 or topo.nodes > 1 or topo.max_restarts > 0:
-            launch(cfg, topo, path, console)  # rank 0 prints the summary line
+            launch(cfg, topo, path, console, again)  # rank 0 prints the summary line
             return None
-    return train(cfg, console, resume=path)
+    return train(cfg, console, resume=path, again=again)
 
 
 def check(topo: Topology, cfg: TrainConfig, training: bool = True) -> None:
@@ -156,22 +159,27 @@ def torchrun_args(topo: Topology, config: Path, resume: Path | None, extra: tupl
             *extra]
 
 
-def launch(cfg: TrainConfig, topo: Topology, resume: Path | None, console: Console) -> None:
+def launch(cfg: TrainConfig, topo: Topology, resume: Path | None, console: Console, again: bool = False) -> None:
     """Write RUN/config.json and run the worker group to its end; UserError when it failed.
-    The caller has run `check(topo, cfg)`."""
+    The caller has run `check(topo, cfg)`. Node 0 holds the run folder for its workers."""
     run_dir = RunDir(cfg.run.out)
-    if topo.node_rank == 0:  # node 0 owns the run folder (shared storage); the others may start later
-        run_dir.check_start(resume)  # before config.json is written over
-    run_dir.create()
-    run_dir.write_config(cfg)  # every node writes the same file: each node's workers read it
-    console.print(f"config: {run_dir.config}")
-    _run_group(topo, torchrun_args(topo, run_dir.config, resume), console, run_dir)
+    with run_dir.hold() if topo.node_rank == 0 else contextlib.nullcontext():
+        if topo.node_rank == 0:  # node 0 owns the run folder (shared storage); the others may start later
+            run_dir.check_start(resume, again)  # before config.json is written over
+        run_dir.create()
+        run_dir.write_config(cfg)  # every node writes the same file: each node's workers read it
+        console.print(f"config: {run_dir.config}")
+        # Node 0 holds the folder for every rank: the rendezvous may make any node's worker rank 0.
+        held = {RunDir.HELD: str(run_dir.root.resolve())}
+        _run_group(topo, torchrun_args(topo, run_dir.config, resume), console, cfg.run.requeue_signal, run_dir,
+                   held)
 
 
-def _run_group(topo: Topology, args: list[str], console: Console, run_dir: RunDir | None = None) -> None:
-    """torchrun with these arguments, to the group's end; a failure is one UserError."""
+def _run_group(topo: Topology, args: list[str], console: Console, requeue: str, run_dir: RunDir | None = None,
+               env: dict[str, str] | None = None) -> None:
+    """torchrun with these arguments, to the group's end; a failure is one UserError, a stop
+    (whoever received the signal: this process, the workers or both) Stopped or Requeue."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
 
     console.print(f"launching {topo.world} {'GPU' if topo.gpus else 'CPU'} workers "
                   f"({topo.nodes} node(s) x {topo.per_node}) through torchrun")
@@ -180,19 +188,47 @@ def _run_group(topo: Topology, args: list[str], console: Console, run_dir: RunDi
     # torchrun's own failure report is a traceback per worker; ours is one line below.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.elastic.multiprocessing.errors").setLevel(logging.CRITICAL)
+    relay = Relay(requeue)
     try:
-        run(parse_args(args))
+        with _environ(env or {}):
+            relay.run_agent(args)
+        if relay.at_once is not None:
+            raise KeyboardInterrupt
         if run_dir and (last := run_dir.last_record()) and last.get("kind") == "stop":  # stopped on request
-            raise Stopped(f"stopped at epoch {last['epoch']} step {last['step']}; saved {run_dir.last}: "
-                          f"continue with --resume")
+            raise (Requeue if last.get("reason") == REQUEUE else Stopped)(
+                f"stopped{' for a requeue' if last.get('reason') == REQUEUE else ''} at epoch {last['epoch']} "
+                f"step {last['step']}; saved {run_dir.last}: "
+                + ("requeue the job (exit code 4); --resume continues" if last.get("reason") == REQUEUE
+                   else "continue with --resume"))
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
+        if relay.at_once is not None or codes <= {EXIT_INTERRUPTED}:
+            raise KeyboardInterrupt from None  # stopped at once, as asked: the last checkpoint is kept
+        if codes <= {EXIT_STOPPED, EXIT_REQUEUE}:  # cache-teacher workers that stopped on request
+            raise (Requeue if EXIT_REQUEUE in codes else Stopped)(
+                "stopped on request; the shards written are kept: run the same command again to continue") from None
         if codes == {EXIT_BAD_INPUT}:  # the workers named the problem themselves
             raise UserError("the workers stopped: see the worker's message above") from None
         first, failure = e.get_first_failure()
         again = "continue the run with --resume" if run_dir else "run the same command again to continue"
         raise UserError(f"worker rank {first} failed with exit code {failure.exitcode} (its output is above); "
                         f"{again}") from None
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """These environment variables for the workers started within (restored after: the CLI
+    may run in a test's process)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def start_cache_teacher(cfg: TrainConfig, topo: Topology | None, mode: str, out: Path,
@@ -202,20 +238,20 @@ def start_cache_teacher(cfg: TrainConfig, topo: Topology | None, mode: str, out:
     The workers read the resolved config from OUT/cache-teacher-config.json."""
     from fastdeit.caching import cache_teacher
 
-    if in_torchrun():
-        return run_cache_worker(cfg, mode, out)
-    if topo is not None and topo.world > 1:
+    if topo is not None and topo.world > 1 and not in_torchrun():
         check(topo, cfg, training=False)
         out.mkdir(parents=True, exist_ok=True)
         config = out / "cache-teacher-config.json"
         atomic_write_text(save_json(cfg), config)
         try:
             _run_group(topo, torchrun_args(topo, config, None, ("--cache-teacher", mode, "--out", str(out))),
-                       console)
+                       console, cfg.run.requeue_signal)
         finally:
             config.unlink(missing_ok=True)  # the cache holds its rows and manifest only
         return None
-    return cache_teacher(cfg, mode, out, 0, console)
+    with StopSignal(lambda _: say("stopping after the shard being written (Ctrl-C again to stop at once)"),
+                    cfg.run.requeue_signal):
+        return run_cache_worker(cfg, mode, out) if in_torchrun() else cache_teacher(cfg, mode, out, 0, console)
 
 
 def run_cache_worker(cfg: TrainConfig, mode: str, out: Path) -> dict[str, Any] | None:
@@ -227,7 +263,8 @@ def run_cache_worker(cfg: TrainConfig, mode: str, out: Path) -> dict[str, Any] |
     return result if world.is_main else None
 
 
-def run_worker(cfg: TrainConfig, resume: Path | None) -> dict | None:
+def run_worker(cfg: TrainConfig, resume: Path | None, stop: StopSignal | None = None,
+               again: bool = False) -> dict | None:
     """One rank of a torchrun worker group: join the process group, train, leave. Returns the
     summary on rank 0, None on the others; only rank 0 prints."""
     from fastdeit.trainer import train
@@ -238,7 +275,8 @@ def run_worker(cfg: TrainConfig, resume: Path | None) -> dict | None:
         if restarted:
             resume = last if last.exists() else resume
             console.print(f"worker group restarted: resuming from {resume or 'the start'}")
-        summary = train(cfg, console, world, resume, restarted=restarted, on_step=_fault_hooks(world))
+        summary = train(cfg, console, world, resume, restarted=restarted, on_step=_fault_hooks(world), stop=stop,
+                        again=again)
     return summary if world.is_main else None
 
 
@@ -271,34 +309,41 @@ def _fault_hooks(world: World) -> list:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    """`python -m fastdeit.launch RUN/config.json [--resume PATH]`: what torchrun starts."""
+    """`python -m fastdeit.launch RUN/config.json [--resume PATH]`: what torchrun starts. The
+    stop signals are watched from here on (fastdeit's launcher starts workers with them
+    blocked, so none is lost or fatal before this point)."""
     p = argparse.ArgumentParser(prog="python -m fastdeit.launch")
     p.add_argument("config", type=Path)
     p.add_argument("--resume", type=Path, default=None)
     p.add_argument("--cache-teacher", default=None, metavar="MODE", help="build a teacher cache instead of training")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    die_with_parent()  # a launcher killed with kill -9 must not leave ranks writing into the run folder
+    rank = int(os.environ.get("RANK", 0))
+    say = Console(stderr=True, soft_wrap=True, markup=False, highlight=False, quiet=rank != 0)
     try:
-        if a.cache_teacher:
-            result = run_cache_worker(load_json(a.config), a.cache_teacher, a.out)
-            if result is not None:
-                print(json.dumps(result))
-            return 0
-        summary = run_worker(load_json(a.config), a.resume)
-    except Stopped as e:  # every rank stopped after the same step: not a failure, nothing to restart
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(str(e), file=sys.stderr)
-        return 0
+        cfg = load_json(a.config)
+        with StopSignal(stop_notice(say), cfg.run.requeue_signal) as stop:
+            if a.cache_teacher:
+                result = run_cache_worker(cfg, a.cache_teacher, a.out)
+                if result is not None:
+                    print(json.dumps(result))
+                return 0
+            summary = run_worker(cfg, a.resume, stop)
+    except Stopped as e:  # every rank stopped after the same step; the launcher says so
+        # A training group leaves 0 (torchrun restarts no stop; the launcher reads the stop
+        # record); a cache group's code says it.
+        return (EXIT_REQUEUE if isinstance(e, Requeue) else EXIT_STOPPED) if a.cache_teacher else 0
+    except KeyboardInterrupt:  # a second signal: at once, the last checkpoint kept (the launcher says so)
+        return EXIT_INTERRUPTED
     except UserError as e:  # every rank says it: a rank may fail alone (its own files, its own GPU)
-        rank = int(os.environ.get("RANK", 0))
         print(f"error: {e}" if rank == 0 else f"[rank {rank}] error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _lost_peer(e):
             raise  # a bug: its traceback is wanted
         # Another rank died (torchrun names it); this one's traceback would only hide that.
-        print(f"[rank {os.environ.get('RANK', 0)}] lost contact with another rank: {str(e).splitlines()[0][:160]}",
-              file=sys.stderr)
+        print(f"[rank {rank}] lost contact with another rank: {str(e).splitlines()[0][:160]}", file=sys.stderr)
         return 1
     if summary is not None:
         print(json.dumps({k: summary[k] for k in SUMMARY_KEYS}))

@@ -10,22 +10,28 @@ A run folder (`run.out`):
     checkpoint-best.pt   a copy of the last checkpoint at the best joint top-1 so far
     summary.json         the run's final numbers
     teacher-labelmap/    label maps built for the run when no `distill.teacher_cache` was given
+    .lock                while a run uses the folder: who holds it (`RunDir.hold`)
 
 Every file is written under a temporary name and renamed (`atomic_write`), so a crash never
-leaves a torn file. Checkpoints are read with `weights_only=True`: a file cannot run code.
+leaves a torn file (and the next run to hold the folder removes what a killed one was writing).
+Checkpoints are read with `weights_only=True`: a file cannot run code.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import json
 import os
 import pickle
 import shutil
+import socket
+import time
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +79,9 @@ def atomic_save(obj: Any, path: Path) -> None:
 class RunDir:
     """A run folder: its file names, the existing-run check, and the writes into it."""
 
-    NAMES = ("config.json", "metrics.jsonl", "checkpoint-last.pt", "checkpoint-best.pt", "summary.json")
+    NAMES = ("config.json", "metrics.jsonl", "checkpoint-last.pt", "checkpoint-best.pt", "summary.json", ".lock",
+             "checkpoint-diverged.pt")
+    HELD = "FASTDEIT_RUN_HELD"  # set by a launcher for its workers: the folder it holds for them
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -86,13 +94,15 @@ class RunDir:
     labelmap_cache = property(lambda self: self.root / "teacher-labelmap")
     diverged = property(lambda self: self.root / "checkpoint-diverged.pt")  # the state when the loss diverged
 
-    def check_start(self, resume: Path | None) -> None:
+    def check_start(self, resume: Path | None, again: bool = False) -> None:
         """A run starts in a folder (or a file path) that holds no run yet, or continues its
-        own: never written over, never mixed with another run's files."""
+        own: never written over, never mixed with another run's files. `again`: `--resume`
+        found no checkpoint; a run of this folder killed before its first one starts over in
+        it (its metrics.jsonl is appended to: a step's last record is the one that counts)."""
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"--out {self.root} is a file, not a run folder: pick another --out")
         existing = next((p.name for p in (self.last, self.metrics) if p.exists()), None)
-        if existing is None:
+        if existing is None or (again and not self.last.exists()):
             return
         if resume is None:
             raise UserError(f"{self.root} already holds a run ({existing}): continue it with --resume, "
@@ -102,11 +112,73 @@ class RunDir:
                             f"run ({existing}) that continuing would write over: pick an empty --out to continue "
                             f"that run there, or resume {self.last}")
 
+    def held_by_launcher(self) -> bool:
+        """Whether fastdeit's launcher holds the folder for this process (and checked it)."""
+        return os.environ.get(self.HELD) == str(self.root.resolve())
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """This run uses the folder: another run into it is refused (one line) while this one
+        lives. The lock is the kernel's (a POSIX record lock on `.lock`), so a run killed even
+        with SIGKILL leaves none behind, and worker processes it forks do not inherit it. What
+        killed writers left half-written (`*.tmp`) is removed; a folder made here that is
+        still empty when the block ends (bad input) is removed again."""
+        if self.held_by_launcher():
+            yield
+            return
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--out {self.root} is a file, not a run folder: pick another --out")
+        made = not self.root.exists()
+        try:
+            self.create()
+        except OSError as e:
+            raise UserError(f"cannot create the run folder {self.root}: {e.strerror}") from None
+        fd = self._lock()
+        try:
+            for tmp in self.root.glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
+            yield
+        finally:
+            (self.root / ".lock").unlink(missing_ok=True)
+            os.close(fd)
+            if made and not any(self.root.iterdir()):
+                self.root.rmdir()
+
+    def _lock(self) -> int:
+        path = self.root / ".lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks: run unguarded
+                    return os.open(os.devnull, os.O_RDONLY)
+                holder = path.read_text(errors="replace").strip() if path.exists() else "another process"
+                raise UserError(f"{self.root} is in use by another run ({holder or 'starting'}): wait for it to "
+                                f"end, or pick another --out") from None
+            try:  # the holder before us may have removed the file between our open and our lock
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+        return fd
+
     def resume_path(self, resume: str | None, console: Console) -> Path | None:
         """The checkpoint `--resume` means: `auto` (the flag alone) is this folder's last
-        checkpoint, or a fresh start when there is none yet (a requeued job's first go)."""
+        checkpoint, or a fresh start when there is none yet (a requeued job's first go); a
+        run folder means its last checkpoint."""
         if not resume:
             return None
+        if resume != "auto" and Path(resume).is_dir():
+            if not (Path(resume) / self.last.name).is_file():
+                raise UserError(f"--resume {resume} is a folder without {self.last.name}: pass a checkpoint file, "
+                                f"or the run folder of a run that saved one")
+            return Path(resume) / self.last.name
         if resume != "auto":
             return Path(resume)
         if not self.last.exists():

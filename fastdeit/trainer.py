@@ -5,6 +5,8 @@ written through the run folder (rundir.py). Only rank 0 writes and prints.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,14 +21,14 @@ from fastdeit import dist
 from fastdeit.build import RunParts, build_run
 from fastdeit.config import Head, TrainConfig, choices, scaled_lr
 from fastdeit.dist import SINGLE, World
-from fastdeit.errors import Stopped, UserError, differences
+from fastdeit.errors import Requeue, Stopped, UserError, differences
 from fastdeit.evaluation import EvalResult, evaluate
 from fastdeit.meter import Meter
 from fastdeit.models import is_distilled
 from fastdeit.progress import TrainProgress
 from fastdeit.provenance import git_commit
 from fastdeit.rundir import RunDir, atomic_save, read_training_checkpoint, training_checkpoint
-from fastdeit.signals import StopSignal
+from fastdeit.signals import REQUEUE, StopSignal, stop_notice
 from fastdeit.sinks import open_sinks
 from fastdeit.teachers import agreement
 
@@ -47,23 +49,32 @@ class RunState:
     best_top1: float = -1.0
     elapsed: float = 0.0  # training seconds of the finished epochs, over all invocations
     last_eval: dict[str, float] = field(default_factory=dict)
+    pending: dict[str, Any] = field(default_factory=dict)  # an epoch's record whose evaluation is not done yet
 
 
 def train(cfg: TrainConfig, console: Console, world: World = SINGLE, resume: Path | None = None,
-          restarted: bool = False, on_step: Sequence[StepHook] = ()) -> dict[str, Any]:
+          restarted: bool = False, on_step: Sequence[StepHook] = (), stop: StopSignal | None = None,
+          again: bool = False) -> dict[str, Any]:
     """A whole run (or one rank of it): train to the last epoch, from `resume` if given, and
     return the summary. `restarted`: torchrun restarted the worker group, the folder is this
-    run's own."""
+    run's own. `stop`: the process's stop signals, already watched (a torchrun worker watches
+    them from its start); else they are watched from here on. `again`: `--resume` found no
+    checkpoint (RunDir.check_start)."""
+    if stop is None:
+        with StopSignal(stop_notice(console), cfg.run.requeue_signal) as own:
+            return train(cfg, console, world, resume, restarted, on_step, own, again)
     run_dir = RunDir(cfg.run.out)
-    if not restarted:
-        run_dir.check_start(resume)
-    dist.barrier(world)  # every rank has looked before rank 0 writes
-    return Trainer(build_run(cfg, world, console), run_dir, console, on_step).fit(resume)
+    with run_dir.hold() if world.is_main else contextlib.nullcontext():
+        if not restarted and not run_dir.held_by_launcher():  # the launcher has looked for its workers
+            run_dir.check_start(resume, again)
+        dist.barrier(world)  # every rank has looked before rank 0 writes
+        return Trainer(build_run(cfg, world, console), run_dir, console, stop, on_step).fit(resume)
 
 
 class Trainer:
-    def __init__(self, parts: RunParts, run_dir: RunDir, console: Console, on_step: Sequence[StepHook] = ()) -> None:
-        self.parts, self.dir, self.console = parts, run_dir, console
+    def __init__(self, parts: RunParts, run_dir: RunDir, console: Console, stop: StopSignal,
+                 on_step: Sequence[StepHook] = ()) -> None:
+        self.parts, self.dir, self.console, self.stop = parts, run_dir, console, stop
         self.cfg, self.world = parts.cfg, parts.world
         self.on_step = tuple(on_step)  # test hooks (fault injection); none in a normal run
         self.state = RunState()
@@ -75,40 +86,50 @@ class Trainer:
     def fit(self, resume: Path | None = None) -> dict[str, Any]:
         """Train to the last epoch, evaluate, write summary.json; returns the summary."""
         start = time.perf_counter()
+        if resume is not None:
+            self.resume(resume)  # a checkpoint it cannot continue from changes nothing on disk
         self.dir.create()
         if resume is not None:
-            self.resume(resume)
             self.log({"kind": "resume", "epoch": self.state.epoch, "step": self.state.step,
                       "from": str(resume), "world": self.world.size})
         if self.world.is_main:
             self.dir.write_config(self.cfg)
         self.banner()
         images, seconds, epochs = 0, 0.0, self.cfg.sched.epochs
-        stop = StopSignal(lambda: self.console.print("stopping after this step and saving a checkpoint "
-                                                     "(Ctrl-C again to stop at once)"))
-        with TrainProgress(self.console, enabled=self.cfg.run.progress and self.world.is_main) as bar, stop:
+        if self.state.pending:  # killed while evaluating: that epoch's evaluation first
+            self.evaluate_pending()
+        with TrainProgress(self.console, enabled=self.cfg.run.progress and self.world.is_main) as bar:
             try:
                 while self.state.epoch < epochs:
                     bar.start_epoch(self.state.epoch, epochs, self.parts.steps_per_epoch, self.state.step)
-                    stats = self.train_epoch(bar, stop)
+                    stats = self.train_epoch(bar)
                     images, seconds = images + stats["images"], seconds + stats["seconds"]
                     e = self.state.epoch
                     self.state.epoch, self.state.step = e + 1, 0
                     self.end_epoch(e, stats, evaluate_now=(e + 1) % self.cfg.run.eval_every == 0 or e + 1 == epochs)
-            except _Stop:
-                self.save()
-                self.log({"kind": "stop", "epoch": self.state.epoch, "step": self.state.step,
-                          "updates": self.state.updates})
-                dist.barrier(self.world)  # no rank leaves before the checkpoint is written
-                raise Stopped(f"stopped at epoch {self.state.epoch} step {self.state.step}; saved {self.dir.last}: "
-                              f"continue with --resume") from None
+            except _Stop as why:
+                self.stopped(str(why))
             finally:
                 self.vote.close()
                 for sink in self.sinks:
                     sink.close()
+        if not images and self.dir.summary.exists():  # a finished run resumed: its summary stays whole
+            self.console.print(f"{self.dir.root} is already trained to epoch {epochs}: {self.dir.summary} kept")
+            return json.loads(self.dir.summary.read_text())
         return self.summarize(images, seconds, time.perf_counter() - start)
 
-    def train_epoch(self, bar: TrainProgress, stop: StopSignal) -> dict[str, float]:
+    def stopped(self, reason: str) -> None:
+        """Every rank agreed to stop after this step: save, log, leave together."""
+        self.save()
+        self.log({"kind": "stop", "epoch": self.state.epoch, "step": self.state.step, "updates": self.state.updates,
+                  "reason": reason})
+        dist.barrier(self.world)  # no rank leaves before the checkpoint is written
+        where = f"at epoch {self.state.epoch} step {self.state.step}; saved {self.dir.last}"
+        if reason == REQUEUE:
+            raise Requeue(f"stopped for a requeue {where}: requeue the job (exit code 4); --resume continues")
+        raise Stopped(f"stopped {where}: continue with --resume")
+
+    def train_epoch(self, bar: TrainProgress) -> dict[str, float]:
         """Run the rest of the current epoch; returns images, seconds, img/s and data-wait."""
         p, st, run = self.parts, self.state, self.cfg.run
         first, agree = st.step, torch.zeros(2, dtype=torch.float64, device=p.device)  # read at the epoch's end
@@ -127,8 +148,8 @@ class Trainer:
                 self.log_step(losses, len(batch.bad), bar)
             else:
                 bar.update(st.step)
-            if self.vote(stop.requested):
-                raise _Stop
+            if reason := self.vote(self.stop.requested):
+                raise _Stop(reason)
             if run.ckpt_every and st.updates % run.ckpt_every == 0 and st.step < p.steps_per_epoch:
                 with self.meter.paused():
                     self.save()
@@ -155,14 +176,23 @@ class Trainer:
 
     def end_epoch(self, epoch: int, stats: dict[str, float], evaluate_now: bool) -> None:
         """Save the epoch's work, then evaluate (an evaluation that fails loses nothing), log,
-        and save again with the evaluation in the state (and as the best checkpoint)."""
+        and save again with the evaluation in the state (and as the best checkpoint). The
+        epoch's record waits in the first save (`RunState.pending`): a run killed while
+        evaluating evaluates that epoch first when resumed."""
         rec: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "lr": self.parts.optimizer.param_groups[0]["lr"],
                                "bad_files": len(self.bad_seen),
                                **{k: v for k, v in stats.items() if k not in ("images", "seconds")}}
+        if evaluate_now:
+            self.state.pending = rec
         self.save()
-        if not evaluate_now:
+        if evaluate_now:
+            self.evaluate_pending()
+        else:
             self.log(rec)
-            return
+
+    def evaluate_pending(self) -> None:
+        """Evaluate the epoch whose record waits in the state; log it; save."""
+        rec = dict(self.state.pending)
         res = self.evaluate(self.parts.model)
         ev = {"top1": res.top1(), "top5": res.top5(), "eval_img_s": res.img_s}
         ev.update({f"top1_{h}": res.top1(h) for h in res.heads if h != "joint"})
@@ -172,11 +202,11 @@ class Trainer:
         if self.parts.ema is not None:
             ev["top1_ema"] = self.evaluate(self.parts.ema.module).top1()
         rec.update(ev)
-        self.state.last_eval = ev
+        self.state.last_eval, self.state.pending = ev, {}
         best = ev["top1"] > self.state.best_top1
         self.state.best_top1 = max(self.state.best_top1, ev["top1"])
-        self.console.print(f"epoch {epoch}: top-1 {ev['top1']:.2f}  top-5 {ev['top5']:.2f}  "
-                           f"train {rec['train_img_s']:.0f} img/s  data-wait {rec['data_wait']:.0%}")
+        self.console.print(f"epoch {rec['epoch']}: top-1 {ev['top1']:.2f}  top-5 {ev['top5']:.2f}  "
+                           f"train {rec.get('train_img_s') or 0:.0f} img/s  data-wait {rec.get('data_wait', 0):.0%}")
         self.log(rec)
         self.save(best=best)
 
@@ -267,6 +297,11 @@ class Trainer:
         if p.device.type == "cuda" and ck["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
 
+    def run_img_s(self) -> float | None:
+        """img/s over every invocation (for one that trained nothing itself)."""
+        st = self.state
+        return st.updates * self.cfg.run.batch_size / st.elapsed if st.elapsed else None
+
     def summarize(self, images: int, seconds: float, wall: float) -> dict[str, Any]:
         ev, c = self.state.last_eval, self.cfg
         summary = {
@@ -274,7 +309,7 @@ class Trainer:
             "params_m": sum(p.numel() for p in self.parts.model.parameters()) / 1e6,
             "epochs": c.sched.epochs, "top1": ev.get("top1"), "top5": ev.get("top5"),
             **{k: v for k, v in ev.items() if k.startswith("top1_")},
-            "best_top1": self.state.best_top1, "train_img_s": images / seconds if seconds else None,
+            "best_top1": self.state.best_top1, "train_img_s": images / seconds if seconds else self.run_img_s(),
             "eval_img_s": ev.get("eval_img_s"), "wall_s": wall, "train_s_total": self.state.elapsed,
             "bad_files": sorted(self.bad_seen), "device": str(self.parts.device),
             "torch": torch.__version__, "git_commit": git_commit(),

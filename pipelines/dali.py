@@ -11,8 +11,9 @@ pipeline up to decoder and resampler differences (see tests/test_pipeline_dali.p
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import torch
 from fastdeit.data.folder import ImageIndex
 from fastdeit.pipelines.torch import LoadedBatch
 from fastdeit.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
+from fastdeit.signals import quiet_worker, workers_start_quiet
 
 try:  # DALI is a Linux-only dependency; everything else works without it.
     from nvidia.dali import fn, pipeline_def, types
@@ -63,6 +65,19 @@ def substitute_bad_rows(plan: BatchPlan, bad: np.ndarray) -> np.ndarray:
     return take
 
 
+_quieted: int | None = None
+
+
+def _quiet_reader(owner: int) -> None:
+    """In one of DALI's read worker processes (not `owner`, the training process), once: leave
+    stop signals to the run and die with it (signals.py). DALI offers no worker start hook:
+    this runs at the worker's first batch, and the signals stay blocked until then."""
+    global _quieted
+    if os.getpid() != owner and _quieted != os.getpid():
+        quiet_worker()
+        _quieted = os.getpid()
+
+
 @dataclass(frozen=True)
 class PlanSource:
     """The fn.external_source callback of a train pipeline: a pure function of the iteration,
@@ -79,6 +94,7 @@ class PlanSource:
     skip: frozenset[int] = frozenset()
     epoch: int = 0
     start: int = 0
+    owner: int = field(default_factory=os.getpid)  # the training process (pickled to spawned workers)
 
     @property
     def layers(self) -> int:
@@ -89,6 +105,7 @@ class PlanSource:
         return make_plan(self.spec, self.index.sizes, self.epoch, step).shard(self.rank, self.world)
 
     def __call__(self, info) -> tuple:
+        _quiet_reader(self.owner)
         step = self.start + info.iteration
         if step >= steps_per_epoch(self.spec, len(self.index)):
             raise StopIteration
@@ -186,7 +203,8 @@ class DaliTrainLoader:
         pipe = build_train_pipeline(source, self.batch, "gpu" if self._device_id() is not None else "cpu",
                                     self.threads, self._device_id(), roi_decode=self.roi_decode,
                                     hw_decode=self.hw_decode, readers=self.readers)
-        pipe.build()
+        with workers_start_quiet():  # the read workers start here
+            pipe.build()
         return pipe
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[LoadedBatch]:

@@ -21,6 +21,7 @@ from torchvision.transforms import functional as TF
 from fastdeit.config import IMAGENET_MEAN
 from fastdeit.data.folder import ImageIndex
 from fastdeit.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
+from fastdeit.signals import quiet_worker, workers_start_quiet
 
 _INTERP = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _NO_ARG_OPS = {"AutoContrast", "Equalize", "Invert"}
@@ -154,6 +155,17 @@ def _as_is(batch: LoadedBatch) -> LoadedBatch:
 def _one_thread(_: int) -> None:
     # Workers decode with PIL; torch's intra-op threads would only contend with them.
     torch.set_num_threads(1)
+    quiet_worker()  # stop signals are the run's to act on; a worker dies with its parent
+
+
+class QuietLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers are started with the stop signals blocked (signals.py): a
+    scheduler's SIGTERM to every process of the job, or Ctrl-C to the terminal's group, stops
+    the run at a step boundary instead of killing a worker under it."""
+
+    def __iter__(self):  # torch's iterator types are private: no annotation
+        with workers_start_quiet():
+            return super().__iter__()
 
 
 def train_loader(index: ImageIndex, spec: PlanSpec, epoch: int, start_step: int, workers: int,
@@ -162,7 +174,7 @@ def train_loader(index: ImageIndex, spec: PlanSpec, epoch: int, start_step: int,
     data = TrainBatches(index, spec, epoch, start_step, rank, world)
     if workers == 0:
         return (data[k].pin_memory() if pin else data[k] for k in range(len(data)))
-    loader = torch.utils.data.DataLoader(
+    loader = QuietLoader(
         data, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
         worker_init_fn=_one_thread, prefetch_factor=4, persistent_workers=False, pin_memory=pin,
         generator=torch.Generator())  # its own seed draw: the global RNG (drop path) stays untouched
@@ -198,7 +210,7 @@ class EvalSamples(torch.utils.data.Dataset):
 def eval_loader(index: ImageIndex, img_size: int, crop_pct: float, batch_size: int, workers: int,
                 rows: np.ndarray | None = None, pin: bool = False) -> torch.utils.data.DataLoader:
     data = EvalSamples(index, img_size, crop_pct, rows=rows)
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
+    return QuietLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
                                        worker_init_fn=_one_thread if workers else None, pin_memory=pin,
                                        generator=torch.Generator())
 
@@ -227,6 +239,6 @@ class SquareImages(torch.utils.data.Dataset):
 
 def square_loader(index: ImageIndex, size: int, batch_size: int, workers: int,
                   rows: np.ndarray | None = None) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(SquareImages(index, size, rows), batch_size=batch_size, shuffle=False,
+    return QuietLoader(SquareImages(index, size, rows), batch_size=batch_size, shuffle=False,
                                        num_workers=workers, worker_init_fn=_one_thread if workers else None,
                                        generator=torch.Generator())
