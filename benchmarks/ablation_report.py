@@ -2,7 +2,7 @@
 
     python benchmarks/ablation_report.py RESULTS.json
 
-prints the study's two tables as Markdown, as the README shows them (a test keeps them equal).
+prints the study's two tables as Markdown, as docs/results.md shows them (a test keeps them equal).
 """
 
 from __future__ import annotations

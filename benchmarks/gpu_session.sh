@@ -1,32 +1,34 @@
 #!/usr/bin/env bash
 # The GPU measurements, one part per call of at most ten minutes, for a lent GPU machine whose
-# image has torch, timm and triton but not fastdeit (nor DALI: see `loader`). GPU time is
-# scarce (fifteen minutes a session, machine start included): the parts are listed in the
-# order to run them next, the most valuable first. Times are from the H200 run of 2026-11-30
-# (results in benchmarks/results/*nvidia-h200*), machine start about 30 s.
+# image has torch, timm and triton but not fastdeit (nor DALI: see below). GPU time is scarce
+# (fifteen minutes a session, machine start included). The next window's calls, in this order
+# (the first three each carry one DALI part; DALI is usable from the third call on):
 #
-#   bash benchmarks/gpu_session.sh tests       # ~1 min  pytest -m gpu: bf16 kernel, compiled triton_op, DALI GPU graph, no host sync
-#   bash benchmarks/gpu_session.sh loader      # ? min   DALI on the GPU (ROI and full decoding) vs the official pipeline
-#   bash benchmarks/gpu_session.sh step-triton # ~2 min  DeiT-S/B with --attn triton, eager and compiled (compiled: never run)
-#   bash benchmarks/gpu_session.sh step-s      # ~1 min  DeiT-S distilled, eager vs compiled (SDPA), batch 256, 224 px
-#   bash benchmarks/gpu_session.sh step-b      # ~1.5 min DeiT-B distilled, the same
-#   bash benchmarks/gpu_session.sh step-ti     # ~1 min  DeiT-Ti distilled, eager vs compiled
-#   bash benchmarks/gpu_session.sh attention   # ~1 min  Triton vs SDPA's kernels, forward + backward, DeiT-Ti/S/B shapes
-#   bash benchmarks/gpu_session.sh distill     # ~1.5 min none / live / replay / labelmap targets, DeiT-S <- RegNetY-16GF
+#   1. bash benchmarks/gpu_session.sh candidates  # ~4 min  step candidates vs today's compiled step + profile
+#   2. bash benchmarks/gpu_session.sh step-triton # ~2 min  DeiT-S/B with --attn triton, eager and compiled
+#   3. bash benchmarks/gpu_session.sh e2e         # ~4 min  JPEGs -> prepare-data -> cache-teacher -> fastdeit
+#                                                 #         train --gpus 1 (DALI, compiled), vs the step alone
+#   4. bash benchmarks/gpu_session.sh loader      # ~2 min  DALI (ROI, full, hardware share, inline reads) vs
+#                                                 #         the official pipeline, source JPEGs and prepared 512/256
+#   5. bash benchmarks/gpu_session.sh tests       # ~1 min  pytest -m gpu (DALI GPU graph, compile modes, no sync)
 #
-# DALI (tests, loader): run benchmarks/stage_dali.sh here first; carry one of .gpuwheels/x0..x2
-# per call (mkdir -p /tmp/gw && cp .gpuwheels/xN/* /tmp/gw/ before this script), so three calls
-# that each also run a part; this script unpacks DALI once the three parts are in /tmp/gw.
+# Parts measured before (results in benchmarks/results/*nvidia-h200*, H200 of 2026-11-30):
+#   step-s ~1 min, step-b ~1.5 min, step-ti ~1 min, attention ~1 min, distill ~1.5 min.
+#
+# DALI: run benchmarks/stage_dali.sh here first; carry one of .gpuwheels/x0..x2 per call
+# (mkdir -p /tmp/gw && cp .gpuwheels/xN/* /tmp/gw/ before this script); this script unpacks
+# DALI once the three parts are in /tmp/gw.
 #
 #   bash benchmarks/gpu_session.sh --dry all   # every part at toy size on the CPU, nothing installed (the tests run it)
+#   bash benchmarks/gpu_session.sh --dry e2e   # one part at toy size
 #
 # Results go to $OUT (the device tool brings them back) or benchmarks/results/. Each JSON names
-# the device, the versions, the date and the commit, and is written again after every variant,
-# so a part cut short keeps what it measured.
+# the device, the versions, the date and the commit, and is written again after every variant
+# or phase, so a part cut short keeps what it measured.
 set -euo pipefail
 dry=0
 if [ "${1:-}" = "--dry" ]; then dry=1; shift; fi
-part=${1:?"which part: tests | step-s | step-b | loader | attention | step-triton | distill | step-ti | all (with --dry)"}
+part=${1:?"which part: candidates | step-triton | e2e | loader | tests | step-s | step-b | step-ti | attention | distill | all (with --dry)"}
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 py=${PYTHON:-python}
@@ -96,18 +98,32 @@ run_part() {
         $py benchmarks/loader.py --make-data 40 --device cpu --workers 1 --batch-size 8 --img-size 32 \
           --steps 1 --warmup 1 --repeats 1 --loader dali,torch --out "$out/loader-$tag.json"
       else
-        $py benchmarks/loader.py --make-data 2000 --device cuda --workers 16 --batch-size 256 --img-size 224 \
-          --steps 30 --warmup 5 --repeats 3 --out "$out/loader-$tag.json"
+        $py benchmarks/loader.py --make-data 4000 --device cuda --workers 16 --batch-size 256 --img-size 224 \
+          --steps 30 --warmup 5 --repeats 3 --loader dali,dali-full,dali-hw,dali-inline,torch,baseline \
+          --prepared 512,256 --out "$out/loader-$tag.json"
+      fi ;;
+    e2e)
+      if [ "$dry" = 1 ]; then
+        $py benchmarks/e2e.py --tiny --out "$out/e2e-$tag.json"
+      else
+        $py benchmarks/e2e.py --device cuda --out "$out/e2e-$tag.json"
+      fi ;;
+    candidates)
+      if [ "$dry" = 1 ]; then
+        $py benchmarks/candidates.py --device cpu --variants ti:8:none,ti:16:none --img-size 32 --patch-size 8 \
+          --depth 2 --steps 1 --warmup 1 --repeats 1 --out "$out/candidates-$tag.json"
+      else
+        $py benchmarks/candidates.py --device cuda --out "$out/candidates-$tag.json"
       fi ;;
     *)
-      echo "unknown part $1: tests | step-s | step-b | loader | attention | step-triton | distill | step-ti"
+      echo "unknown part $1: candidates | step-triton | e2e | loader | tests | step-s | step-b | step-ti | attention | distill"
       return 2 ;;
   esac
 }
 
 if [ "$part" = all ]; then
   [ "$dry" = 1 ] || { echo "'all' is for --dry: on a GPU, one part per call"; exit 2; }
-  for p in tests step-s step-b loader attention step-triton distill step-ti; do
+  for p in candidates step-triton e2e loader tests step-s step-b step-ti attention distill; do
     echo "== $p"
     run_part "$p"
   done

@@ -74,11 +74,12 @@ def timed_rate(batches: Iterator, consume: Callable[[Any], int], warmup: int, st
 
 def fastdeit_rate(kind: str, cfg: TrainConfig, index: ImageIndex, device: torch.device, workers: int, steps: int,
                   warmup: int) -> float:
-    """kind: torch, dali (region-of-interest decoding), dali-full (whole image, then crop) or
+    """kind: torch, dali (region-of-interest decoding), dali-full (whole image, then crop),
+    dali-hw (as dali, with nvJPEG's hardware decoder taking its share: A100/H100 class GPUs) or
     dali-inline (as dali, with the plan and the file reads in the training thread instead of
     cfg.data.read_workers processes). Each batch is prepared by the run's Step (device
     transfer and the tail), as training does."""
-    data = replace(cfg.data, workers=workers, roi_decode=kind != "dali-full",
+    data = replace(cfg.data, workers=workers, roi_decode=kind != "dali-full", hw_decode=kind == "dali-hw",
                    read_workers=0 if kind == "dali-inline" else cfg.data.read_workers)
     loaders = Loaders("dali" if kind.startswith("dali") else kind, data, PlanSpec.from_config(cfg), device)
     step = make_step(cfg, device, amp_dtype(cfg.run.amp, device), len(index.classes))
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="write N ImageNet-sized synthetic JPEGs (375-500 px, quality 90) and use them")
     p.add_argument("--loader", default="dali,dali-inline,dali-full,torch,baseline",
                    help="comma-separated: dali (ROI decoding), dali-inline (its reads in the training thread), "
-                        "dali-full (full decoding + crop), torch, baseline")
+                        "dali-full (full decoding + crop), dali-hw (nvJPEG's hardware share on), torch, baseline")
     p.add_argument("--read-workers", type=int, default=2, help="DALI: processes that plan batches and read files")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=64)
@@ -204,6 +205,26 @@ def main(argv: list[str] | None = None) -> int:
                                                    a.prepared_dir, console)}
     cases = [(k, v) for k in kinds for v in variants if k != "baseline" or not v]  # the baseline reads the tree
     runs: dict[str, list[float]] = {f"{k}, {v}" if v else k: [] for k, v in cases}
+    def make_report() -> dict:
+        results = {k: float(np.median(v)) for k, v in runs.items() if v}
+        return {
+            "benchmark": "loader", **measured_on(device),
+            "settings": {"batch_size": a.batch_size, "img_size": a.img_size, "workers": a.workers,
+                         "read_workers": a.read_workers, "steps": a.steps,
+                         "warmup": a.warmup, "warmup_rule": "at least the loader's prefetch depth + 1",
+                         "repeats": a.repeats, "images": len(index),
+                         "prepared": {v: {"max_side": int(v.split()[1][:-2]), "mean_bytes": float(ix.nbytes.mean())}
+                                      for v, ix in variants.items() if v} or None,
+                         "source_mean_bytes": float(index.nbytes.mean()),
+                         "data": "synthetic 375-500 px" if a.make_data else "user data",
+                         "recipe": "deit (RandAugment m9, mixup/cutmix, erasing)"},
+            "img_per_s": results,
+            "img_per_s_runs": runs,
+            "ratios": {f"{k}/baseline": v / results["baseline"] for k, v in results.items()
+                       if k != "baseline" and "baseline" in results},
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        }
+
     for r in range(a.repeats):  # rounds interleave the loaders, so drifts hit them alike
         for (kind, variant), name in zip(cases, runs):
             console.print(f"round {r + 1}/{a.repeats}: {name} ...")
@@ -213,24 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rate = fastdeit_rate(kind, cfg, variants[variant], device, a.workers, a.steps, a.warmup)
             runs[name].append(rate)
-    results = {k: float(np.median(v)) for k, v in runs.items()}
-    report = {
-        "benchmark": "loader", **measured_on(device),
-        "settings": {"batch_size": a.batch_size, "img_size": a.img_size, "workers": a.workers,
-                     "read_workers": a.read_workers, "steps": a.steps,
-                     "warmup": a.warmup, "warmup_rule": "at least the loader's prefetch depth + 1",
-                     "repeats": a.repeats, "images": len(index),
-                     "prepared": {v: {"max_side": int(v.split()[1][:-2]), "mean_bytes": float(ix.nbytes.mean())}
-                                  for v, ix in variants.items() if v} or None,
-                     "source_mean_bytes": float(index.nbytes.mean()),
-                     "data": "synthetic 375-500 px" if a.make_data else "user data",
-                     "recipe": "deit (RandAugment m9, mixup/cutmix, erasing)"},
-        "img_per_s": results,
-        "img_per_s_runs": runs,
-        "ratios": {f"{k}/baseline": v / results["baseline"] for k, v in results.items()
-                   if k != "baseline" and "baseline" in results},
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-    }
+            write_report(make_report(), a.out)  # a call cut short keeps what it measured
+    report = make_report()
     print_table(report, f"train pipeline, {report['device']}, {a.img_size} px, batch {a.batch_size}, "
                         f"{a.workers} workers")
     write_report(report, a.out)

@@ -62,7 +62,7 @@ def train(
                                "if there is one, else start (so a requeued job needs no other flags)."),
     attn: str = typer.Option(None, help="Attention backend: " + _one_of(AttnBackend) + "."),
     compile_mode: str = typer.Option(None, "--compile", help="torch.compile the student; `--compile` alone: "
-                                     "mode `default` (measured best on an H200, see the README)."),
+                                     "mode `default` (measured best on an H200, see docs/performance.md)."),
     gpus: int = typer.Option(None, help="GPUs per node: one worker each, started through torchrun "
                              "(0: CPU workers, see --procs). Default: one process, no torchrun."),
     procs: int = typer.Option(1, help="With --gpus 0: the number of CPU worker processes (gloo)."),

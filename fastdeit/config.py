@@ -62,7 +62,7 @@ class DataConfig:
     loader: Loader = "auto"
     skip_list: str = ""  # a file of paths (as `fastdeit check-data` prints them) never to decode
     roi_decode: bool = True  # DALI: decode only the plan's crop box (else the whole image, then crop)
-    hw_decode: bool = False  # DALI on a GPU: nvJPEG's hardware decoder for part of each batch (see README)
+    hw_decode: bool = False  # DALI on a GPU: nvJPEG's hardware decoder for part of each batch (docs/data.md)
     read_workers: int = 2  # DALI: processes that plan batches and read their files, off the training thread
 
 

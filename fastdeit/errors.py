@@ -29,7 +29,7 @@ class Requeue(Stopped):
     limit): the same, with exit code 4, which a job script reads as "requeue me"."""
 
 
-# Exit codes of the `fastdeit` command (documented in the README).
+# Exit codes of the `fastdeit` command (documented in docs/cli.md).
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_REQUEUE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 

@@ -128,6 +128,12 @@ def test_the_gpu_session_script_runs_every_part_dry(tmp_path):
         assert report["model"] and all("error" not in row for row in report["model"]), part
     assert set(json.loads((tmp_path / "loader-dry.json").read_text())["img_per_s"]) == {"dali", "torch"}
     assert json.loads((tmp_path / "throughput-distill-dry.json").read_text())["distill"]["img_per_s"]["replay"] > 0
+    e2e = json.loads((tmp_path / "e2e-dry.json").read_text())  # the real commands, end to end
+    assert e2e["e2e"]["exit_code"] in (0, 3) and e2e["e2e"]["train_img_s"] > 0 and e2e["step_only"]["train_img_s"] > 0
+    assert set(e2e["phases"]) == {"make_data", "prepare_data", "cache_teacher"} and "WORK" in e2e["command_train"]
+    candidates = json.loads((tmp_path / "candidates-dry.json").read_text())
+    assert [r["variant"] for r in candidates["rows"]] == ["ti:8:none", "ti:16:none"]
+    assert all(r["train_img_s"] > 0 for r in candidates["rows"]) and candidates["rows"][0]["top_kernels"]
 
 
 @pytest.mark.slow

@@ -177,3 +177,35 @@ def test_on_cuda_the_teacher_runs_channels_last_with_cudnn_benchmark(tiny_data, 
     teacher = build_run(cfg, SINGLE, QUIET).step.teacher.teacher
     conv = next(m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d))
     assert torch.backends.cudnn.benchmark and conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_each_compiled_step_candidate_trains_like_the_eager_step(mode):
+    """benchmarks/candidates.py's compile modes (CUDA graphs, autotuned GEMMs) are timed only if
+    they train as the eager step does: the losses of 4 updates in fp32 (TF32 off), to 1e-4."""
+    from fastdeit.build import make_optimizer
+    from fastdeit.config import ModelConfig
+    from fastdeit.models import build_model, compile_model
+    from fastdeit.recipes import recipe
+    from fastdeit.step import Prepared, make_step
+
+    gpu, old = torch.device("cuda"), torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = with_section(recipe("deit"), "distill", mode="hard")
+    g = torch.Generator(device=gpu).manual_seed(0)
+    batches = [Prepared(torch.randn(32, 3, 64, 64, device=gpu, generator=g),
+                        torch.softmax(torch.randn(32, 10, device=gpu, generator=g), 1),
+                        torch.randint(0, 10, (32,), device=gpu, generator=g), None, ()) for _ in range(4)]
+    losses = {}
+    try:
+        for kind in ("eager", mode):
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(name="deit_tiny_distilled", depth=4, drop_path=0.0), 10, 64).to(gpu)
+            if kind != "eager":
+                compile_model(model, mode)
+            step = make_step(cfg, gpu, None, 10, model=model, optimizer=make_optimizer(cfg, model, gpu))
+            losses[kind] = [float(step.update(b, k + 1)["loss"]) for k, b in enumerate(batches)]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert losses[mode] == pytest.approx(losses["eager"], abs=1e-4)
