@@ -18,8 +18,10 @@ def is_url(source: str | Path) -> bool:
     return str(source).startswith(("http://", "https://"))
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
+def sha256_of(path: Path, salt: str = "") -> str:
+    """sha256 of `salt` then the file's bytes, read in blocks (weights and cache shards are large).
+    The one file checksum: downloaded weights (unsalted) and teacher cache shards (salted)."""
+    h = hashlib.sha256(salt.encode())
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)

@@ -30,6 +30,7 @@ from torch import nn
 from fastdeit.config import CacheMode, TrainConfig
 from fastdeit.data.folder import ImageIndex
 from fastdeit.errors import UserError, differences
+from fastdeit.fetch import sha256_of
 from fastdeit.models import teacher_sha256
 from fastdeit.plan import PlanSpec
 from fastdeit.rundir import atomic_write, atomic_write_bytes
@@ -84,11 +85,7 @@ def is_complete(root: Path, rows: int) -> bool:
 def _shard_sum(path: Path, key: str, number: int) -> str:
     """The shard's checksum, keyed by its cache's identity and its number: a shard (and its
     checksum file) copied from another cache, or moved to another number, does not match."""
-    h = hashlib.sha256(f"{key}|{number}|".encode())
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_of(path, salt=f"{key}|{number}|")
 
 
 def identity_key(manifest: dict[str, Any]) -> str:
