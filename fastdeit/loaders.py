@@ -17,7 +17,8 @@ from fastdeit.config import DataConfig, Loader
 from fastdeit.data.folder import ImageIndex, find_unreadable
 from fastdeit.errors import ConfigError, UserError
 from fastdeit.pipelines import dali, dali_decode
-from fastdeit.pipelines.torch import LoadedBatch, eval_loader, train_loader
+from fastdeit.pipelines.batch import LoadedBatch
+from fastdeit.pipelines.torch import eval_loader, train_loader
 from fastdeit.plan import PlanSpec
 
 

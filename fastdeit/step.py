@@ -26,7 +26,7 @@ from fastdeit.device import autocast, to_device
 from fastdeit.dist import step_seed
 from fastdeit.distill import DistillationLoss
 from fastdeit.pipelines.tail import apply_tail, tail_inputs
-from fastdeit.pipelines.torch import LoadedBatch
+from fastdeit.pipelines.batch import LoadedBatch
 from fastdeit.plan import BatchPlan
 from fastdeit.teachers import TeacherSource
 

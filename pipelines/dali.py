@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastdeit.data.folder import ImageIndex
-from fastdeit.pipelines.torch import LoadedBatch
+from fastdeit.pipelines.batch import LoadedBatch, substitutes
 from fastdeit.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
 from fastdeit.signals import quiet_worker, workers_start_quiet
 
@@ -50,19 +50,6 @@ def cuda_major() -> int | None:
 
 def _interp(name: str):
     return {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}[name]
-
-
-def substitute_bad_rows(plan: BatchPlan, bad: np.ndarray) -> np.ndarray:
-    """Row -> the row whose inputs it takes: itself, or for a bad file the nearest good row
-    before it (after it, for the first rows) — the reference pipeline's rule."""
-    take = np.arange(len(plan))
-    good = np.flatnonzero(~bad)
-    if len(good) == 0:
-        raise RuntimeError(f"every image of batch (epoch {plan.epoch}, step {plan.step}) is unreadable")
-    for i in np.flatnonzero(bad):
-        before = good[good < i]
-        take[i] = before[-1] if len(before) else good[0]
-    return take
 
 
 _quieted: int | None = None
@@ -116,7 +103,7 @@ class PlanSource:
             if not dali_format(data[i]):  # a format DALI does not read: replaced like an unreadable file
                 refused.add(i)
         bad = np.array([i in self.skip or i in refused for i in plan.index])
-        take = substitute_bad_rows(plan, bad)
+        take = substitutes(plan, bad, self.index)
         files = [data[int(i)] for i in plan.index[take]]
         crop = plan.crop[take]
         tag = np.stack([np.full(len(plan), plan.epoch), np.full(len(plan), plan.step), bad], 1).astype(np.int64)
@@ -247,9 +234,7 @@ class DaliTrainLoader:
                                f"where {(source.epoch, step)} was expected")
         plan, bad = source.plan(step), tag[:, 2].astype(bool)
         self.skip.update(int(i) for i in plan.index[bad])  # files a reader refused: skipped from now on
-        labels = self.index.labels[plan.index[substitute_bad_rows(plan, bad)]]
-        return LoadedBatch(images=_to_torch(out, self.device), labels=torch.from_numpy(labels), plan=plan,
-                           bad=tuple(self.index.paths[i] for i in plan.index[bad]))
+        return LoadedBatch.of(_to_torch(out, self.device), self.index, plan, bad)
 
 
 def eval_geometry(sizes: np.ndarray, img_size: int, crop_pct: float) -> tuple[np.ndarray, np.ndarray]:

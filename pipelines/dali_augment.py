@@ -18,9 +18,8 @@ import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
-from fastdeit.config import IMAGENET_MEAN
+from fastdeit.pipelines.batch import FILL
 
-FILL = np.array([round(255 * m) for m in IMAGENET_MEAN], np.float32)
 KINDS = ("identity", "affine", "autocontrast", "equalize", "invert", "posterize", "solarize",
          "solarize_add", "color", "contrast", "brightness", "sharpness")
 _KIND = {name: k for k, name in enumerate(KINDS)}
@@ -101,7 +100,7 @@ def _gray(x):
 
 
 def _affine(x, mat, scalar, device, size):
-    fill = types.Constant(FILL, device=device)
+    fill = types.Constant(np.array(FILL, np.float32), device=device)
     # warp_affine fills with one value: shift the fill colour to zero, warp, shift back.
     out = fn.warp_affine(_float(x) - fill, matrix=mat, fill_value=0.0, interp_type=types.INTERP_LINEAR,
                          inverse_map=True) + fill

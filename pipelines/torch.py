@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,32 +17,14 @@ from PIL import Image, ImageOps
 from timm.data.auto_augment import NAME_TO_OP
 from torchvision.transforms import functional as TF
 
-from fastdeit.config import IMAGENET_MEAN
 from fastdeit.data.folder import ImageIndex
+from fastdeit.pipelines.batch import FILL, LoadedBatch, substitutes
 from fastdeit.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
 from fastdeit.signals import quiet_worker, workers_start_quiet
 
 _INTERP = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _NO_ARG_OPS = {"AutoContrast", "Equalize", "Invert"}
 _INT_ARG_OPS = {"Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing", "SolarizeAdd"}
-# timm fills the area uncovered by geometric ops with the mean pixel (transforms_factory).
-FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
-
-
-@dataclass
-class LoadedBatch:
-    """A decoded batch: uint8 [b, 3, S, S] images, int64 labels, the plan it executes, and the
-    files that failed to decode (their rows hold a copy of another sample of the batch)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    plan: BatchPlan
-    bad: tuple[str, ...]
-
-    def pin_memory(self) -> LoadedBatch:
-        """A copy in pinned memory (DataLoader calls it with pin_memory=True): the step's
-        copy to the GPU is then asynchronous."""
-        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory())
 
 
 def rand_augment_op(img: Image.Image, name: str, arg: float, interpolation: str = "bicubic") -> Image.Image:
@@ -97,13 +78,11 @@ def decode(source: str | io.BytesIO) -> Image.Image:
 
 def load_plan_rows(index: ImageIndex, spec: PlanSpec, plan: BatchPlan) -> LoadedBatch:
     """Decode and augment every row of `plan`. A file that fails to decode is reported in
-    `bad`, and its row takes the image and label of the nearest good row before it (after
-    it, for the first rows), so shapes stay static and the run goes on."""
+    `bad`, and its row takes the image and label of another row (batch.substitutes), so
+    shapes stay static and the run goes on."""
     s, names = spec.img_size, spec.ra_ops
     out = np.empty((len(plan), s, s, 3), np.uint8)
-    labels = index.labels[plan.index].copy()
     ok = np.ones(len(plan), bool)
-    bad = []
     for i, idx in enumerate(plan.index):
         ops = [(names[o], float(a)) for o, a in zip(plan.ra_op[i], plan.ra_arg[i]) if o >= 0]
         try:
@@ -112,19 +91,11 @@ def load_plan_rows(index: ImageIndex, spec: PlanSpec, plan: BatchPlan) -> Loaded
             img = decode(index.open(idx))
         except DECODE_ERRORS:  # a corrupt file must not end a long run; it is reported by name
             ok[i] = False
-            bad.append(index.paths[idx])
             continue
         out[i] = np.asarray(augment(img, plan.crop[i], bool(plan.flip[i]), ops, s, spec.aug.interpolation))
-    if not ok.any():
-        raise RuntimeError(f"every image of batch (epoch {plan.epoch}, step {plan.step}) failed to decode, "
-                           f"e.g. {bad[0]}")
-    good = np.flatnonzero(ok)
-    for i in np.flatnonzero(~ok):
-        before = good[good < i]
-        j = before[-1] if len(before) else good[0]
-        out[i], labels[i] = out[j], labels[j]
-    images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-    return LoadedBatch(images=images, labels=torch.from_numpy(labels), plan=plan, bad=tuple(bad))
+    take = substitutes(plan, ~ok, index)
+    out[~ok] = out[take[~ok]]  # bad rows take good ones: the copy never reads a bad row
+    return LoadedBatch.of(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), index, plan, ~ok)
 
 
 class TrainBatches(torch.utils.data.Dataset):
