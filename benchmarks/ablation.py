@@ -123,8 +123,8 @@ def settings(cfg: TrainConfig) -> dict[str, Any]:
     """What decides a run's numbers: its config without the places of its files (the study's
     --out may move) and the knobs that do not change what is trained."""
     d = cfg.to_dict()
-    for section, key in (("run", "out"), ("run", "progress"), ("run", "requeue_signal"), ("data", "path"),
-                         ("data", "workers"), ("distill", "teacher"), ("distill", "teacher_cache")):
+    for section, key in (("run", "out"), ("run", "progress"), ("data", "path"), ("data", "workers"),
+                         ("distill", "teacher"), ("distill", "teacher_cache")):
         d[section].pop(key, None)
     return json.loads(json.dumps(d))  # as a record holds it (tuples become lists)
 
@@ -135,10 +135,19 @@ def check_record(record: Path, rec: dict[str, Any], cfg: TrainConfig) -> None:
     then = rec.get("settings")
     if then is None and RunDir(cfg.run.out).config.is_file():
         then = settings(load_json(RunDir(cfg.run.out).config))
-    if then is not None and (what := differences(then, settings(cfg))):
+    # A key added to the config after the record was made, still at its default, trained the same.
+    defaults = settings(TrainConfig())
+    what = [(k, a, b) for k, a, b in differences(then, settings(cfg)) if not (a is None and b == _at(defaults, k))] \
+        if then is not None else []
+    if what:
         said = "; ".join(f"{k} {a} then, {b} now" for k, a, b in what[:3])
         raise UserError(f"{record} was trained with other settings ({said}): delete it and {cfg.run.out} to "
                         f"train it again, or pick another --out")
+
+
+def _at(d: dict[str, Any], dotted: str) -> Any:
+    section, _, key = dotted.partition(".")
+    return d.get(section, {}).get(key)
 
 
 def run(cfg: TrainConfig, record: Path, console: Console, extra: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """What might lift the training step past today's: each candidate measured against today's
 compiled step in one call, with a profile of where today's step spends its time.
 
-A variant is MODEL:BATCH:COMPILE (models by size: ti, s, b; COMPILE a torch.compile mode:
-default is today's `--compile`, reduce-overhead adds CUDA graphs, max-autotune-no-cudagraphs
-autotunes the GEMMs). Each row holds the training step's img/s (the run's own Step and
+A variant is MODEL:BATCH:COMPILE[:ACCUM] (models by size: ti, s, b; COMPILE a torch.compile
+mode: default is today's `--compile`, reduce-overhead adds CUDA graphs,
+max-autotune-no-cudagraphs autotunes the GEMMs; ACCUM: micro-batches per update, for the
+memory it saves). Each row holds the training step's img/s (the run's own Step and
 optimizer on random tensors, bf16 autocast on a GPU; median of interleaved repeats), its MFU,
 peak memory, and the seconds to its first step apart (compilation, autotuning: Inductor's
 cache keeps what it found for the next call on the same machine). The first variant is also
@@ -39,15 +40,15 @@ from throughput import forward_gmacs, peak_flops  # a sibling script, as scaling
 MODELS = {"ti": "deit_tiny_distilled", "s": "deit_small_distilled", "b": "deit_base_distilled"}
 # The order is the value of what each answers, so a call cut short answers the most.
 VARIANTS = "s:256:default,s:512:default,s:256:reduce-overhead,ti:1024:reduce-overhead,ti:1024:default," \
-           "s:1024:default,b:512:default,s:256:max-autotune-no-cudagraphs"
+           "s:1024:default,b:512:default,b:1024:default:4,s:256:max-autotune-no-cudagraphs"
 CLASSES = 1000
 
 
-def build(a: argparse.Namespace, name: str, batch: int, mode: str, device: torch.device):
+def build(a: argparse.Namespace, name: str, batch: int, mode: str, device: torch.device, accum: int = 1):
     """Today's training Step for one variant (deit recipe, hard distillation), and its inputs."""
     amp = amp_dtype("auto", device)
     cfg = with_section(recipe("deit"), "model", name=name, patch_size=a.patch_size, depth=a.depth, drop_path=0.1)
-    cfg = with_section(cfg, "distill", mode="hard")
+    cfg = with_section(with_section(cfg, "distill", mode="hard"), "run", accum_steps=accum)
     torch.manual_seed(0)
     model = build_model(cfg.model, CLASSES, a.img_size).to(device)
     gmacs = forward_gmacs(model, a.img_size, device)
@@ -71,9 +72,9 @@ def rate(step, batch: Prepared, steps: int, device: torch.device) -> float:
 
 
 def measure(a: argparse.Namespace, variant: str, device: torch.device, profile: bool) -> dict[str, Any]:
-    size, b, mode = variant.split(":")
+    size, b, mode, *accum = variant.split(":")
     name, batch = MODELS[size], int(b)
-    step, inputs, gmacs = build(a, name, batch, mode, device)
+    step, inputs, gmacs = build(a, name, batch, mode, device, int(accum[0]) if accum else 1)
     t0 = time.perf_counter()
     step.update(inputs, 1)  # compilation (and autotuning) happen here
     sync(device)
@@ -83,7 +84,8 @@ def measure(a: argparse.Namespace, variant: str, device: torch.device, profile: 
     rates = [rate(step, inputs, a.steps, device) for _ in range(a.repeats)]
     img_s, peak = float(np.median(rates)), peak_flops(device)
     flops = 3 * 2 * gmacs * 1e9  # forward + backward per image
-    row = {"variant": variant, "model": name, "batch": batch, "compile": mode, "first_step_s": first,
+    row = {"variant": variant, "model": name, "batch": batch, "compile": mode, "accum": step.accum,
+           "first_step_s": first,
            "train_img_s": img_s, "train_img_s_spread": [min(rates), max(rates)],
            "mfu": img_s * flops / peak if peak else None,
            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}

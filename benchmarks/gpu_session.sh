@@ -110,7 +110,7 @@ run_part() {
       fi ;;
     candidates)
       if [ "$dry" = 1 ]; then
-        $py benchmarks/candidates.py --device cpu --variants ti:8:none,ti:16:none --img-size 32 --patch-size 8 \
+        $py benchmarks/candidates.py --device cpu --variants ti:8:none,ti:16:none:2 --img-size 32 --patch-size 8 \
           --depth 2 --steps 1 --warmup 1 --repeats 1 --out "$out/candidates-$tag.json"
       else
         $py benchmarks/candidates.py --device cuda --out "$out/candidates-$tag.json"

@@ -208,6 +208,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> 
     """timm's factory at the scaled lr: no weight decay on biases, norms and the model's
     no_weight_decay() set (pos_embed, cls/dist tokens); fused AdamW on CUDA."""
     o = cfg.optim
+    check_apex(o.opt, device)
     extra = {"fused": True} if device.type == "cuda" and o.opt == "adamw" else {}
     if o.opt in ("adamw", "adam", "lamb", "lambw", "nadamw"):
         extra.update(betas=o.betas, eps=o.eps)
@@ -217,9 +218,55 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> 
         raise ConfigError("optim.opt", f"{o.opt!r}: {e}") from None
 
 
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int) -> CosineLRScheduler:
-    """Per-update cosine with warm-up; at epoch boundaries it equals DeiT's per-epoch values."""
+# timm's names for NVIDIA apex's fused optimizers, and the built-in one that does the same job.
+APEX_OPTIMIZERS = {"fusedadam": "adam", "fusedadamw": "adamw", "fusedlamb": "lamb", "fusednovograd": "novograd",
+                   "fusedsgd": "sgd"}
+
+
+def check_apex(opt: str, device: torch.device) -> None:
+    """apex is not on PyPI and never required: a fused apex optimizer without apex (or without
+    a GPU) is one line saying how to get it and what to use instead (fused AdamW in torch on
+    CUDA is what apex's FusedAdam provided)."""
+    if opt not in APEX_OPTIMIZERS:
+        return
+    try:
+        import apex  # noqa: F401  (only its presence matters: timm's factory imports what it needs)
+    except ImportError:
+        raise ConfigError("optim.opt", f"{opt} is NVIDIA apex's, which is not installed (it is not on PyPI: build it "
+                          f"from github.com/NVIDIA/apex); optim.opt={APEX_OPTIMIZERS[opt]} does the same job "
+                          f"without it") from None
+    if device.type != "cuda":
+        raise ConfigError("optim.opt", f"{opt} runs on CUDA only: use optim.opt={APEX_OPTIMIZERS[opt]} on this "
+                          f"device")
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int) -> CosineLRScheduler | EpochStepped:
+    """Per-update cosine with warm-up (sched.update=step); at epoch boundaries it equals DeiT's
+    per-epoch values. sched.update=epoch: the official stepping (EpochStepped)."""
     s = cfg.sched
+    if s.update == "epoch":
+        return EpochStepped(CosineLRScheduler(optimizer, t_initial=s.epochs, lr_min=s.min_lr,
+                                              warmup_lr_init=s.warmup_lr, warmup_t=s.warmup_epochs), steps)
     return CosineLRScheduler(optimizer, t_initial=s.epochs * steps, lr_min=s.min_lr,
                              warmup_t=round(s.warmup_epochs * steps), warmup_lr_init=s.warmup_lr, t_in_epochs=False)
+
+
+class EpochStepped:
+    """timm's per-epoch cosine stepped as the official DeiT main.py steps it: the lr is set once,
+    by `scheduler.step(epoch)` after each epoch, so epoch e trains at the value of epoch e - 1
+    (epochs 0 and 1 at the first value). The trainer calls `step_update(updates)` after every
+    update (and on resume), as for the per-update schedule: the value depends only on the epoch
+    the next update belongs to."""
+
+    def __init__(self, scheduler: CosineLRScheduler, steps: int) -> None:
+        self.scheduler, self.steps = scheduler, steps
+
+    def step_update(self, num_updates: int) -> None:
+        self.scheduler.step(max(num_updates // self.steps - 1, 0))
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
 

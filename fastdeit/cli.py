@@ -76,6 +76,8 @@ def train(
     teacher_img_size: int = typer.Option(None, help="The resolution the teacher sees (default: the student's)."),
     train_only: str = typer.Option(None, help="all | head (a linear probe) | attn (the official --attn-only)."),
     log: str = typer.Option(None, help="none | tensorboard (RUN/tensorboard/) | wandb, besides metrics.jsonl."),
+    accum_steps: int = typer.Option(None, help="Micro-batches per update on each rank: the same training in 1/K "
+                                    "of the activation memory."),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)."),
 ) -> None:
     """Train a model; distill from a teacher with --distill soft|hard; --gpus N for many GPUs."""
@@ -89,7 +91,7 @@ def train(
         "distill.targets": targets, "distill.teacher_cache": teacher_cache,
         "run.device": topo.device if topo else device, "data.loader": loader, "run.seed": seed, "model.attn": attn,
         "run.compile": compile_mode, "run.ckpt_every": ckpt_every, "distill.teacher_img_size": teacher_img_size,
-        "model.train_only": train_only, "run.log": log}, overrides)
+        "model.train_only": train_only, "run.log": log, "run.accum_steps": accum_steps}, overrides)
     check_sink(cfg.run.log)
     summary = start(cfg, topo, resume, err)
     if summary is not None:
@@ -259,11 +261,14 @@ def report(
     runs: list[Path] = typer.Argument(..., help="Run folders (several: drawn side by side)."),
     out: Path = typer.Option(Path("report.html"), help="The HTML page; its PNGs go to OUT-figures/. Only a "
                              "report this command wrote is written over (any other file is refused)."),
+    smooth: float = typer.Option(0.6, help="EMA weight in [0, 1) smoothing the step curves (loss, img/s, data "
+                                 "wait), raw points kept faintly; 0: off. The page's slider changes it."),
 ) -> None:
-    """Curves of one or more runs (loss, lr, top-1/top-5 per head, img/s, ...) in one HTML page."""
+    """Curves of one or more runs (loss, lr, top-1/top-5 per head, img/s, ...) in one HTML page:
+    one colour per run, zoom, hover, runs hidden and shown across figures."""
     from fastdeit.report import write_report
 
-    result = write_report(runs, out)
+    result = write_report(runs, out, smooth)
     for note in result["notes"]:
         err.print(f"note: {note}")
     err.print(f"wrote {out} ({len(result['figures'])} figures) and {out.stem}-figures/")

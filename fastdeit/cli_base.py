@@ -32,7 +32,7 @@ FLAGS = {"data.path": "--data", "model.name": "--model", "run.out": "--out", "sc
          "distill.teacher_cache": "--teacher-cache", "run.device": "--device", "data.loader": "--loader",
          "run.seed": "--seed", "model.attn": "--attn", "run.compile": "--compile", "run.ckpt_every": "--ckpt-every",
          "distill.topk": "--topk", "distill.teacher_img_size": "--teacher-img-size", "model.train_only": "--train-only",
-         "run.log": "--log"}
+         "run.log": "--log", "run.accum_steps": "--accum-steps"}
 
 
 def _one_of(typ: Any) -> str:

@@ -32,6 +32,7 @@ Amp = Literal["auto", "bf16", "fp16", "fp32"]  # auto: bf16 on CUDA, fp32 on a C
 CompileMode = Literal["none", "auto", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"]
 Interpolation = Literal["bicubic", "bilinear"]
 LogTo = Literal["none", "tensorboard", "wandb"]  # besides metrics.jsonl
+SchedUpdate = Literal["step", "epoch"]  # when the lr changes: every update, or once per epoch (official)
 RequeueSignal = Literal["USR1", "USR2", "none"]  # stop after the step and exit 4 ("requeue me"): signals.py
 TrainOnly = Literal["all", "head", "attn"]  # head: a linear probe; attn: the official --attn-only
 Head = Literal["cls", "dist", "joint"]  # the heads of a distilled student; joint (their mean) is every model's
@@ -101,6 +102,9 @@ class SchedConfig:
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
+    # step: the cosine per update (fastdeit's default); epoch: set once per epoch after it, as the
+    # official main.py steps timm's scheduler (its lr then trails the per-update one by an epoch)
+    update: SchedUpdate = "step"
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,9 @@ class RunConfig:
     cache_dir: str = ""  # where measured choices (attention backend) are remembered; "" = not on disk
     log: LogTo = "none"  # tensorboard: RUN/tensorboard/ event files; wandb: a Weights & Biases run
     requeue_signal: RequeueSignal = "USR1"  # SLURM's --signal=USR1@120 warns before the time limit
+    # Micro-batches per update on each rank: the same update in 1/K of the activation memory
+    # (gradients accumulate; DDP all-reduces on the last micro-batch only).
+    accum_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -317,6 +324,7 @@ def validate(cfg: TrainConfig) -> None:
         (k.mode == "none" or bool(k.teacher or k.teacher_ckpt), "distill.mode",
          f"{k.mode} needs a teacher: set distill.teacher NAME and/or distill.teacher_ckpt PATH"),
         (r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}"),
+        (r.accum_steps >= 1, "run.accum_steps", f"must be >= 1 (1: no accumulation), got {r.accum_steps}"),
         (r.log_every >= 1 and r.ckpt_every >= 0 and r.eval_every >= 1, "run.log_every",
          "and run.eval_every must be >= 1, run.ckpt_every >= 0"),
     ]
@@ -349,10 +357,13 @@ def scaled_lr(cfg: TrainConfig) -> float:
 
 
 def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
-    b, g = cfg.run.batch_size, cfg.aug.mix_group
+    b, g, k = cfg.run.batch_size, cfg.aug.mix_group, cfg.run.accum_steps
     if b % world_size or (b // world_size) % g:
         raise ConfigError("run.batch_size", f"{b} does not split into {world_size} ranks of whole mix groups "
                                             f"of {g}: make it a multiple of {world_size * g}")
+    if (b // world_size) % k:  # the tail mixes the whole rank batch first: micro-batches need not be whole groups
+        raise ConfigError("run.accum_steps", f"{k} does not split a rank's batch of {b // world_size} into equal "
+                                             f"micro-batches: pick a divisor of {b // world_size}")
     return b // world_size
 
 

@@ -15,6 +15,7 @@ loss parts come back as device tensors, read at the caller's logging cadence.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,8 @@ from fastdeit.config import TrainConfig
 from fastdeit.device import autocast, to_device
 from fastdeit.dist import step_seed
 from fastdeit.distill import DistillationLoss
-from fastdeit.pipelines.tail import apply_tail, tail_inputs
 from fastdeit.pipelines.batch import LoadedBatch
+from fastdeit.pipelines.tail import apply_tail, tail_inputs
 from fastdeit.plan import BatchPlan
 from fastdeit.teachers import TeacherSource
 
@@ -60,6 +61,7 @@ class Step:
     # (seed, rank) when the student draws random masks (drop path, dropout): the torch RNG is
     # seeded per update, so a resumed run draws what an uninterrupted one would have drawn.
     reseed: tuple[int, int] | None = None
+    accum: int = 1  # micro-batches per update (run.accum_steps)
 
     def prepare(self, batch: LoadedBatch) -> Prepared:
         """Device transfer, the tail and the teacher's outputs for the batch's plan. What the
@@ -77,21 +79,31 @@ class Step:
 
     def update(self, batch: Prepared, number: int) -> dict[str, torch.Tensor]:
         """Forward, loss, backward, optimizer (and EMA) step: the run's update `number`
-        (1-based). Returns the loss parts as detached device tensors (reading them is a sync)."""
+        (1-based). With `accum` K > 1 the batch goes through forward and backward as K equal
+        micro-batches whose losses are each 1/K of theirs, so the gradients sum to the whole
+        batch's (every loss term is a mean over rows), and DDP all-reduces on the last one only.
+        Returns the loss parts as detached device tensors (reading them is a sync)."""
         if self.model is None or self.optimizer is None or self.loss is None:
             raise RuntimeError("this Step only prepares batches (it was built without a model)")
         if self.reseed is not None:
             torch.manual_seed(step_seed(*self.reseed, number - 1))
         self.model.train()
-        with autocast(self.device, self.amp):
-            outputs = self.model(batch.images)
-        loss, parts = self.loss(outputs, batch.soft_labels, batch.teacher)
         self.optimizer.zero_grad(set_to_none=True)
+        total: dict[str, torch.Tensor] = {}
+        for k, part in enumerate(self.micro_batches(batch)):
+            last = k == self.accum - 1
+            # DDP's no_sync: gradients stay local until the last micro-batch's backward.
+            with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
+                with autocast(self.device, self.amp):
+                    outputs = self.model(part.images)
+                loss, parts = self.loss(outputs, part.soft_labels, part.teacher)
+                loss = loss / self.accum if self.accum > 1 else loss
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            for name, value in {"loss": loss.detach(), **parts}.items():
+                value = value if name == "loss" or self.accum == 1 else value / self.accum
+                total[name] = total[name] + value if name in total else value
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
         if self.scaler is not None:
@@ -101,7 +113,15 @@ class Step:
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(getattr(self.model, "module", self.model), step=number)  # DDP's inner model
-        return {"loss": loss.detach(), **parts}
+        return total
+
+    def micro_batches(self, batch: Prepared) -> list[Prepared]:
+        """The batch as `accum` equal slices of rows (after the tail: mixing is already done)."""
+        if self.accum == 1:
+            return [batch]
+        k = self.accum
+        cut = [t.chunk(k) if t is not None else (None,) * k for t in (batch.images, batch.soft_labels, batch.teacher)]
+        return [Prepared(x, y, t, batch.plan, batch.bad) for x, y, t in zip(*cut)]
 
     def __call__(self, batch: LoadedBatch, number: int) -> tuple[Prepared, dict[str, torch.Tensor]]:
         prepared = self.prepare(batch)
@@ -120,4 +140,5 @@ def make_step(cfg: TrainConfig, device: torch.device, amp: torch.dtype | None, n
     d = cfg.distill
     return Step(device=device, amp=amp, num_classes=num_classes, smoothing=cfg.aug.smoothing, teacher=teacher,
                 model=model, optimizer=optimizer, loss=DistillationLoss(d.mode, d.alpha, d.tau), scaler=scaler,
-                clip_grad=cfg.optim.clip_grad, ema=ema, reseed=(cfg.run.seed, rank) if stochastic else None)
+                clip_grad=cfg.optim.clip_grad, ema=ema, reseed=(cfg.run.seed, rank) if stochastic else None,
+                accum=cfg.run.accum_steps)

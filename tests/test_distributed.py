@@ -303,3 +303,46 @@ def test_two_nodes_on_one_machine_train_like_one_process(runs, tiny_data):
     assert [n.returncode for n in nodes] == [0, 0], [r[1][-2000:] for r in results]
     a, b = steps(runs["one"]), steps(out)
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
+
+
+def _accum_worker(rank: int, world: int, port: int, out: str, accum: int) -> None:
+    """Two updates of a DDP student with `accum` micro-batches; counts DDP's all-reduces."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from fastdeit.config import ModelConfig, with_section
+    from fastdeit.models import build_model
+    from fastdeit.recipes import recipe
+    from fastdeit.step import Prepared, make_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="deit_tiny_distilled", patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                                    drop_path=0.0), 5, 32)
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    calls = []
+    net.register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(dist.group.WORLD, bucket))
+    cfg = with_section(with_section(recipe("deit"), "distill", mode="hard"), "run", accum_steps=accum)
+    step = make_step(cfg, torch.device("cpu"), None, 5, model=net, optimizer=torch.optim.AdamW(model.parameters()))
+    g = torch.Generator().manual_seed(1)
+    for k in range(2):
+        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.softmax(torch.randn(8, 5, generator=g), 1)
+        t = torch.randint(0, 5, (8,), generator=g)
+        rows = slice(rank * 4, (rank + 1) * 4)
+        step.update(Prepared(x[rows], y[rows], t[rows], plan=None, bad=()), k + 1)
+    if rank == 0:
+        torch.save({"calls": len(calls), "params": model.state_dict()}, out)
+    dist.destroy_process_group()
+
+
+def test_accumulation_all_reduces_once_per_update_and_trains_like_one_batch(tmp_path):
+    """--accum-steps K under DDP: no all-reduce on the first K - 1 micro-batches (no_sync), and
+    the parameters of K = 1, to float32 rounding."""
+    import torch.multiprocessing as mp
+
+    for accum in (1, 2):
+        mp.spawn(_accum_worker, args=(2, _free_port(), str(tmp_path / f"{accum}.pt"), accum), nprocs=2, join=True)
+    one, two = (torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in (1, 2))
+    assert two["calls"] == one["calls"] > 0  # the same number of bucket all-reduces: once per update
+    assert all(torch.allclose(p, two["params"][n], atol=1e-5) for n, p in one["params"].items())

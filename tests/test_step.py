@@ -209,3 +209,35 @@ def test_each_compiled_step_candidate_trains_like_the_eager_step(mode):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     assert losses[mode] == pytest.approx(losses["eager"], abs=1e-4)
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_k_micro_batches_update_like_one_batch(accum):
+    """run.accum_steps: the same losses and parameters as one batch, to float32 rounding (the
+    gradients are summed in another order), over 3 updates of AdamW with clipping."""
+    from fastdeit.build import make_optimizer
+    from fastdeit.config import ModelConfig
+    from fastdeit.models import build_model
+    from fastdeit.recipes import recipe
+    from fastdeit.step import Prepared, make_step
+
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    batches = [Prepared(torch.randn(16, 3, 32, 32, generator=g), torch.softmax(torch.randn(16, 5, generator=g), 1),
+                        torch.randint(0, 5, (16,), generator=g), None, ()) for _ in range(3)]
+    runs = {}
+    for k in (1, accum):
+        cfg = with_section(with_section(recipe("deit"), "distill", mode="hard"), "optim", clip_grad=1.0)
+        cfg = with_section(cfg, "run", accum_steps=k)
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name="deit_tiny_distilled", depth=2, embed_dim=32, num_heads=2, patch_size=8,
+                                        drop_path=0.0), 5, 32)
+        step = make_step(cfg, cpu, None, 5, model=model, optimizer=make_optimizer(cfg, model, cpu))
+        losses = [{n: float(v) for n, v in step.update(b, i + 1).items()} for i, b in enumerate(batches)]
+        runs[k] = losses, {n: p.detach().clone() for n, p in model.named_parameters()}, \
+            {n: p.grad.clone() for n, p in model.named_parameters()}  # the last update's (AdamW hides a scale)
+    (la, pa, ga), (lb, pb, gb) = runs[1], runs[accum]
+    for a, b in zip(la, lb):
+        assert a.keys() == b.keys() and all(b[n] == pytest.approx(a[n], abs=1e-5) for n in a)
+    assert max(float((pa[n] - pb[n]).abs().max()) for n in pa) < 1e-5
+    assert all(torch.allclose(ga[n], gb[n], atol=1e-6, rtol=1e-4) for n in ga)
