@@ -70,9 +70,9 @@ class PlanSource:
     """The fn.external_source callback of a train pipeline: a pure function of the iteration,
     which is step `start + iteration` of `epoch` (this rank's shard). It computes the step's
     plan and reads its files, so with parallel=True DALI runs it in worker processes, ahead of
-    and away from the training thread. Outputs: the files, crop starts and shapes, flips, a
-    tag per row (epoch, step, whether the row's file was replaced), then three per RandAugment
-    layer."""
+    and away from the training thread. Its outputs are named (`names`): the files, crop starts
+    and shapes, flips, a tag per row (epoch, step, whether the row's file was replaced), then
+    the parameters of each RandAugment layer."""
 
     index: ImageIndex
     spec: PlanSpec
@@ -87,6 +87,11 @@ class PlanSource:
     def layers(self) -> int:
         ra = self.spec.rand_augment
         return ra.num_layers if ra is not None else 0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The outputs, in the order DALI's external source carries them to the graph."""
+        return ("files", "start", "shape", "flip", "tag", *(n for k in range(self.layers) for n in _layer(k)))
 
     def plan(self, step: int) -> BatchPlan:
         return make_plan(self.spec, self.index.sizes, self.epoch, step).shard(self.rank, self.world)
@@ -107,12 +112,17 @@ class PlanSource:
         files = [data[int(i)] for i in plan.index[take]]
         crop = plan.crop[take]
         tag = np.stack([np.full(len(plan), plan.epoch), np.full(len(plan), plan.step), bad], 1).astype(np.int64)
-        out = [files, crop[:, :2].copy(), crop[:, 2:].copy(), plan.flip[take].astype(np.int32), tag]
-        for layer in range(self.layers):
-            kind, mat, scalar = layer_params(self.spec.ra_ops, plan.ra_op[take, layer], plan.ra_arg[take, layer],
-                                             self.spec.img_size)
-            out += [kind, mat, scalar]
-        return tuple(out)
+        out = {"files": files, "start": crop[:, :2].copy(), "shape": crop[:, 2:].copy(),
+               "flip": plan.flip[take].astype(np.int32), "tag": tag}
+        for k in range(self.layers):
+            out.update(zip(_layer(k), layer_params(self.spec.ra_ops, plan.ra_op[take, k], plan.ra_arg[take, k],
+                                                   self.spec.img_size)))
+        return tuple(out[name] for name in self.names)
+
+
+def _layer(k: int) -> tuple[str, str, str]:
+    """The names of RandAugment layer k's outputs: what `layer_params` returns, in its order."""
+    return f"ra{k}.kind", f"ra{k}.mat", f"ra{k}.scalar"
 
 
 def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: int, device_id: int | None,
@@ -124,9 +134,10 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
 
     @pipeline_def(enable_conditionals=True)
     def graph():
-        inputs = fn.external_source(source=source, num_outputs=5 + 3 * layers, batch=True, batch_info=True,
-                                    **({"parallel": True, "prefetch_queue_depth": 2} if readers > 0 else {}))
-        files, start, shape, flip, tag = inputs[:5]
+        inputs = dict(zip(source.names, fn.external_source(
+            source=source, num_outputs=len(source.names), batch=True, batch_info=True,
+            **({"parallel": True, "prefetch_queue_depth": 2} if readers > 0 else {}))))
+        files, start, shape = inputs["files"], inputs["start"], inputs["shape"]
         # EXIF orientation is ignored, as PIL and the plan (which reads header sizes) do.
         decoder = decoder_options(device, hw_decode)
         if roi_decode:
@@ -136,11 +147,10 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
             img = fn.decoders.image(files, output_type=types.RGB, adjust_orientation=False, **decoder)
             img = fn.slice(img, start=start, shape=shape, axis_names="WH")
         img = fn.resize(img, size=[size, size], interp_type=_interp(spec.aug.interpolation), antialias=True)
-        img = fn.flip(img, horizontal=flip)
+        img = fn.flip(img, horizontal=inputs["flip"])
         for k in range(layers):
-            kind, mat, scalar = inputs[5 + 3 * k: 8 + 3 * k]
-            img = apply_layer(img, kind, mat, scalar, device, size)
-        return img, tag
+            img = apply_layer(img, *(inputs[name] for name in _layer(k)), device, size)
+        return img, inputs["tag"]
 
     # Spawned readers do not inherit this process's CUDA state; forking is faster where there is none.
     start = "spawn" if torch.cuda.is_initialized() else "fork"

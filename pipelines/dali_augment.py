@@ -3,7 +3,9 @@
 The host turns each (op, argument) of the plan into one of a few DALI kinds plus its
 parameters (`layer_params`): the five geometric ops become one inverse affine matrix in
 PIL's convention (so rotate, shear and translate land where PIL puts them), the colour ops a
-scalar. The graph (`apply_layer`) picks each sample's branch with DALI conditionals.
+scalar. The graph (`apply_layer`) picks each sample's branch with DALI conditionals. One
+table names the branches (`BRANCHES`, whose order numbers the kinds) and one maps timm's op
+names to them (`_BY_OP`): a new op is a row in the second, a new branch a row in the first.
 
 Known differences from the PIL reference (bounded in the parity tests): DALI's warp_affine
 interpolates bilinearly where timm asks PIL for bicubic; Equalize follows OpenCV's lookup
@@ -20,10 +22,9 @@ from nvidia.dali import math as dmath
 
 from fastdeit.pipelines.batch import FILL
 
-KINDS = ("identity", "affine", "autocontrast", "equalize", "invert", "posterize", "solarize",
-         "solarize_add", "color", "contrast", "brightness", "sharpness")
-_KIND = {name: k for k, name in enumerate(KINDS)}
-_BY_OP = {"AutoContrast": "autocontrast", "Equalize": "equalize", "Invert": "invert",
+# timm's op names -> the DALI branch (`BRANCHES`, at the end) that runs them.
+_BY_OP = {"ShearX": "affine", "ShearY": "affine", "TranslateXRel": "affine", "TranslateYRel": "affine",
+          "Rotate": "affine", "AutoContrast": "autocontrast", "Equalize": "equalize", "Invert": "invert",
           "Posterize": "posterize", "PosterizeIncreasing": "posterize", "Solarize": "solarize",
           "SolarizeIncreasing": "solarize", "SolarizeAdd": "solarize_add", "Color": "color",
           "ColorIncreasing": "color", "Contrast": "contrast", "ContrastIncreasing": "contrast",
@@ -55,9 +56,9 @@ def affine_matrix(name: str, arg: float, size: int) -> np.ndarray:
 
 def layer_params(names: tuple[str, ...], ops: np.ndarray, args: np.ndarray,
                  size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For one RandAugment layer of a batch: DALI kind [b] int32, affine matrix [b, 2, 3] and
-    scalar [b] float32 (posterize: the bit mask to keep; solarize: the threshold; solarize-add:
-    the increment; enhance ops: the blend factor)."""
+    """For one RandAugment layer of a batch: DALI kind [b] int32 (the branch's number in
+    `KINDS`), affine matrix [b, 2, 3] and scalar [b] float32 (posterize: the bit mask to keep;
+    solarize: the threshold; solarize-add: the increment; enhance ops: the blend factor)."""
     b = len(ops)
     kind = np.zeros(b, np.int32)
     mat = np.repeat(_IDENTITY[None], b, axis=0)
@@ -66,11 +67,11 @@ def layer_params(names: tuple[str, ...], ops: np.ndarray, args: np.ndarray,
         if op < 0:
             continue
         name = names[op]
-        if name in ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "Rotate"):
-            kind[i], mat[i] = _KIND["affine"], affine_matrix(name, float(arg), size)
-            continue
-        kind[i] = _KIND[_BY_OP[name]]
-        if kind[i] == _KIND["posterize"]:
+        branch = _BY_OP[name]
+        kind[i] = _KIND[branch]
+        if branch == "affine":
+            mat[i] = affine_matrix(name, float(arg), size)
+        elif branch == "posterize":
             bits = int(arg)
             scalar[i] = 255 if bits >= 8 else (255 ^ (2 ** (8 - bits) - 1)) & 255
         else:
@@ -165,14 +166,18 @@ def _sharpness(x, mat, scalar, device, size):
     return _blend(degenerate, x, scalar, device)
 
 
-_BRANCHES = (lambda x, *_: x, _affine, _autocontrast, _equalize, _invert, _posterize, _solarize,
-             _solarize_add, _color, _contrast, _brightness, _sharpness)
+# Each branch by name; its position is the kind number the host sends (0, identity: no op).
+BRANCHES = {"identity": lambda x, *_: x, "affine": _affine, "autocontrast": _autocontrast, "equalize": _equalize,
+            "invert": _invert, "posterize": _posterize, "solarize": _solarize, "solarize_add": _solarize_add,
+            "color": _color, "contrast": _contrast, "brightness": _brightness, "sharpness": _sharpness}
+KINDS = tuple(BRANCHES)
+_KIND = {name: k for k, name in enumerate(KINDS)}
 
 
 def _select(lo: int, hi: int, kind, x, mat, scalar, device, size):
     """Binary split of the batch by kind (DALI conditionals): each sample runs its own op."""
     if lo == hi:
-        return _BRANCHES[lo](x, mat, scalar, device, size)
+        return BRANCHES[KINDS[lo]](x, mat, scalar, device, size)
     mid = (lo + hi) // 2
     if kind <= mid:
         out = _select(lo, mid, kind, x, mat, scalar, device, size)
