@@ -8,7 +8,6 @@ truncated last line is left out with a note.
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastdeit.errors import UserError
+from fastdeit.report_page import DASHES, RAW_OPACITY, FigureData, Spec, Style, ema, page, run_styles, series_labels
 from fastdeit.rundir import RunDir
 
 # Marks the pages and PNGs `write_report` writes: only files bearing it are written over, so
@@ -106,26 +106,48 @@ def figure_data(runs: list[RunData]) -> dict[str, dict[str, dict[str, tuple[list
     return out
 
 
-def _draw(fig_name: str, data: dict[str, dict[str, tuple[list[float], list[float]]]]) -> bytes:
+# Step curves noisy enough to smooth; the learning rate is a schedule, drawn as it is.
+SMOOTHED = {"loss", "speed", "data_wait"}
+_MPL_DASHES = {"solid": "-", "dash": "--", "dot": ":"}
+
+
+def specs() -> dict[str, Spec]:
+    return {f: Spec(t, "epoch" if all(k == "epoch" for k, _, _ in s) else "update", f in SMOOTHED)
+            for f, t, s in FIGURES}
+
+
+def _draw(data: FigureData, spec: Spec, styles: dict[str, Style], smooth: float) -> bytes:
+    """A PNG of one figure, laid out as the page draws it: a panel per series label, one
+    line per run in its colour, the legend outside the panels."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    title = next(t for f, t, _ in FIGURES if f == fig_name)
-    styles = ["-", "--", ":", "-."]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k, (run, series) in enumerate(data.items()):
-        color = f"C{k % 10}"
-        for s, (label, (x, y)) in enumerate(series.items()):
-            name = run if len(series) == 1 else f"{run} ({label})"
-            ax.plot(x, y, styles[s % len(styles)], color=color, label=name, marker="o" if len(x) < 30 else None)
-    ax.set_title(title)
-    ax.set_xlabel("epoch" if fig_name in ("top1", "top5", "agreement") else "update")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    labels = series_labels(data)
+    fig, axes = plt.subplots(1, len(labels), figsize=(max(8.0, 2.2 + 4.6 * len(labels)), 3.8), squeeze=False,
+                             layout="constrained")
+    handles = {}
+    for ax, label in zip(axes[0], labels):
+        for run, series in data.items():
+            if label not in series:
+                continue
+            x, y = series[label]
+            style = dict(color=styles[run].colour, ls=_MPL_DASHES[DASHES[styles[run].dash]])
+            if spec.smoothed and smooth > 0:
+                ax.plot(x, y, alpha=RAW_OPACITY, lw=0.8, **style)
+                y = ema(y, smooth)
+            (handles[run],) = ax.plot(x, y, lw=1.6, marker="o" if len(x) < 30 else None, ms=3, **style)
+        ax.set_title(label if len(labels) > 1 else "", fontsize=10)
+        ax.set_xlabel(spec.xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.25
+        ax.grid(alpha=0.3)
+    fig.suptitle(spec.title + (f" (smoothed {smooth:g})" if spec.smoothed and smooth > 0 else ""))
+    runs = [r for r in data if r in handles]
+    fig.legend([handles[r] for r in runs], runs, loc="outside right upper", fontsize=8, frameon=False,
+               ncols=1 if len(runs) <= 16 else 2)
     buf = io.BytesIO()
-    fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": GENERATOR})
     plt.close(fig)
     return buf.getvalue()
@@ -165,9 +187,26 @@ def check_out(out: Path, pngs: Path) -> None:
                         f"(nothing written)")
 
 
-def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
-    """report.html at `out` and its PNGs in OUT-figures/; returns the figures' data, the
-    summary rows and the notes."""
+def _header(runs: list[RunData], rows: list[dict[str, Any]], notes: list[str], styles: dict[str, Style]) -> str:
+    """The page's title, the summary table (each run with its colour) and the notes."""
+    names = ", ".join(r.name for r in runs) if len(runs) <= 3 else f"{len(runs)} runs"
+    parts = [f"<h1>fastdeit report: {html.escape(names)}</h1>", "<table>",
+             "<tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in rows[0]) + "</tr>"]
+    for row in rows:
+        swatch = f'<span class="sw" style="--c:{styles[row["run"]].colour}"></span>'
+        parts.append("<tr>" + "".join(f"<td>{swatch if k == 'run' else ''}{_cell(v)}</td>" for k, v in row.items())
+                     + "</tr>")
+    parts.append("</table>")
+    parts += [f"<p><i>{html.escape(n)}</i></p>" for n in notes]
+    return "\n".join(parts)
+
+
+def write_report(paths: list[Path], out: Path, smooth: float = 0.6) -> dict[str, Any]:
+    """report.html at `out` and its PNGs in OUT-figures/; step curves (loss, img/s, data wait)
+    smoothed by an EMA of weight `smooth` (0: off), raw points kept faintly. Returns the
+    figures' data, the summary rows, the notes and each run's colour."""
+    if not 0 <= smooth < 1:
+        raise UserError(f"--smooth {smooth}: give a weight in [0, 1) (0: no smoothing; 0.6 by default)")
     runs = [read_run(p) for p in paths]
     names = [r.name for r in runs]
     for r in runs:  # two runs of the same folder name stay apart in the legends
@@ -176,20 +215,16 @@ def write_report(paths: list[Path], out: Path) -> dict[str, Any]:
     figures = figure_data(runs)
     rows = [summary_row(r) for r in runs]
     notes = [f"{r.name}: {n}" for r in runs for n in r.notes]
+    styles = run_styles([r.name for r in runs])
     pngs = out.with_name(out.stem + "-figures")
     check_out(out, pngs)
     pngs.mkdir(parents=True, exist_ok=True)
     for old in pngs.glob("*.png"):  # all its own (checked): figures this report no longer draws go
         old.unlink()
-    parts = [f"<h1>fastdeit report: {html.escape(', '.join(r.name for r in runs))}</h1>", "<table border=1>",
-             "<tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in rows[0]) + "</tr>"]
-    parts += ["<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row.values()) + "</tr>" for row in rows]
-    parts.append("</table>")
-    parts += [f"<p><i>{html.escape(n)}</i></p>" for n in notes]
+    drawn = {}
     for name, data in figures.items():
-        png = _draw(name, data)
-        (pngs / f"{name}.png").write_bytes(png)
-        parts.append(f'<h2>{html.escape(name)}</h2><img src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-    page = f"<!doctype html><html><head><meta charset='utf-8'>{_MARK}<title>fastdeit report</title></head><body>"
-    out.write_text(page + "\n".join(parts) + "</body></html>")
-    return {"figures": figures, "rows": rows, "notes": notes, "pngs": sorted(str(p) for p in pngs.glob("*.png"))}
+        drawn[name] = _draw(data, specs()[name], styles, smooth)
+        (pngs / f"{name}.png").write_bytes(drawn[name])
+    out.write_text(page(_MARK, _header(runs, rows, notes, styles), figures, specs(), styles, smooth, drawn))
+    return {"figures": figures, "rows": rows, "notes": notes, "pngs": sorted(str(p) for p in pngs.glob("*.png")),
+            "colours": {n: s.colour for n, s in styles.items()}}

@@ -1,5 +1,7 @@
-"""fastdeit report: the figures hold each run's series, for runs resumed, cut or unevaluated."""
+"""fastdeit report: the figures hold each run's series, for runs resumed, cut or unevaluated;
+a sweep of runs stays readable, in a real browser too."""
 
+import html
 import json
 
 import pytest
@@ -35,7 +37,7 @@ def test_report_of_a_plain_a_resumed_and_a_cut_run(tiny_data, tmp_path):
     res = runner.invoke(app, ["report", str(plain), str(resumed), str(cut), "--out", str(out)])
     assert res.exit_code == 0, res.output
     page = out.read_text()
-    assert page.count("data:image/png;base64,") == len(json.loads(res.stdout)["figures"]) >= 5
+    assert page.count("data-figure=") == len(json.loads(res.stdout)["figures"]) >= 5
     assert "not whole" in res.stderr and "no evaluation yet" in res.stderr
     runs = [read_run(p) for p in (plain, resumed, cut)]
     figs = figure_data(runs)
@@ -87,6 +89,16 @@ def fake_run(path):
     return path
 
 
+def test_without_plotly_the_page_embeds_the_pngs(tmp_path, monkeypatch):
+    import fastdeit.report_page
+
+    monkeypatch.setattr(fastdeit.report_page, "_has_plotly", lambda: False)
+    result = write_report([fake_run(tmp_path / "run")], tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("data:image/png;base64,") == len(result["figures"]) == 3 and "plotly is not installed" in page
+    assert "Plotly.newPlot" not in page and 'class="run"' in page  # the run bar stays, as a legend
+
+
 def test_report_writes_over_its_own_report_only(tmp_path):
     run = fake_run(tmp_path / "run")
     ckpt = run / "checkpoint-last.pt"
@@ -110,3 +122,174 @@ def test_report_writes_over_its_own_report_only(tmp_path):
     res = runner.invoke(app, [*args, str(mine)])
     assert res.exit_code == 2 and "mine-figures" in res.stderr and "loss.png" in res.stderr
     assert (tmp_path / "mine-figures" / "loss.png").read_bytes() == b"a figure of mine" and not mine.exists()
+
+
+# The arms of benchmarks/ablation.py --quick, and one more: a sweep's worth of runs.
+SWEEP = ["none", "soft", "hard", "hard-replay", "hard-labelmap", "hard-convnet-matched", "hard-transformer",
+         "none-10pct", "hard-10pct", "none-30pct", "hard-30pct", "hard-seed1"]
+
+
+def sweep_run(path, k: int, steps: int = 60, epochs: int = 3):
+    """A run folder as a short training writes it, with noisy step curves that differ per run;
+    runs without distillation (the "none" arms) log no distillation loss nor extra heads."""
+    import math
+    import random
+
+    rng, distilled = random.Random(k), not path.name.startswith("none")
+    path.mkdir(parents=True)
+    recs = []
+    for u in range(1, steps + 1):
+        base = 4.6 * math.exp(-u / (25 + 3 * k)) + 1.0 + rng.gauss(0, 0.15)
+        peak = 5e-4 * (1 + k % 3)  # a learning-rate sweep: warmup, then cosine
+        lr = peak * min(1.0, u / 10) * (0.5 + 0.5 * math.cos(math.pi * max(0, u - 10) / (steps - 10)))
+        rec = {"kind": "step", "updates": u, "loss_base": base, "lr": lr,
+               "img_s": 900 + 40 * k + rng.gauss(0, 60), "data_wait": max(0.0, 0.1 + rng.gauss(0, 0.05))}
+        if distilled:
+            rec["loss_distill"] = base * 0.8 + rng.gauss(0, 0.1)
+        rec["loss"] = (base + rec.get("loss_distill", base)) / 2
+        recs.append(rec)
+    for e in range(epochs):
+        top1 = 20 + 8 * e + 1.5 * k
+        heads = {"top1_cls": top1 - 2, "top1_dist": top1 - 1} if distilled else {}
+        recs.append({"kind": "epoch", "epoch": e, "top1": top1, "top5": top1 + 30, "train_img_s": 900 + 40 * k,
+                     **heads})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    mode = path.name.split("-")[0]
+    targets = next((t for t in ("replay", "labelmap") if t in path.name), "live")
+    model = "deit_tiny" if mode == "none" else "deit_tiny_distilled"
+    config = {"model": {"name": model}, "distill": {"mode": mode, "targets": targets}}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "summary.json").write_text(json.dumps({"wall_s": 60.0 + 5 * k}))
+    return path
+
+
+def sweep(root, n: int = 12) -> list:
+    names = SWEEP + [f"run-{k}" for k in range(len(SWEEP), n)]
+    return [sweep_run(root / names[k], k) for k in range(n)]
+
+
+def test_a_sweep_has_one_colour_per_run_in_every_figure_and_smoothed_steps(tmp_path):
+    pytest.importorskip("plotly")
+    from PIL import Image
+
+    from fastdeit.report import specs
+    from fastdeit.report_page import ema, plotly_figure, run_styles
+
+    runs = sweep(tmp_path / "runs", 12)
+    out = tmp_path / "r.html"
+    res = runner.invoke(app, ["report", *map(str, runs), "--out", str(out), "--smooth", "0.8"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert len({s.colour for s in run_styles([f"r{k}" for k in range(24)]).values()}) == 24  # no colour twice
+    assert len(set(run_styles([f"r{k}" for k in range(72)]).values())) == 72  # then another dash
+    styles = run_styles([r.name for r in runs])
+    figures = figure_data([read_run(r) for r in runs])
+    page = out.read_text()
+    assert page.count('id="plotly-js"') == 1 and page.count("plotly.js v") == 1  # the library once, inline
+    assert '<meta name="generator" content="fastdeit report">' in page[:512] and "cdn" not in page[:2000].lower()
+    assert page.count('class="run"') == 12 and "<img" not in page
+    for name, data in figures.items():
+        fig = plotly_figure(data, specs()[name], styles, 0.8)
+        for t in fig.data:  # the run's colour, whatever the figure
+            assert t.line.color == styles[t.legendgroup].colour
+        lines = [t for t in fig.data if t.meta != "raw"]
+        per_panel = {}
+        for t in lines:
+            per_panel.setdefault(t.xaxis, []).append(t.legendgroup)
+        assert all(len(v) == len(set(v)) <= 12 for v in per_panel.values())  # one line per run per panel
+        smoothed = [t for t in fig.data if t.meta == "smoothed"]
+        assert bool(smoothed) == (name in ("loss", "speed", "data_wait"))
+        for t in smoothed:
+            assert list(t.y) == pytest.approx(ema(list(t.customdata), 0.8))
+    loss = plotly_figure(figures["loss"], specs()["loss"], styles, 0.8)
+    assert {a.text for a in loss.layout.annotations} == {"loss", "base", "distillation"}  # small multiples
+    assert len({t.legendgroup for t in loss.data if t.meta == "raw"}) == 12  # raw points still drawn
+    assert ema([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0]) and ema([1.0, 3.0], 0.0) == [1.0, 3.0]
+    assert str(ema([1.0, float("nan"), 1.0], 0.5)) == "[1.0, nan, 1.0]"  # a diverged point passes, the rest stays
+    assert len(result["pngs"]) == 6  # no cached targets: no agreement figure
+    for png in result["pngs"]:  # the PNGs stay, marked as ours
+        with Image.open(png) as img:
+            assert img.info.get("Software") == "fastdeit report" and img.width >= 800
+
+    res = runner.invoke(app, ["report", str(runs[0]), "--out", str(out), "--smooth", "1"])
+    assert res.exit_code == 2 and "--smooth" in res.stderr and "Traceback" not in res.output
+
+
+# Run in the page once it has drawn: hide the first run (its button), then smoothing off (the
+# slider), and leave what the browser drew in <pre id="check"> for --dump-dom to hand back.
+_PROBE = """<script>
+window.addEventListener('load', () => setTimeout(() => {
+  const lines = () => document.querySelectorAll('path.js-line').length;
+  const out = {plots: document.querySelectorAll('.js-plotly-plot .main-svg').length, lines: lines()};
+  document.querySelector('button.run').click();
+  setTimeout(() => {
+    out.hidden = lines();
+    const s = document.getElementById('smooth');
+    s.value = 0;
+    s.dispatchEvent(new Event('input'));
+    setTimeout(() => {
+      const t = document.querySelector('[data-figure="loss"] .js-plotly-plot').data.filter(t => t.meta === 'smoothed');
+      out.raw = t.every(t => Array.from(t.y).every((y, i) => Math.abs(y - t.customdata[i]) < 1e-9));
+      const pre = document.createElement('pre');
+      pre.id = 'check';
+      pre.textContent = JSON.stringify(out);
+      document.body.appendChild(pre);
+    }, 300);
+  }, 300);
+}, 500));
+</script>"""
+
+
+def chromium(*args: str) -> str:
+    """Headless Chromium's stdout (root needs --no-sandbox; virtual time lets timers run at once)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    exe = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "chrome"))), None)
+    if exe is None:
+        pytest.skip("no Chromium here (apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        res = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+                              f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args],
+                             capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_the_page_draws_in_a_headless_browser(tmp_path):
+    """The page as a user opens it, offline: every figure drawn with a line per run and panel,
+    a run hidden across figures by its button, the slider smoothing, each run's colour on screen."""
+    pytest.importorskip("plotly")
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from fastdeit.report import specs
+    from fastdeit.report_page import plotly_figure, run_styles
+
+    runs = sweep(tmp_path / "runs", 12)
+    out = tmp_path / "report.html"
+    result = write_report(runs, out)
+    styles = run_styles([r.name for r in runs])
+    figs = [plotly_figure(d, specs()[n], styles, 0.6) for n, d in result["figures"].items()]
+    first = sum(t.legendgroup == runs[0].name for f in figs for t in f.data)
+
+    probe = tmp_path / "probe.html"
+    probe.write_text(out.read_text().replace("</body>", _PROBE + "</body>"))
+    dom = chromium("--dump-dom", probe.as_uri())
+    check = json.loads(html.unescape(re.search(r'<pre id="check">(.*?)</pre>', dom).group(1)))
+    assert check["plots"] >= len(figs) == 6
+    assert check["lines"] == sum(len(f.data) for f in figs)  # every trace drawn
+    assert check["hidden"] == check["lines"] - first and check["raw"]
+
+    shot = tmp_path / "shot.png"
+    chromium("--window-size=1600,2600", f"--screenshot={shot}", out.as_uri())
+    rgb = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(np.int64)
+    packed, counts = np.unique(rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2], return_counts=True)
+    colours = np.stack([packed >> 16, packed >> 8 & 255, packed & 255], axis=1)
+    assert len(packed) > 200  # not a blank page
+    for name, colour in result["colours"].items():  # each run's line on screen, in its own colour
+        near = np.abs(colours - [int(colour[i:i + 2], 16) for i in (1, 3, 5)]).sum(axis=1) < 12
+        assert counts[near].sum() > 300, name
