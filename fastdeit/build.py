@@ -140,12 +140,20 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
                     live_check, {"loader": f"{loader} ({loader_why})", "attention": attn or "-", "compile": compiled})
 
 
+# `auto` attention choices of runs without run.cache_dir, for the rest of the process.
+_MEASURED: dict[str, str] = {}
+
+
 def attention_backend(cfg: TrainConfig, model: nn.Module, world: World, device: torch.device,
                       amp: torch.dtype | None, console: Console) -> str | None:
-    """Set the student's attention backend; `auto` choices are remembered in
-    run.cache_dir/attention.json, and every rank takes rank 0's (timing noise must not split them)."""
+    """Set the student's attention backend; `auto` choices are remembered in one place:
+    run.cache_dir/attention.json (else in this process), and every rank takes rank 0's (timing
+    noise must not split them)."""
     path = Path(cfg.run.cache_dir) / "attention.json" if cfg.run.cache_dir else None
-    known = json.loads(path.read_text()) if path and path.exists() else {}
+    if path is None:
+        known = _MEASURED
+    else:
+        known = json.loads(path.read_text()) if path.exists() else {}
     backend, times = choose_attention(model, cfg.model.attn, cfg.run.batch_size // world.size,
                                       amp or torch.float32, device, known)
     if backend is not None and (agreed := dist.agree_with_main(backend, world)) != backend:

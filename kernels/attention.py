@@ -326,9 +326,6 @@ def flops(batch: int, heads: int, tokens: int, head_dim: int, backward: bool = F
     return fwd * (3.5 if backward else 1.0)
 
 
-_CHOSEN: dict[tuple, str] = {}
-
-
 def _time_fwd_bwd(fn, q, k, v, repeats: int = 10) -> float:
     for _ in range(3):
         fn(q, k, v).sum().backward()
@@ -345,13 +342,11 @@ def _time_fwd_bwd(fn, q, k, v, repeats: int = 10) -> float:
 def pick_backend(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> tuple[str, dict[str, float]]:
     """The fastest backend whose output matches SDPA's on this shape, forward + backward timed
-    on the device (milliseconds per call in the dict); remembered in-process. Without CUDA:
-    sdpa, unmeasured (the Triton kernel needs a GPU)."""
+    on the device (milliseconds per call in the dict); measured on every call: the caller
+    remembers choices (models.choose_attention). Without CUDA: sdpa, unmeasured (the Triton
+    kernel needs a GPU)."""
     if device.type != "cuda":
         return "sdpa", {}
-    key = (torch.cuda.get_device_name(device), batch, heads, tokens, head_dim, str(dtype))
-    if key in _CHOSEN:
-        return _CHOSEN[key], {}
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, generator=g)
                .requires_grad_(True) for _ in range(3))
@@ -368,5 +363,4 @@ def pick_backend(batch: int, heads: int, tokens: int, head_dim: int, dtype: torc
             times[backend] = _time_fwd_bwd(fn, q, k, v)
         except Exception:  # a backend that cannot run this shape is simply not a candidate
             continue
-    _CHOSEN[key] = min(times, key=times.get)
-    return _CHOSEN[key], times
+    return min(times, key=times.get), times
