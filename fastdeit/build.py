@@ -42,8 +42,6 @@ from fastdeit.models import (
     choose_attention,
     compile_model,
     is_distilled,
-    load_teacher,
-    ready_teacher,
     set_attention,
     set_trainable,
 )
@@ -51,7 +49,7 @@ from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.rundir import atomic_write_text
 from fastdeit.step import Step, make_step
 from fastdeit.teacher_cache import is_complete
-from fastdeit.teachers import LiveTeacher, TeacherSource, cache_folder, open_teacher_source
+from fastdeit.teachers import LiveTeacher, TeacherSource, cache_folder, load_live, open_teacher_source
 
 
 @dataclass(frozen=True)
@@ -191,13 +189,9 @@ def open_teacher(cfg: TrainConfig, data: Data, student: nn.Module, world: World,
         raise ConfigError("distill.mode", f"{d.mode} needs a student with a distillation token: use "
                                           f"{cfg.model.name}_distilled (or another deit_*_distilled)")
     # A replay run reads the teacher's outputs: its weights only serve to check the cache.
-    if d.targets == "replay":
-        teacher = load_teacher(d, len(data.classes), cfg.data.img_size, torch.device("cpu"))
-    else:
-        teacher = ready_teacher(load_teacher(d, len(data.classes), cfg.data.img_size, device), device,
-                                cfg.run.compile)
-    prepare_label_maps(cfg, data.train, teacher, world, console)
-    return open_teacher_source(cfg, data.train, teacher, device, amp, console)
+    live = load_live(cfg, len(data.classes), device, amp, run=d.targets != "replay")
+    prepare_label_maps(cfg, data.train, live.teacher, world, console)
+    return open_teacher_source(cfg, data.train, live, device, amp, console)
 
 
 def prepare_label_maps(cfg: TrainConfig, index: ImageIndex, teacher: nn.Module, world: World,

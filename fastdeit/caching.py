@@ -28,7 +28,6 @@ from fastdeit.device import amp_dtype, autocast, resolve_device, sync
 from fastdeit.dist import SINGLE, World, all_reduce, barrier
 from fastdeit.errors import Requeue, Stopped, UserError
 from fastdeit.loaders import Loaders, choose_loader, read_skip_list
-from fastdeit.models import load_teacher, ready_teacher
 from fastdeit.pipelines.tail import normalize
 from fastdeit.pipelines.torch import square_loader
 from fastdeit.plan import PlanSpec, steps_per_epoch
@@ -42,7 +41,7 @@ from fastdeit.teacher_cache import (
     read_manifest,
     replay_dtype,
 )
-from fastdeit.teachers import LiveTeacher, agreement, cell_probs, labelmap_records, replay_records, source_from_cache
+from fastdeit.teachers import agreement, cell_probs, labelmap_records, load_live, replay_records, source_from_cache
 
 
 def _progress(console: Console) -> Progress:
@@ -58,10 +57,8 @@ def live_step(cfg: TrainConfig, index: ImageIndex, world: World = SINGLE) -> tup
     """The run's Step (prepare only) with the live teacher as its source, and the teacher."""
     device = world_device(cfg, world)
     amp = amp_dtype(cfg.run.amp, device)
-    teacher = ready_teacher(load_teacher(cfg.distill, len(index.classes), cfg.data.img_size, device), device,
-                            cfg.run.compile)  # as a live run has it
-    live = LiveTeacher(teacher, amp, cfg.distill.teacher_img_size)
-    return make_step(cfg, device, amp, len(index.classes), live), teacher
+    live = load_live(cfg, len(index.classes), device, amp)  # as a live run has it
+    return make_step(cfg, device, amp, len(index.classes), live), live.teacher
 
 
 def _owned(writer: CacheWriter, total: int, world: World) -> list[int]:
@@ -154,8 +151,7 @@ def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Cons
     batched from the shard's first row, so N ranks write the bytes one process would."""
     device = world_device(cfg, world)
     amp = amp_dtype(cfg.run.amp, device)
-    teacher = teacher or ready_teacher(load_teacher(cfg.distill, len(index.classes), cfg.data.img_size, device),
-                                       device, cfg.run.compile)
+    teacher = teacher or load_live(cfg, len(index.classes), device, amp).teacher
     size = cfg.distill.labelmap_size or cfg.data.img_size
     with torch.no_grad(), autocast(device, amp):
         probe = cell_probs(teacher, torch.zeros(1, 3, size, size, device=device))

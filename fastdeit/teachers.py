@@ -29,6 +29,7 @@ from fastdeit.config import DistillMode, TrainConfig
 from fastdeit.data.folder import ImageIndex
 from fastdeit.device import autocast, to_device
 from fastdeit.errors import UserError
+from fastdeit.models import load_teacher, ready_teacher
 from fastdeit.plan import BatchPlan
 from fastdeit.rundir import RunDir
 from fastdeit.teacher_cache import CacheReader, identity
@@ -75,6 +76,19 @@ class LiveTeacher:
         # no_grad rather than inference_mode: the logits are saved by the loss's backward.
         with torch.no_grad(), autocast(images.device, self.amp_dtype):
             return self.teacher(images).float()
+
+
+def load_live(cfg: TrainConfig, num_classes: int, device: torch.device, amp: torch.dtype | None,
+              run: bool = True) -> LiveTeacher:
+    """The run's teacher as every use builds it: loaded (models.load_teacher) and made ready on
+    `device` (models.ready_teacher: the same teacher for a live run, a cache build and
+    `--verify`). run=False: only loaded, on the CPU, for a source that just reads a cache and
+    needs no more of the teacher than its name and weights' hash."""
+    where = device if run else torch.device("cpu")
+    teacher = load_teacher(cfg.distill, num_classes, cfg.data.img_size, where)
+    if run:
+        teacher = ready_teacher(teacher, device, cfg.run.compile)
+    return LiveTeacher(teacher, amp, cfg.distill.teacher_img_size)
 
 
 def agreement(live: LiveTeacher, images: torch.Tensor, plan: BatchPlan, teacher: torch.Tensor) -> torch.Tensor:
@@ -230,13 +244,12 @@ def source_from_cache(cfg: TrainConfig, index: ImageIndex, reader: CacheReader) 
     return LabelMapTeacher(reader, index.sizes, int(m["grid"]), len(index.classes), d.mode, d.tau)
 
 
-def open_teacher_source(cfg: TrainConfig, index: ImageIndex, teacher: nn.Module, device: torch.device,
+def open_teacher_source(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher, device: torch.device,
                         amp: torch.dtype | None, console: Console) -> tuple[TeacherSource, LiveTeacher | None]:
     """The run's teacher source, and for label maps a live teacher to measure agreement with.
     A cache must exist (label maps are built beforehand, see build.prepare_label_maps) and
     match the run: teacher, data, plan, epochs; otherwise one line says what differs."""
-    d = cfg.distill
-    live = LiveTeacher(teacher, amp, cfg.distill.teacher_img_size)
+    d, teacher = cfg.distill, live.teacher
     if d.targets == "live":
         return live, None
     cache = cache_folder(cfg)
