@@ -139,15 +139,15 @@ def test_the_gpu_session_script_runs_every_part_dry(tmp_path):
 
 @pytest.mark.slow
 def test_the_soak_kills_and_resumes_a_training_that_ends_as_its_reference(tmp_path):
-    """benchmarks/soak.py at toy size: a training of 6 updates killed twice (seed 531: SIGKILL
-    early, then SIGTERM later, to the process group) and resumed; the results file holds the
-    kills and no difference (the second kill may miss the end of the run on a loaded machine)."""
+    """benchmarks/soak.py at toy size: a training of 6 updates killed (SIGKILL or SIGTERM, to the
+    launcher or its group) and resumed until the kills are spent; the results file holds the
+    kills and no difference."""
     out = tmp_path / "soak.json"
-    rc = load("soak").main(["--kills", "2", "--seed", "531", "--scenarios", "train", "--images", "16",
+    rc = load("soak").main(["--kills", "3", "--seed", "531", "--scenarios", "train", "--images", "16",
                             "--epochs", "2", "--work", str(tmp_path / "work"), "--results", str(out)])
     report = json.loads(out.read_text())
     train = report["scenarios"]["train"]
     assert rc == 0 and report["result"].endswith(" survived exactly, 0 differences"), report
-    assert train["kills"][0]["signal"] == "SIGKILL" and train["restarts"] == len(train["kills"]) >= 1
+    assert len(train["kills"]) >= 1 and train["restarts"] <= len(train["kills"])  # a late kill may find it done
     assert train["differences"] == train["defects"] == [] and train["max_abs_weight_difference"] == 0.0
     assert train["steps"] == 6 and report["versions"]["torch"] and report["command"].startswith("benchmarks/soak.py")

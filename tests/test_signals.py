@@ -273,3 +273,31 @@ def test_dali_read_workers_die_with_a_killed_training(tiny_data, tmp_path):
     assert len(watched) >= 2, "DALI's read workers should be running"
     os.kill(proc.pid, signal.SIGKILL)
     finish(proc, out, watched)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [("TERM", 3), ("USR1", 4)])
+def test_a_stop_while_the_command_starts_is_a_stop_too(tiny_data, tmp_path, sig, code):
+    """Before training watches for stops (importing torch, scanning the data: seconds, or
+    minutes for a large tree), the installed `fastdeit` command already takes them: the same
+    exit code and line as any stop, not death by the signal."""
+    script = Path(sys.executable).with_name("fastdeit")
+    if not script.exists():
+        pytest.skip("the fastdeit command is not installed beside this Python")
+    out = tmp_path / "run"
+    log = open(tmp_path / "log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([str(script), "train", *RUN, "--data", str(tiny_data), "--out", str(out)], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    wait_for(proc, lambda: _catches(proc.pid, signal.SIGTERM) and _catches(proc.pid, signal.SIGUSR1), timeout=30)
+    os.killpg(proc.pid, getattr(signal, f"SIG{sig}"))
+    assert proc.wait(timeout=120) == code
+    text = (tmp_path / "log").read_text()
+    assert "Traceback" not in text and "run the same command again" in text, text
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler for `sig` (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
