@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -16,6 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from fastdeit import cli_data  # noqa: F401  (registers the data commands on the app)
+from fastdeit.api import build_train_config
 from fastdeit.cli_base import _one_of, app, cache_dir, command, err
 from fastdeit.config import (
     AttnBackend,
@@ -24,14 +24,12 @@ from fastdeit.config import (
     Head,
     Loader,
     TeacherTargets,
-    TrainConfig,
     apply_overrides,
     check_choice,
-    validate,
-    with_section,
 )
+from fastdeit.config_files import to_toml
 from fastdeit.errors import UserError
-from fastdeit.fetch import is_url, local_weights
+from fastdeit.fetch import local_weights
 from fastdeit.recipes import recipe
 from fastdeit.sinks import check_sink
 
@@ -44,6 +42,8 @@ def train(
     out: Path = typer.Option(None, help="Run folder (config.json, metrics.jsonl, checkpoints, summary.json)."),
     recipe_name: str = typer.Option("deit", "--recipe", help="deit (the paper's ImageNet recipe), "
                                     "deit-finetune-384, transfer or demo."),
+    config_file: Path = typer.Option(None, "--config", help="A TOML or JSON file of config sections (a run's "
+                                     "config.json too), over the recipe and under the flags and --set."),
     epochs: int = typer.Option(None, help="Training epochs."),
     batch_size: int = typer.Option(None, help="Global batch size (split across ranks)."),
     img_size: int = typer.Option(None, help="Training and eval resolution."),
@@ -91,31 +91,11 @@ def train(
         "distill.targets": targets, "distill.teacher_cache": teacher_cache,
         "run.device": topo.device if topo else device, "data.loader": loader, "run.seed": seed, "model.attn": attn,
         "run.compile": compile_mode, "run.ckpt_every": ckpt_every, "distill.teacher_img_size": teacher_img_size,
-        "model.train_only": train_only, "run.log": log, "run.accum_steps": accum_steps}, overrides)
+        "model.train_only": train_only, "run.log": log, "run.accum_steps": accum_steps}, overrides, config_file)
     check_sink(cfg.run.log)
     summary = start(cfg, topo, resume, err)
     if summary is not None:
         print(json.dumps({k: summary[k] for k in SUMMARY_KEYS}))
-
-
-def build_train_config(recipe_name: str, flags: dict[str, Any], overrides: list[str]) -> TrainConfig:
-    """The recipe, then the flags given ({config key: value}, None where not given), then the
-    --set overrides; validated. The fastdeit cache folder remembers measured choices."""
-    cfg = recipe(recipe_name)
-    for key, value in {**flags, "run.cache_dir": cache_dir()}.items():
-        if value is not None:
-            section, name = key.split(".")
-            cfg = with_section(cfg, section, **{name: str(value) if isinstance(value, Path) else value})
-    cfg = apply_overrides(cfg, overrides)
-    for section, name in (("distill", "teacher_ckpt"), ("model", "init")):  # URLs fetched here, once
-        if is_url(value := getattr(getattr(cfg, section), name)):
-            cfg = with_section(cfg, section, **{name: str(local_weights(value, cache_dir()))})
-    if not cfg.data.path:
-        raise UserError("--data DIR is required (make one with: fastdeit make-data DIR)")
-    if not cfg.run.out:
-        raise UserError("--out RUN is required: the run folder to write")
-    validate(cfg)
-    return cfg
 
 
 @app.command("cache-teacher")
@@ -163,6 +143,18 @@ def cache_teacher(
         print(json.dumps(run(cfg, mode, out, verify_batches, err)))
     elif (result := start_cache_teacher(cfg, topo, mode, out, err)) is not None:
         print(json.dumps(result))
+
+
+@app.command("recipe")
+@command
+def recipe_cmd(
+    name: str = typer.Argument(..., help="deit | demo | deit-finetune-384 | transfer."),
+    overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable), as for train."),
+) -> None:
+    """Print a recipe's whole config as TOML, for `fastdeit train --config FILE` to read back."""
+    cfg = apply_overrides(recipe(name), overrides)
+    print(to_toml(cfg, header=f"fastdeit recipe {name}" + "".join(f" --set {o}" for o in overrides)
+                  + "\norder: recipe < this file (--config) < flags < --set"), end="")
 
 
 @app.command("eval")

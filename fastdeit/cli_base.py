@@ -41,6 +41,8 @@ def _one_of(typ: Any) -> str:
 
 def flagged(text: str, overrides: list[str]) -> str:
     """An error line with config keys shown as this command's flags (keys set with --set stay keys)."""
+    if text.startswith("--config "):  # a file's fault is named by the file's own keys
+        return text
     given = {item.split("=", 1)[0] for item in overrides}
     for key, flag in FLAGS.items():
         if key not in given:

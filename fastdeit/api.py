@@ -1,0 +1,112 @@
+"""The Python API, for notebooks and scripts: the code the `fastdeit` command runs, without the
+command line. Errors raise `fastdeit.errors.UserError` (one line: what is wrong, what to do)
+instead of exiting; a stop on request raises `Stopped`.
+
+    import fastdeit
+
+    cfg = fastdeit.config_from("demo", data="demo-data", model="deit_tiny", out="runs/api", epochs=1)
+    summary = fastdeit.train(cfg)               # the run's summary.json, as a dict
+    scores = fastdeit.evaluate("runs/api", data="demo-data")
+    model = fastdeit.load("runs/api")           # timm's nn.Module, in eval mode
+
+Settings are named as the `train` command's flags (`batch_size=` for `--batch-size`), any
+config key through `sets=["section.key=value", ...]`, and a file through `config=`; the order
+is recipe < config file < settings < sets, as on the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from torch import nn
+
+from fastdeit.cli_base import FLAGS, cache_dir
+from fastdeit.config import TrainConfig, apply_overrides, validate, with_section
+from fastdeit.config_files import apply_config_file
+from fastdeit.errors import UserError
+from fastdeit.fetch import is_url, local_weights
+from fastdeit.recipes import recipe
+
+# The train command's flags by their Python names (--batch-size: batch_size) -> config keys.
+SETTINGS = {flag.removeprefix("--").replace("-", "_"): key for key, flag in FLAGS.items()}
+
+
+def build_train_config(recipe_name: str, flags: dict[str, Any], overrides: list[str],
+                       config_file: Path | None = None) -> TrainConfig:
+    """The recipe, then a --config file, then the flags given ({config key: value}, None where
+    not given), then the --set overrides; validated. The fastdeit cache folder remembers
+    measured choices."""
+    cfg = recipe(recipe_name)
+    if config_file is not None:
+        cfg = apply_config_file(cfg, config_file)
+    for key, value in {**flags, "run.cache_dir": cache_dir()}.items():
+        if value is not None:
+            section, name = key.split(".")
+            cfg = with_section(cfg, section, **{name: str(value) if isinstance(value, Path) else value})
+    cfg = apply_overrides(cfg, overrides)
+    for section, name in (("distill", "teacher_ckpt"), ("model", "init")):  # URLs fetched here, once
+        if is_url(value := getattr(getattr(cfg, section), name)):
+            cfg = with_section(cfg, section, **{name: str(local_weights(value, cache_dir()))})
+    if not cfg.data.path:
+        raise UserError("--data DIR is required (make one with: fastdeit make-data DIR)")
+    if not cfg.run.out:
+        raise UserError("--out RUN is required: the run folder to write")
+    validate(cfg)
+    return cfg
+
+
+def config_from(recipe_name: str = "deit", *, config: str | Path | None = None, sets: list[str] | tuple = (),
+                **settings: Any) -> TrainConfig:
+    """A validated run config: the recipe, a config file, the settings, then `sets`."""
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise UserError(f"config_from: unknown setting {unknown[0]!r}; settings: {', '.join(sorted(SETTINGS))}; "
+                        f"any other config key with sets=['section.key=value']")
+    flags = {SETTINGS[name]: value for name, value in settings.items()}
+    return build_train_config(recipe_name, flags, list(sets), Path(config) if config else None)
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None, gpus: int | None = None, procs: int = 1,
+          console: Console | None = None) -> dict[str, Any] | None:
+    """Train `cfg` (from `resume`: a checkpoint, a run folder, or "auto"); the summary. With
+    `gpus`, a worker group through torchrun, as `--gpus N` (`gpus=0, procs=P`: CPU workers);
+    the summary is then the run folder's summary.json."""
+    from fastdeit.launch import start, topology
+    from fastdeit.rundir import RunDir
+
+    topo = topology(gpus, procs, device=cfg.run.device)
+    summary = start(cfg, topo, str(resume) if resume else None, console or Console(stderr=True))
+    if summary is None and RunDir(cfg.run.out).summary.is_file():
+        import json
+
+        summary = json.loads(RunDir(cfg.run.out).summary.read_text())
+    return summary
+
+
+def evaluate(weights: str | Path, data: str | Path, *, model: str = "", img_size: int = 224, device: str = "auto",
+             batch_size: int = 256, workers: int = 2, ema: bool = False, loader: str = "auto") -> dict[str, Any]:
+    """Top-1 / top-5 per head on the val split of `data`: a run folder (its best checkpoint),
+    a checkpoint, or weights from elsewhere with `model`."""
+    from fastdeit.evaluation import Architecture, evaluate_checkpoint
+    from fastdeit.predicting import weights_of
+
+    res = evaluate_checkpoint(weights_of(local_weights(str(weights), cache_dir())), Path(data), device, batch_size,
+                              workers, ema, loader, cache_dir(), Architecture(model, img_size))
+    return {"images": res.n, "unreadable": res.bad, "img_s": res.img_s,
+            **{head: {"top1": res.top1(head), "top5": res.top5(head)} for head in res.heads}}
+
+
+def load(source: str | Path, *, model: str = "", img_size: int = 224, ema: bool = False) -> nn.Module:
+    """The trained model as timm's nn.Module, in eval mode on the CPU: a run folder (its best
+    checkpoint), a checkpoint, or weights from elsewhere with `model`. Its class names are in
+    `model.fastdeit_classes`."""
+    from fastdeit.evaluation import Architecture, load_for_inference
+    from fastdeit.predicting import weights_of
+
+    path = weights_of(local_weights(str(source), cache_dir()))
+    loaded = load_for_inference(path, Architecture(model, img_size) if model else None, use_ema=ema)
+    net = loaded.model.eval()
+    net.fastdeit_classes = loaded.classes
+    return net

@@ -1,0 +1,68 @@
+"""Configs as files: `fastdeit recipe NAME` prints TOML that `train --config` reads back
+unchanged, a run's config.json reruns it, and a bad file is one line naming the file and the
+key or line. The order: recipe < --config < flags < --set."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fastdeit.cli import app
+from fastdeit.config import TrainConfig
+from fastdeit.config_files import apply_config_file
+from fastdeit.recipes import RECIPES, recipe
+
+from tiny import TINY_MODEL, TINY_RUN
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_round_trips_through_toml(name, tmp_path):
+    res = runner.invoke(app, ["recipe", name, "--set", "run.seed=5", "--set", "aug.scale=0.2,1.0"])
+    assert res.exit_code == 0, res.output
+    (tmp_path / "r.toml").write_text(res.stdout)
+    expected = TrainConfig.from_dict({**recipe(name).to_dict(), "run": {**recipe(name).to_dict()["run"], "seed": 5},
+                                      "aug": {**recipe(name).to_dict()["aug"], "scale": [0.2, 1.0]}})
+    assert apply_config_file(TrainConfig(), tmp_path / "r.toml") == expected
+
+
+def test_the_order_is_recipe_file_flags_set(tiny_data, tmp_path):
+    (tmp_path / "c.toml").write_text("[run]\nseed = 3\nlog_every = 2\n[sched]\nepochs = 7\n")
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", *TINY_RUN, *TINY_MODEL, "--data", str(tiny_data), "--model", "deit_tiny",
+                              "--out", str(out), "--config", str(tmp_path / "c.toml"), "--set", "run.log_every=3"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    # the file over the recipe (seed), the flag over the file (--epochs 1), --set over both
+    assert (cfg["run"]["seed"], cfg["sched"]["epochs"], cfg["run"]["log_every"]) == (3, 1, 3)
+
+
+def test_a_runs_config_json_reruns_it(tiny_data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert runner.invoke(app, ["train", *TINY_RUN, *TINY_MODEL, "--data", str(tiny_data), "--model", "deit_tiny",
+                               "--out", str(a), "--seed", "4"]).exit_code == 0
+    res = runner.invoke(app, ["train", "--config", str(a / "config.json"), "--out", str(b)])
+    assert res.exit_code == 0, res.output
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (a, b))
+    assert cb["run"].pop("out") == str(b) and ca["run"].pop("out") == str(a) and ca == cb
+    first = next(json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines() if '"step"' in x)
+    again = next(json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines() if '"step"' in x)
+    assert first["loss"] == again["loss"]
+
+
+@pytest.mark.parametrize("text, suffix, words", [
+    ("[modle]\nname = 'x'\n", ".toml", "unknown config section 'modle'"),
+    ("[model]\nnam = 'x'\n", ".toml", "unknown config key model.nam"),
+    ("[run]\nseed = 'abc'\n", ".toml", "run.seed must be an integer"),
+    ("[model\n", ".toml", "line 1"),
+    ('{"run": {"seed": 1}', ".json", "not valid JSON"),
+    ('{"run": 3}', ".json", "expected sections"),
+])
+def test_a_bad_file_is_one_line_naming_it(tiny_data, tmp_path, text, suffix, words):
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_text(text)
+    res = runner.invoke(app, ["train", "--config", str(bad), "--data", str(tiny_data), "--out", str(tmp_path / "r")])
+    line = res.stderr.strip().splitlines()[-1]
+    assert res.exit_code == 2 and line.startswith(f"error: --config {bad}") and words in line, res.output
+    assert not (tmp_path / "r").exists()
