@@ -30,7 +30,7 @@ from fastdeit.config import (
 from fastdeit.config_files import to_toml
 from fastdeit.errors import UserError
 from fastdeit.fetch import local_weights
-from fastdeit.recipes import recipe
+from fastdeit.recipes import RECIPES, recipe
 from fastdeit.sinks import check_sink
 
 
@@ -40,8 +40,8 @@ def train(
     data: Path = typer.Option(None, help="ImageFolder root (train/, val/) or a prepared data set."),
     model: str = typer.Option(None, help="deit_tiny/small/base[_distilled] or any timm classifier."),
     out: Path = typer.Option(None, help="Run folder (config.json, metrics.jsonl, checkpoints, summary.json)."),
-    recipe_name: str = typer.Option("deit", "--recipe", help="deit (the paper's ImageNet recipe), "
-                                    "deit-finetune-384, transfer or demo."),
+    recipe_name: str = typer.Option("deit", "--recipe", help=" | ".join(RECIPES) + " (deit: the paper's ImageNet "
+                                    "recipe; `fastdeit recipe NAME` prints one)."),
     config_file: Path = typer.Option(None, "--config", help="A TOML or JSON file of config sections (a run's "
                                      "config.json too), over the recipe and under the flags and --set."),
     epochs: int = typer.Option(None, help="Training epochs."),
@@ -148,7 +148,7 @@ def cache_teacher(
 @app.command("recipe")
 @command
 def recipe_cmd(
-    name: str = typer.Argument(..., help="deit | demo | deit-finetune-384 | transfer."),
+    name: str = typer.Argument(..., help=" | ".join(RECIPES) + "."),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable), as for train."),
 ) -> None:
     """Print a recipe's whole config as TOML, for `fastdeit train --config FILE` to read back."""

@@ -105,3 +105,17 @@ def test_the_readme_maps_every_docs_page():
     readme_links = set(links(ROOT / "README.md"))
     missing = [p.name for p in PAGES[1:] if f"docs/{p.name}" not in readme_links]
     assert not missing, f"pages not in the README's map of the docs: {missing}"
+
+
+def test_every_flag_of_every_command_is_in_the_cli_reference():
+    """docs/cli.md's synopsis cannot drift from the commands: each command and each of its
+    flags appears there."""
+    import typer.main
+
+    from fastdeit.cli import app
+
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    missing = [f"{name} {opt}" for name, cmd in typer.main.get_command(app).commands.items()
+               for p in cmd.params for opt in p.opts if opt.startswith("--") and opt not in doc]
+    missing += [name for name in typer.main.get_command(app).commands if f"fastdeit {name}" not in doc]
+    assert not missing
