@@ -6,8 +6,9 @@ the RNG streams, so it is part of what makes runs reproducible):
     data        the train and val indexes, the skip list applied; the loader choice
     student     seeded timm model -> attention backend (`auto`: measured on the device,
                 remembered) -> DDP (students only; the teacher is frozen) -> torch.compile
-    teacher     loaded; label maps built first when the run needs them and none exist (an
-                explicit phase with its own progress bar), then the teacher source opened
+    teacher     loaded; a cache the run builds for itself (label maps) built first when it
+                does not exist (an explicit phase with its own progress bar), then the
+                teacher source opened (teachers.TARGETS says what each source needs)
     optimizer   timm's factory, the per-update cosine schedule, the fp16 grad scaler, EMA
     loaders     DALI or the torch reference, executing the plan
     step        the Step (step.py) that prepares batches and updates the student
@@ -30,7 +31,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from fastdeit import dist
-from fastdeit.caching import build_labelmap
+from fastdeit.caching import BUILDS
 from fastdeit.config import TrainConfig, per_rank_batch, scaled_lr
 from fastdeit.data.folder import ImageIndex, load_dataset
 from fastdeit.device import amp_dtype, resolve_device
@@ -49,7 +50,7 @@ from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.rundir import atomic_write_text
 from fastdeit.step import Step, make_step
 from fastdeit.teacher_cache import is_complete
-from fastdeit.teachers import LiveTeacher, TeacherSource, cache_folder, load_live, open_teacher_source
+from fastdeit.teachers import TARGETS, Targets, TeacherSource, cache_folder, load_live, open_teacher_source
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,7 @@ class RunParts:
     scaler: torch.amp.GradScaler | None
     ema: ModelEmaV3 | None
     loaders: Loaders
-    step: Step
-    live_check: LiveTeacher | None  # label maps: the live teacher their agreement is measured against
+    step: Step  # its teacher source carries the live teacher it is checked against (`live_check`)
     chosen: dict[str, str]  # what was picked and why: loader, attention, compile (the run's banner)
 
 
@@ -126,7 +126,7 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
     # split the graph at DDP's bucket boundaries, so all-reduce overlaps backward.
     trained = wrap_ddp(cfg, model, world, device)
     compiled = compile_model(trained, cfg.run.compile)
-    teacher, live_check = open_teacher(cfg, data, model, world, device, amp, console)
+    teacher = open_teacher(cfg, data, model, world, device, amp, console)
     optimizer = make_optimizer(cfg, model, device)
     scheduler = make_scheduler(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
@@ -135,7 +135,7 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
     step = make_step(cfg, device, amp, len(data.classes), teacher, model=trained, optimizer=optimizer,
                      scaler=scaler, ema=ema, rank=world.rank)
     return RunParts(cfg, world, device, amp, data, steps, model, optimizer, scheduler, scaler, ema, loaders, step,
-                    live_check, {"loader": f"{loader} ({loader_why})", "attention": attn or "-", "compile": compiled})
+                    {"loader": f"{loader} ({loader_why})", "attention": attn or "-", "compile": compiled})
 
 
 # `auto` attention choices of runs without run.cache_dir, for the rest of the process.
@@ -179,31 +179,31 @@ def wrap_ddp(cfg: TrainConfig, model: nn.Module, world: World, device: torch.dev
 
 
 def open_teacher(cfg: TrainConfig, data: Data, student: nn.Module, world: World, device: torch.device,
-                 amp: torch.dtype | None, console: Console) -> tuple[TeacherSource | None, LiveTeacher | None]:
-    """The teacher source of a distillation run (and for label maps the live teacher their
-    agreement is measured against); (None, None) without distillation."""
+                 amp: torch.dtype | None, console: Console) -> TeacherSource | None:
+    """The teacher source of a distillation run; None without distillation."""
     d = cfg.distill
     if d.mode == "none":
-        return None, None
+        return None
     if not is_distilled(student):
         raise ConfigError("distill.mode", f"{d.mode} needs a student with a distillation token: use "
                                           f"{cfg.model.name}_distilled (or another deit_*_distilled)")
-    # A replay run reads the teacher's outputs: its weights only serve to check the cache.
-    live = load_live(cfg, len(data.classes), device, amp, run=d.targets != "replay")
-    prepare_label_maps(cfg, data.train, live.teacher, world, console)
+    targets = TARGETS[d.targets]
+    # A source that reads the teacher's outputs needs its weights only to check the cache.
+    live = load_live(cfg, len(data.classes), device, amp, run=targets.runs_teacher)
+    prepare_cache(cfg, targets, data.train, live.teacher, world, console)
     return open_teacher_source(cfg, data.train, live, device, amp, console)
 
 
-def prepare_label_maps(cfg: TrainConfig, index: ImageIndex, teacher: nn.Module, world: World,
-                       console: Console) -> None:
-    """Label maps a run needs and nobody has built: one teacher pass per image, with a
-    progress bar, every rank building every N-th shard (a build cut short resumes)."""
+def prepare_cache(cfg: TrainConfig, targets: Targets, index: ImageIndex, teacher: nn.Module, world: World,
+                  console: Console) -> None:
+    """A cache the run builds for itself (label maps) that nobody has built: built here, with
+    a progress bar, every rank building every N-th shard (a build cut short resumes)."""
     cache = cache_folder(cfg)
-    if cfg.distill.targets != "labelmap" or is_complete(cache, len(index)):
+    if not targets.built_by_run or is_complete(cache, len(index)):
         return
-    console.print(f"no complete label map cache at {cache} yet: building it (one teacher pass per image"
-                  + (f", over {world.size} ranks)" if world.distributed else ")"))
-    build_labelmap(cfg, index, cache, console, teacher, world)
+    console.print(f"no complete {targets.cache} cache at {cache} yet: building it"
+                  + (f" over {world.size} ranks" if world.distributed else ""))
+    BUILDS[targets.cache](cfg, index, cache, console, world=world, teacher=teacher)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:

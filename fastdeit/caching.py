@@ -32,16 +32,18 @@ from fastdeit.pipelines.tail import normalize
 from fastdeit.pipelines.torch import square_loader
 from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.step import Step, make_step
-from fastdeit.teacher_cache import (
-    CacheReader,
-    CacheWriter,
-    dtype_text,
-    identity,
+from fastdeit.teacher_cache import CacheReader, CacheWriter, dtype_text, read_manifest
+from fastdeit.teachers import (
+    TARGETS,
+    agreement,
+    cell_probs,
     labelmap_dtype,
-    read_manifest,
+    labelmap_records,
+    load_live,
+    reading,
     replay_dtype,
+    replay_records,
 )
-from fastdeit.teachers import agreement, cell_probs, labelmap_records, load_live, replay_records, source_from_cache
 
 
 def _progress(console: Console) -> Progress:
@@ -122,7 +124,7 @@ def build_replay(cfg: TrainConfig, index: ImageIndex, out: Path, epochs: int, co
     k = _topk(cfg, index)
     dtype = replay_dtype(k, len(index.classes))
     kind, _ = choose_loader(cfg.data.loader, step.device)
-    manifest = {**identity(cfg, "replay", index, teacher), "topk": k,
+    manifest = {**TARGETS["replay"].identity(cfg, index, teacher), "topk": k,
                 "shard_rows": max(1, cfg.distill.cache_shard_rows // b) * b, "record_dtype": dtype_text(dtype),
                 "rows_per_epoch": steps * b,
                 "built_with": {"loader": kind, "device": str(step.device), "amp": str(step.amp)}}
@@ -165,7 +167,7 @@ def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Cons
         raise UserError(f"the teacher's feature map at {size} px is not square: {tuple(probe.shape[2:])}")
     k = _topk(cfg, index)
     dtype = labelmap_dtype(k, len(index.classes), grid * grid)
-    manifest = {**identity(cfg, "labelmap", index, teacher), "topk": k, "grid": grid,
+    manifest = {**TARGETS["labelmap"].identity(cfg, index, teacher), "topk": k, "grid": grid,
                 "shard_rows": min(4096, cfg.distill.cache_shard_rows), "record_dtype": dtype_text(dtype),
                 "built_with": {"device": str(device), "amp": str(amp)}}
     writer = _open_writer(out, manifest, dtype, world)
@@ -184,6 +186,17 @@ def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Cons
     return _build(writer, _owned(writer, len(index), world), len(index), make, "label maps", device, world, console)
 
 
+def _replay_for_the_run(cfg: TrainConfig, index: ImageIndex, out: Path, console: Console, world: World = SINGLE,
+                        teacher: nn.Module | None = None) -> dict:
+    return build_replay(cfg, index, out, cfg.sched.epochs, console, world)  # the Step runs its own live teacher
+
+
+# How each kind of teacher cache is built for a run's config (into `out`, resuming what is
+# there), by the kind teachers.TARGETS names: `cache-teacher --mode`, a run that builds its own
+# cache (build.prepare_cache) and the demo all build through this table.
+BUILDS: dict[str, Callable[..., dict]] = {"replay": _replay_for_the_run, "labelmap": build_labelmap}
+
+
 def world_device(cfg: TrainConfig, world: World) -> torch.device:
     """The run's device; on CUDA, this rank's GPU."""
     device = resolve_device(cfg.run.device)
@@ -194,19 +207,22 @@ def verify_steps(cfg: TrainConfig, index: ImageIndex, cache: Path) -> tuple[Step
     """The run's Step with the live teacher as its source, and the same Step reading the cache
     (checked against the run first)."""
     reader = CacheReader(cache)
+    targets = reading(reader.manifest.get("mode"))
     live, teacher = live_step(cfg, index)
-    reader.validate(identity(cfg, reader.manifest["mode"], index, teacher))
-    return live, make_step(cfg, live.device, live.amp, len(index.classes), source_from_cache(cfg, index, reader))
+    reader.validate(targets.identity(cfg, index, teacher))
+    source = targets.open(cfg, index, live.teacher, reader)
+    return live, make_step(cfg, live.device, live.amp, len(index.classes), source)
 
 
 def verify(cfg: TrainConfig, index: ImageIndex, cache: Path, batches: int, console: Console) -> float:
     """Re-run the live teacher on `batches` random cached batches, prepared by the run's Step
     with the cache as its source; the fraction of equal hard labels."""
     live, cached = verify_steps(cfg, index, cache)
-    mode, reader = cached.teacher.name, cached.teacher.reader
     spec = PlanSpec.from_config(cfg)
     steps = steps_per_epoch(spec, len(index))
-    covered = reader.rows_available() // spec.batch_size if mode == "replay" else cfg.sched.epochs * steps
+    reader = cached.teacher.reader
+    covers = reading(reader.manifest["mode"]).covered
+    covered = covers(cfg, reader) if covers else cfg.sched.epochs * steps
     rng = np.random.default_rng(0)
     picks = sorted(rng.choice(covered, size=min(batches, covered), replace=False).tolist())
     loaders = Loaders(choose_loader(cfg.data.loader, live.device)[0], cfg.data, spec, live.device)
@@ -233,10 +249,7 @@ def cache_teacher(cfg: TrainConfig, mode: CacheMode, out: Path, verify_batches: 
         console.print(f"{verify_batches} batches re-run: {agreed:.2%} of the cached hard labels equal the "
                       f"live teacher's")
         return {"verify_batches": verify_batches, "agreement": agreed}
-    if mode == "replay":
-        manifest = build_replay(cfg, train, out, cfg.sched.epochs, console, world)
-    else:
-        manifest = build_labelmap(cfg, train, out, console, world=world)
+    manifest = BUILDS[mode](cfg, train, out, console, world=world)
     console.print(f"teacher cache ready in {out} ({mode}, {manifest['teacher']})")
     return {"cache": str(out), "mode": mode, "rows": CacheReader(out).rows_available()}
 

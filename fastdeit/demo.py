@@ -20,7 +20,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from fastdeit.build import load_data
-from fastdeit.caching import build_replay
+from fastdeit.caching import BUILDS
 from fastdeit.config import (
     CacheMode,
     Head,
@@ -37,6 +37,7 @@ from fastdeit.provenance import git_commit
 from fastdeit.recipes import recipe
 from fastdeit.report import write_report
 from fastdeit.rundir import RunDir
+from fastdeit.teachers import TARGETS
 from fastdeit.trainer import train
 
 TEACHER = "resnet18"
@@ -111,12 +112,14 @@ def run_config(base: TrainConfig, run: DemoRun, data: Path, out: Path, teacher: 
 
 
 def train_run(cfg: TrainConfig, console: Console, resume: Path | None = None) -> dict[str, Any]:
-    """Train one run of the demo (or of the ablation study), building its replay cache first
-    where it replays (a whole cache is kept, a killed build resumes). Its summary gains wall_s,
-    the time of this call: the cache's build included."""
+    """Train one run of the demo (or of the ablation study), building its teacher cache first
+    where it reads one that the run does not build itself (replay: a whole cache is kept, a
+    killed build resumes). Its summary gains wall_s, the time of this call: the cache's build
+    included."""
     t0 = time.perf_counter()
-    if cfg.distill.targets == "replay":
-        build_replay(cfg, load_data(cfg).train, Path(cfg.distill.teacher_cache), cfg.sched.epochs, console)
+    targets = TARGETS[cfg.distill.targets]
+    if targets.cache and not targets.built_by_run:
+        BUILDS[targets.cache](cfg, load_data(cfg).train, Path(cfg.distill.teacher_cache), console)
     summary = train(cfg, console, resume=resume)
     return {**summary, "wall_s": time.perf_counter() - t0}
 

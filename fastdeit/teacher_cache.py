@@ -32,7 +32,6 @@ from fastdeit.data.folder import ImageIndex
 from fastdeit.errors import UserError, differences
 from fastdeit.fetch import sha256_of
 from fastdeit.models import teacher_sha256
-from fastdeit.plan import PlanSpec
 from fastdeit.rundir import atomic_write, atomic_write_bytes
 
 FORMAT = 2  # 2: shard checksums keyed by the cache identity
@@ -41,39 +40,26 @@ MANIFEST = "manifest.json"
 IDENTITY_KEYS = ("format", "mode", "teacher", "teacher_sha256", "dataset", "num_classes", "plan", "topk",
                  "amp", "shard_rows", "record_dtype", "labelmap_size", "teacher_img_size")
 # Keys added after format 2 was fixed: part of a cache's identity only where they are set, so
-# the checksums of existing caches stay valid.
+# the checksums of existing caches stay valid (a new kind's own keys are added here too).
 OPTIONAL_KEYS = ("teacher_img_size",)
 
 
-def replay_dtype(topk: int, num_classes: int) -> np.dtype:
-    """One row per (epoch, position): the teacher's argmax, its top-k logits (fp16) and their
-    class indices, and the logsumexp of all logits (to rebuild probabilities)."""
-    index = "<i2" if num_classes <= np.iinfo(np.int16).max else "<i4"
-    return np.dtype([("label", "<i4"), ("idx", index, (topk,)), ("val", "<f2", (topk,)), ("lse", "<f4")])
-
-
-def labelmap_dtype(topk: int, num_classes: int, cells: int) -> np.dtype:
-    """One row per image: top-k class scores (fp16) and indices at every cell of the map."""
-    index = "<i2" if num_classes <= np.iinfo(np.int16).max else "<i4"
-    return np.dtype([("idx", index, (cells, topk)), ("val", "<f2", (cells, topk))])
+def class_index_dtype(num_classes: int) -> str:
+    """The narrowest type that holds a class index: what cached top-k indices are stored as."""
+    return "<i2" if num_classes <= np.iinfo(np.int16).max else "<i4"
 
 
 def dtype_text(dtype: np.dtype) -> str:
     return str(dtype.descr)
 
 
-def identity(cfg: TrainConfig, mode: CacheMode, index: ImageIndex, teacher: nn.Module) -> dict[str, Any]:
-    """What a cache's rows mean; a run and its cache must agree on every key."""
-    d = cfg.distill
-    name = d.teacher or getattr(teacher, "fastdeit_name", type(teacher).__name__)
+def identity(cfg: TrainConfig, mode: CacheMode, index: ImageIndex, teacher: nn.Module,
+             own: dict[str, Any]) -> dict[str, Any]:
+    """What a cache's rows mean; a run and its cache must agree on every key. `own`: what the
+    rows of this kind depend on besides the teacher and the data (teachers.TARGETS declares it)."""
+    name = cfg.distill.teacher or getattr(teacher, "fastdeit_name", type(teacher).__name__)
     out = {"format": FORMAT, "mode": mode, "teacher": name, "teacher_sha256": teacher_sha256(teacher),
-           "dataset": index.fingerprint(), "num_classes": len(index.classes)}
-    if mode == "replay":
-        out["plan"] = PlanSpec.from_config(cfg).to_json()
-        if d.teacher_img_size and d.teacher_img_size != cfg.data.img_size:  # the teacher saw resized views
-            out["teacher_img_size"] = d.teacher_img_size
-    else:
-        out["labelmap_size"] = d.labelmap_size or cfg.data.img_size
+           "dataset": index.fingerprint(), "num_classes": len(index.classes), **own}
     return json.loads(json.dumps(out))  # as the manifest stores it (tuples become lists)
 
 

@@ -10,13 +10,17 @@ labels [b] (int64). (The student's own labels, smoothed and mixed by the tail, a
 - `labelmap` pools a cached per-image map of class probabilities over the plan's crop box
   (RoIAlign) and mixes the pooled distributions with the plan's λ, as ReLabel does.
 
-`open_teacher_source` opens the one a run's config asks for, checking the cache against the run.
+`TARGETS` declares each source once (its cache, how the cache is checked, whether the run
+builds it, its live-agreement check); `open_teacher_source` opens the one a run's config asks
+for, checking the cache against the run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,17 +32,18 @@ from torchvision.ops import roi_align
 from fastdeit.config import DistillMode, TrainConfig
 from fastdeit.data.folder import ImageIndex
 from fastdeit.device import autocast, to_device
-from fastdeit.errors import UserError
+from fastdeit.errors import ConfigError, UserError
 from fastdeit.models import load_teacher, ready_teacher
-from fastdeit.plan import BatchPlan
+from fastdeit.plan import BatchPlan, PlanSpec
 from fastdeit.rundir import RunDir
-from fastdeit.teacher_cache import CacheReader, identity
+from fastdeit.teacher_cache import CacheReader, class_index_dtype, identity
 
 Inputs = dict[str, torch.Tensor]
 
 
 class TeacherSource(Protocol):
     name: str
+    live_check: LiveTeacher | None  # the live teacher a run measures this source's agreement with
 
     def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
         """What the source needs of the plan and its cache on the device, as host arrays
@@ -58,6 +63,7 @@ def _on_device(source: TeacherSource, plan: BatchPlan, inputs: Inputs | None, de
 
 class LiveTeacher:
     name = "live"
+    live_check = None
 
     def __init__(self, teacher: nn.Module, amp_dtype: torch.dtype | None, img_size: int = 0) -> None:
         self.teacher = teacher
@@ -100,6 +106,13 @@ def agreement(live: LiveTeacher, images: torch.Tensor, plan: BatchPlan, teacher:
     return torch.stack([(want == got).sum().double(), total])
 
 
+def replay_dtype(topk: int, num_classes: int) -> np.dtype:
+    """One row per (epoch, position): the teacher's argmax, its top-k logits (fp16) and their
+    class indices, and the logsumexp of all logits (to rebuild probabilities)."""
+    index = class_index_dtype(num_classes)
+    return np.dtype([("label", "<i4"), ("idx", index, (topk,)), ("val", "<f2", (topk,)), ("lse", "<f4")])
+
+
 def replay_records(logits: torch.Tensor, topk: int, dtype: np.dtype) -> np.ndarray:
     """What a replay cache stores of a batch of teacher logits."""
     logits = logits.float()
@@ -128,6 +141,7 @@ class ReplayTeacher:
     """The teacher's outputs read from a replay cache; rows are epoch * rows_per_epoch + position."""
 
     name = "replay"
+    live_check = None
 
     def __init__(self, reader: CacheReader, rows_per_epoch: int, num_classes: int, mode: DistillMode,
                  tau: float) -> None:
@@ -147,6 +161,12 @@ class ReplayTeacher:
             return d["replay.label"]
         logp = topk_log_probs(d["replay.idx"], d["replay.val"], d["replay.lse"], self.num_classes, self.tau)
         return logp * self.tau  # the loss divides by τ again: log_softmax(logp) == logp
+
+
+def labelmap_dtype(topk: int, num_classes: int, cells: int) -> np.dtype:
+    """One row per image: top-k class scores (fp16) and indices at every cell of the map."""
+    index = class_index_dtype(num_classes)
+    return np.dtype([("idx", index, (cells, topk)), ("val", "<f2", (cells, topk))])
 
 
 def labelmap_records(probs: torch.Tensor, topk: int, dtype: np.dtype) -> np.ndarray:
@@ -198,6 +218,7 @@ class LabelMapTeacher:
     """The teacher's outputs pooled from cached label maps over the plan's boxes, mixed with its λ."""
 
     name = "labelmap"
+    live_check: LiveTeacher | None = None
 
     def __init__(self, reader: CacheReader, sizes: np.ndarray, grid: int, num_classes: int, mode: DistillMode,
                  tau: float) -> None:
@@ -232,39 +253,61 @@ def cell_probs(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def cache_folder(cfg: TrainConfig) -> Path:
-    """The teacher cache a run reads: distill.teacher_cache, else the label maps built in the run folder."""
+    """The teacher cache a run reads: distill.teacher_cache, else the one it builds in its run folder."""
     return Path(cfg.distill.teacher_cache) if cfg.distill.teacher_cache else RunDir(cfg.run.out).labelmap_cache
 
 
-def source_from_cache(cfg: TrainConfig, index: ImageIndex, reader: CacheReader) -> TeacherSource:
-    """The source that reads an (already validated) cache of either mode."""
-    m, d = reader.manifest, cfg.distill
-    if m["mode"] == "replay":
-        return ReplayTeacher(reader, int(m["rows_per_epoch"]), len(index.classes), d.mode, d.tau)
-    return LabelMapTeacher(reader, index.sizes, int(m["grid"]), len(index.classes), d.mode, d.tau)
+# --- the registry: each value of distill.targets, declared once ------------------------------------
 
 
-def open_teacher_source(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher, device: torch.device,
-                        amp: torch.dtype | None, console: Console) -> tuple[TeacherSource, LiveTeacher | None]:
-    """The run's teacher source, and for label maps a live teacher to measure agreement with.
-    A cache must exist (label maps are built beforehand, see build.prepare_label_maps) and
-    match the run: teacher, data, plan, epochs; otherwise one line says what differs."""
-    d, teacher = cfg.distill, live.teacher
-    if d.targets == "live":
-        return live, None
-    cache = cache_folder(cfg)
-    reader = CacheReader(cache)
-    if reader.manifest.get("mode") != d.targets:
-        raise UserError(f"{cache} is a {reader.manifest.get('mode')} cache, not a {d.targets} one")
-    reader.validate(identity(cfg, d.targets, index, teacher))
-    if d.targets == "replay":
-        _check_replay(cfg, reader, cache, amp, device, console)
-    return source_from_cache(cfg, index, reader), (live if d.targets == "labelmap" else None)
+@dataclass(frozen=True)
+class Targets:
+    """One value of `distill.targets` (`--targets`): where a run's teacher outputs come from,
+    and all the rest of fastdeit needs to know of it. `TARGETS` declares each source once;
+    config's `TeacherTargets` and `CacheMode` are kept equal to its names and cache kinds by a
+    test. Building a cache runs the training Step, a layer above this module: the build of each
+    cache kind is `caching.BUILDS[kind]` (the same test keeps its kinds equal to these)."""
+
+    name: str
+    # The source, from the run's live teacher and, for a cached source, its cache (checked).
+    open: Callable[[TrainConfig, ImageIndex, LiveTeacher, CacheReader | None], TeacherSource]
+    cache: str | None = None  # the kind of teacher cache it reads (a manifest's mode); None: no cache
+    # What its cache's rows depend on besides the teacher and the data (teacher_cache.identity).
+    own_identity: Callable[[TrainConfig], dict[str, Any]] | None = None
+    # Checks of an opened cache against the run beyond its identity (reader, amp, device, console).
+    check: Callable[..., None] | None = None
+    # The global batches of the run's plan its cache covers (`--verify` samples among them);
+    # None: every batch of the run's epochs.
+    covered: Callable[[TrainConfig, CacheReader], int] | None = None
+    runs_teacher: bool = True  # False: the teacher's weights only check the cache (loaded on the CPU)
+    built_by_run: bool = False  # a missing cache is built by the training run, in its run folder
+    live_check: bool = False  # a run also runs the live teacher on distill.agreement_batches batches
+
+    def identity(self, cfg: TrainConfig, index: ImageIndex, teacher: nn.Module) -> dict[str, Any]:
+        """What the rows of this source's cache mean, for `cfg`'s run."""
+        own = self.own_identity(cfg) if self.own_identity else {}
+        return identity(cfg, self.cache, index, teacher, own)
 
 
-def _check_replay(cfg: TrainConfig, reader: CacheReader, cache: Path, amp: torch.dtype | None,
-                  device: torch.device, console: Console) -> None:
-    covered = reader.rows_available() // int(reader.manifest["rows_per_epoch"])
+def _open_replay(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher, reader: CacheReader) -> ReplayTeacher:
+    d = cfg.distill
+    return ReplayTeacher(reader, int(reader.manifest["rows_per_epoch"]), len(index.classes), d.mode, d.tau)
+
+
+def _replay_identity(cfg: TrainConfig) -> dict[str, Any]:
+    d, out = cfg.distill, {"plan": PlanSpec.from_config(cfg).to_json()}
+    if d.teacher_img_size and d.teacher_img_size != cfg.data.img_size:  # the teacher saw resized views
+        out["teacher_img_size"] = d.teacher_img_size
+    return out
+
+
+def _replay_batches(cfg: TrainConfig, reader: CacheReader) -> int:
+    return reader.rows_available() // cfg.run.batch_size
+
+
+def _check_replay(cfg: TrainConfig, reader: CacheReader, amp: torch.dtype | None, device: torch.device,
+                  console: Console) -> None:
+    covered, cache = reader.rows_available() // int(reader.manifest["rows_per_epoch"]), reader.root
     if covered < cfg.sched.epochs:
         has = f"covers epochs 0-{covered - 1}, not epoch {covered}" if covered else "covers no whole epoch"
         raise UserError(f"teacher cache {cache} {has} of this {cfg.sched.epochs}-epoch run: extend it with "
@@ -276,3 +319,52 @@ def _check_replay(cfg: TrainConfig, reader: CacheReader, cache: Path, amp: torch
     if built.get("amp") != str(amp) or built.get("device", "").split(":")[0] != device.type:
         console.print(f"note: {cache} was built on {built.get('device')} ({built.get('amp')}); this run is on "
                       f"{device} ({amp}): pixels and rounding differ slightly, labels almost never")
+
+
+def _open_labelmap(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher, reader: CacheReader) -> LabelMapTeacher:
+    d = cfg.distill
+    return LabelMapTeacher(reader, index.sizes, int(reader.manifest["grid"]), len(index.classes), d.mode, d.tau)
+
+
+def _labelmap_identity(cfg: TrainConfig) -> dict[str, Any]:
+    return {"labelmap_size": cfg.distill.labelmap_size or cfg.data.img_size}
+
+
+TARGETS = {t.name: t for t in (
+    Targets("live", open=lambda cfg, index, live, reader: live),
+    Targets("replay", open=_open_replay, cache="replay", own_identity=_replay_identity, check=_check_replay,
+            covered=_replay_batches, runs_teacher=False),
+    Targets("labelmap", open=_open_labelmap, cache="labelmap", own_identity=_labelmap_identity, built_by_run=True,
+            live_check=True),
+)}
+
+
+def reading(mode: str) -> Targets:
+    """The source that reads caches of this kind (a manifest's mode)."""
+    found = [t for t in TARGETS.values() if t.cache == mode]
+    if not found:
+        raise UserError(f"a teacher cache of mode {mode!r} is not one this fastdeit reads "
+                        f"({', '.join(t.cache for t in TARGETS.values() if t.cache)})")
+    return found[0]
+
+
+def open_teacher_source(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher, device: torch.device,
+                        amp: torch.dtype | None, console: Console) -> TeacherSource:
+    """The run's teacher source (`live_check` set where its entry measures agreement). A
+    cache must exist (one the run builds for itself is built first: build.prepare_cache) and
+    match the run: teacher, data, plan, epochs; otherwise one line says what differs."""
+    t = TARGETS[cfg.distill.targets]
+    reader = None
+    if t.cache is not None:
+        if not (t.built_by_run or cfg.distill.teacher_cache):
+            raise ConfigError("distill.targets", f"{t.name} needs distill.teacher_cache CACHE (build one with "
+                                                 f"fastdeit cache-teacher --mode {t.cache})")
+        reader = CacheReader(cache_folder(cfg))
+        if reader.manifest.get("mode") != t.cache:
+            raise UserError(f"{reader.root} is a {reader.manifest.get('mode')} cache, not a {t.cache} one")
+        reader.validate(t.identity(cfg, index, live.teacher))
+        if t.check is not None:
+            t.check(cfg, reader, amp, device, console)
+    source = t.open(cfg, index, live, reader)
+    source.live_check = live if t.live_check else None
+    return source

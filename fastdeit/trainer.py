@@ -134,12 +134,13 @@ class Trainer:
         p, st, run = self.parts, self.state, self.cfg.run
         first, agree = st.step, torch.zeros(2, dtype=torch.float64, device=p.device)  # read at the epoch's end
         self.meter.start_epoch()
+        live = getattr(p.step.teacher, "live_check", None)  # what its cached targets are checked against
         for batch in p.loaders.train(p.data.train, st.epoch, st.step):
             self.meter.data_ready()
             self.note_bad(batch.bad)
             prepared = p.step.prepare(batch)
-            if p.live_check is not None and st.step - first < self.cfg.distill.agreement_batches:
-                agree += agreement(p.live_check, prepared.images, prepared.plan, prepared.teacher)
+            if live is not None and st.step - first < self.cfg.distill.agreement_batches:
+                agree += agreement(live, prepared.images, prepared.plan, prepared.teacher)
             losses = p.step.update(prepared, st.updates + 1)
             st.updates, st.step = st.updates + 1, st.step + 1
             p.scheduler.step_update(st.updates)

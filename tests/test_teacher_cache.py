@@ -10,9 +10,11 @@ import timm
 import torch
 from typer.testing import CliRunner
 
+from fastdeit.caching import BUILDS
 from fastdeit.cli import app
-from fastdeit.teacher_cache import CacheReader, CacheWriter, replay_dtype
-from fastdeit.teachers import LiveTeacher, pooled_scores, topk_log_probs
+from fastdeit.config import CacheMode, TeacherTargets, choices
+from fastdeit.teacher_cache import CacheReader, CacheWriter
+from fastdeit.teachers import TARGETS, LiveTeacher, pooled_scores, replay_dtype, topk_log_probs
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -175,6 +177,15 @@ def test_an_interrupted_build_resumes_to_the_same_cache(tiny_data, teacher, repl
     resumed = CacheReader(cache).rows(np.arange(128))
     whole = CacheReader(replay).rows(np.arange(128))
     assert np.array_equal(resumed["label"], whole["label"]) and np.array_equal(resumed["val"], whole["val"])
+
+
+def test_the_registry_is_what_config_and_the_builds_name():
+    """teachers.TARGETS declares each source; config's choice types (the CLI's help and checks)
+    and caching.BUILDS (one build per cache kind) must name the same ones."""
+    kinds = [t.cache for t in TARGETS.values() if t.cache is not None]
+    assert tuple(TARGETS) == choices(TeacherTargets)
+    assert tuple(kinds) == choices(CacheMode) and set(BUILDS) == set(kinds)
+    assert all(t.cache is not None for t in TARGETS.values() if t.built_by_run or t.check or t.covered)
 
 
 def test_writer_rewrites_a_short_last_shard_when_extended(tmp_path):
