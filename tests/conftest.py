@@ -42,3 +42,15 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet10t of random weights for the tiny data set's 3 classes (speed and plumbing do
+    not depend on the weights)."""
+    import timm
+
+    path = tmp_path_factory.mktemp("teacher") / "t.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), path)
+    return path

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -175,14 +174,6 @@ def test_resume_checks_the_classes_and_the_data(data, tmp_path):
 
 PLAN = ["--recipe", "demo", "--img-size", "32", "--batch-size", "16", "--set", "aug.mix_group=8",
         "--set", "data.workers=0"]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "t.pth"
-    torch.manual_seed(0)
-    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), path)
-    return path
 
 
 def cache_teacher(data: Path, out: Path, teacher: Path, *extra: str) -> list[str]:

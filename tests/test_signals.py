@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 from fastdeit.pipelines import dali
@@ -178,14 +177,6 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tiny_data, 
     assert code == 130 and "Traceback" not in text, text[-3000:]
     ck = torch.load(out / "checkpoint-last.pt", weights_only=True)  # whole: written before, or atomically
     assert ck["state"]["updates"] >= 1 and not (out / ".lock").exists()
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "t.pth"
-    torch.manual_seed(0)
-    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), path)
-    return path
 
 
 @pytest.mark.slow
