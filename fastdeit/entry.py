@@ -13,13 +13,23 @@ import signal
 import sys
 from types import FrameType
 
-from fastdeit.errors import EXIT_REQUEUE, EXIT_STOPPED, Requeue, Stopped
+from fastdeit.errors import EXIT_REQUEUE, EXIT_STOPPED
 
-EARLY = "stopped before its work began; whatever was finished before is on disk: run the same command again"
+EARLY = "stopped; what was finished is on disk (nothing was in progress to save): run the same command again"
+
+
+class EarlyStop(BaseException):
+    """A stop while the command starts. A BaseException, as KeyboardInterrupt is: it may arrive
+    inside any import or library call, and code that catches Exception must let it through (a
+    library that swallowed it mid-import and imported again failed with an ImportError)."""
+
+    def __init__(self, requeue: bool) -> None:
+        super().__init__(EARLY)
+        self.requeue = requeue
 
 
 def _early(signum: int, frame: FrameType | None) -> None:
-    raise (Requeue if signum == signal.SIGUSR1 else Stopped)(EARLY)
+    raise EarlyStop(requeue=signum == signal.SIGUSR1)
 
 
 def main() -> None:
@@ -29,9 +39,9 @@ def main() -> None:
         from fastdeit.cli import main as cli_main
 
         cli_main()
-    except Stopped as e:  # one that arrived outside a command's own guard (while importing, parsing)
-        sys.stderr.write(f"{e}\n")
-        sys.exit(EXIT_REQUEUE if isinstance(e, Requeue) else EXIT_STOPPED)
+    except EarlyStop as e:
+        sys.stderr.write(f"{EARLY}\n")
+        sys.exit(EXIT_REQUEUE if e.requeue else EXIT_STOPPED)
 
 
 if __name__ == "__main__":  # python -m fastdeit.entry: the command as installed
