@@ -204,7 +204,9 @@ def _run_group(topo: Topology, args: list[str], console: Console, requeue: str, 
         codes = {f.exitcode for f in e.failures.values()}
         if relay.at_once is not None or codes <= {EXIT_INTERRUPTED}:
             raise KeyboardInterrupt from None  # stopped at once, as asked: the last checkpoint is kept
-        if codes <= {EXIT_STOPPED, EXIT_REQUEUE}:  # cache-teacher workers that stopped on request
+        # cache-teacher workers that stopped on request (the first to exit makes torchrun end the
+        # others with SIGTERM, which may reach one as it leaves)
+        if codes & {EXIT_STOPPED, EXIT_REQUEUE} and codes <= {0, EXIT_STOPPED, EXIT_REQUEUE, -signal.SIGTERM}:
             raise (Requeue if EXIT_REQUEUE in codes else Stopped)(
                 "stopped on request; the shards written are kept: run the same command again to continue") from None
         if codes == {EXIT_BAD_INPUT}:  # the workers named the problem themselves

@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from types import FrameType, TracebackType
 from typing import Any
 
+from fastdeit.errors import EXIT_INTERRUPTED
+
 STOP, REQUEUE = "stop", "requeue"
 COUNTED = (signal.SIGINT, signal.SIGTERM)  # the second of these stops at once
 # What a launcher sends its ranks: real-time signals are queued (two never merge into one) and
@@ -51,8 +53,8 @@ def requeue_signal(name: str) -> signal.Signals | None:
 
 class StopSignal:
     """Within the block, the first SIGINT or SIGTERM sets `requested` ("stop") and calls
-    `notice`; the loop stops at its next safe point. A second one raises KeyboardInterrupt
-    (and further ones are ignored, so that the unwinding is not cut short). The requeue signal
+    `notice`; the loop stops at its next safe point. A second one ends the process at once
+    (exit 130). The requeue signal
     sets `requested` to "requeue"; the launcher's relayed requests set it too; neither counts
     as a second signal. Only the main thread can handle signals: elsewhere the block runs
     unchanged."""
@@ -74,9 +76,11 @@ class StopSignal:
     def _counted(self, signum: int, frame: FrameType | None) -> None:
         self._seen += 1
         if self._seen > 1:
-            for sig in COUNTED:
-                signal.signal(sig, signal.SIG_IGN)
-            raise KeyboardInterrupt
+            # At once, as kill -9 would (every file is written atomically; the soak shows a run
+            # survives that anywhere), not by raising: a KeyboardInterrupt that lands in a
+            # __del__ (a DataLoader shutting its workers down) is printed and then ignored.
+            say("interrupted: stopped at once; the last checkpoint is kept (--resume continues from it)")
+            os._exit(EXIT_INTERRUPTED)
         self._request(STOP)
 
     def _relayed(self, signum: int, frame: FrameType | None) -> None:
