@@ -295,6 +295,14 @@ def strays(ref: Path, vic: Path) -> list[str]:
         [f"missing file {n}" for n in sorted(fa.keys() - fb.keys())]
 
 
+STARTUP_SHARE = 0.25  # of the kills drawn within the start-up (--startup-share)
+
+
+def set_startup_share(share: float) -> None:
+    global STARTUP_SHARE
+    STARTUP_SHARE = share
+
+
 def run_scenario(sc: Scenario, kills: int, seed: int, work: Path, env: dict[str, str]) -> dict[str, Any]:
     folder = work / sc.name
     shutil.rmtree(folder, ignore_errors=True)
@@ -337,7 +345,7 @@ def victim(sc: Scenario, kills: int, rng: random.Random, first: dict[str, Any], 
         kill = None
         if n < kills:  # a quarter in start-up, the rest uniform over the expected time of the work left
             left = 0.9 * train_s * max(0.1, 1 - done(sc, vic) / max(total, 1))  # 0.9: seldom past the end
-            delay = rng.uniform(0, start_up) if rng.random() < 0.25 else start_up + rng.uniform(0, left)
+            delay = rng.uniform(0, start_up) if rng.random() < STARTUP_SHARE else start_up + rng.uniform(0, left)
             kill = Kill(rng.choice(["SIGKILL", "SIGTERM"]), rng.choice(targets), delay, start_up, rng.randrange(2))
         before = mark(sc, vic)
         got = attempt(sc.command(vic, n > 0), vic, env, folder / f"{vic.name}-{n}.log", 3 * seconds + 120, kill,
@@ -382,8 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"a comma-separated subset of {SCENARIOS}")
     p.add_argument("--images", type=int, default=48, help="training images per class (3 classes, 6 val each)")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--startup-share", type=float, default=STARTUP_SHARE,
+                   help="of the kills within the start-up (1: every kill lands, whatever the machine's speed)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "soak-cpu-2core.json")
     a = p.parse_args(argv)
+    set_startup_share(a.startup_share)
     which = [s for s in a.scenarios.split(",") if s]
     if not which or set(which) - set(SCENARIOS):
         p.error(f"--scenarios {a.scenarios!r}: pick from {', '.join(SCENARIOS)}")
