@@ -31,7 +31,7 @@ from fastdeit.dist import World, in_torchrun
 from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_STOPPED, Requeue, Stopped, UserError
 from fastdeit.relay import Relay
 from fastdeit.rundir import RunDir, atomic_write_text
-from fastdeit.signals import REQUEUE, StopSignal, die_with_parent, say, stop_notice
+from fastdeit.signals import StopSignal, die_with_parent, say, stop_notice
 
 SUMMARY_KEYS = ("top1", "top5", "train_img_s", "wall_s")  # the summary line a run prints on stdout
 
@@ -195,11 +195,7 @@ def _run_group(topo: Topology, args: list[str], console: Console, requeue: str, 
         if relay.at_once is not None:
             raise KeyboardInterrupt
         if run_dir and (last := run_dir.last_record()) and last.get("kind") == "stop":  # stopped on request
-            raise (Requeue if last.get("reason") == REQUEUE else Stopped)(
-                f"stopped{' for a requeue' if last.get('reason') == REQUEUE else ''} at epoch {last['epoch']} "
-                f"step {last['step']}; saved {run_dir.last}: "
-                + ("requeue the job (exit code 4); --resume continues" if last.get("reason") == REQUEUE
-                   else "continue with --resume"))
+            raise run_dir.stop_error(last)
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         if relay.at_once is not None or codes <= {EXIT_INTERRUPTED}:

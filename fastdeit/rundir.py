@@ -39,8 +39,9 @@ import torch
 from rich.console import Console
 
 from fastdeit.config import ModelConfig, TrainConfig, save_json
-from fastdeit.errors import UserError, differences
+from fastdeit.errors import Requeue, Stopped, UserError, differences
 from fastdeit.plan import PlanSpec
+from fastdeit.signals import REQUEUE
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of a training checkpoint changes
 # What a training checkpoint holds besides the state dicts of the run's components.
@@ -219,6 +220,14 @@ class RunDir:
             return json.loads(lines[-1]) if lines else None
         except (OSError, ValueError):
             return None
+
+    def stop_error(self, record: dict[str, Any]) -> Stopped:
+        """The exception a `stop` record ends the command with (exit 3, or 4 for a requeue):
+        what training raises, and what a launcher reads back from its workers' run."""
+        where = f"at epoch {record['epoch']} step {record['step']}; saved {self.last}"
+        if record.get("reason") == REQUEUE:
+            return Requeue(f"stopped for a requeue {where}: requeue the job (exit code 4); --resume continues")
+        return Stopped(f"stopped {where}: continue with --resume")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(json.dumps(summary, indent=2), self.summary)

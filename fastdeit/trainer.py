@@ -21,14 +21,14 @@ from fastdeit import dist
 from fastdeit.build import RunParts, build_run
 from fastdeit.config import Head, TrainConfig, choices, scaled_lr
 from fastdeit.dist import SINGLE, World
-from fastdeit.errors import Requeue, Stopped, UserError, differences
+from fastdeit.errors import UserError, differences
 from fastdeit.evaluation import EvalResult, evaluate
 from fastdeit.meter import Meter
 from fastdeit.models import is_distilled
 from fastdeit.progress import TrainProgress
 from fastdeit.provenance import git_commit
 from fastdeit.rundir import RunDir, atomic_save, read_training_checkpoint, training_checkpoint
-from fastdeit.signals import REQUEUE, StopSignal, stop_notice
+from fastdeit.signals import StopSignal, stop_notice
 from fastdeit.sinks import open_sinks
 from fastdeit.teachers import agreement
 
@@ -121,13 +121,11 @@ class Trainer:
     def stopped(self, reason: str) -> None:
         """Every rank agreed to stop after this step: save, log, leave together."""
         self.save()
-        self.log({"kind": "stop", "epoch": self.state.epoch, "step": self.state.step, "updates": self.state.updates,
-                  "reason": reason})
+        record = {"kind": "stop", "epoch": self.state.epoch, "step": self.state.step, "updates": self.state.updates,
+                  "reason": reason}
+        self.log(record)
         dist.barrier(self.world)  # no rank leaves before the checkpoint is written
-        where = f"at epoch {self.state.epoch} step {self.state.step}; saved {self.dir.last}"
-        if reason == REQUEUE:
-            raise Requeue(f"stopped for a requeue {where}: requeue the job (exit code 4); --resume continues")
-        raise Stopped(f"stopped {where}: continue with --resume")
+        raise self.dir.stop_error(record)
 
     def train_epoch(self, bar: TrainProgress) -> dict[str, float]:
         """Run the rest of the current epoch; returns images, seconds, img/s and data-wait."""
