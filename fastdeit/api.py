@@ -22,7 +22,8 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
-from fastdeit.cli_base import FLAGS, cache_dir
+from fastdeit.cli_base import cache_dir
+from fastdeit.cli_options import key_flags
 from fastdeit.config import TrainConfig, apply_overrides, validate, with_section
 from fastdeit.config_files import apply_config_file
 from fastdeit.errors import UserError
@@ -30,7 +31,7 @@ from fastdeit.fetch import is_url, local_weights
 from fastdeit.recipes import recipe
 
 # The train command's flags by their Python names (--batch-size: batch_size) -> config keys.
-SETTINGS = {flag.removeprefix("--").replace("-", "_"): key for key, flag in FLAGS.items()}
+SETTINGS = {flag.removeprefix("--").replace("-", "_"): key for key, flag in key_flags("train").items()}
 
 
 def build_train_config(recipe_name: str, flags: dict[str, Any], overrides: list[str],

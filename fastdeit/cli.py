@@ -17,16 +17,8 @@ from rich.table import Table
 from fastdeit import cli_data  # noqa: F401  (registers the data commands on the app)
 from fastdeit.api import build_train_config
 from fastdeit.cli_base import _one_of, app, cache_dir, command, err
-from fastdeit.config import (
-    AttnBackend,
-    CacheMode,
-    DistillMode,
-    Head,
-    Loader,
-    TeacherTargets,
-    apply_overrides,
-    check_choice,
-)
+from fastdeit.cli_options import Given, alone_values, options
+from fastdeit.config import Head, apply_overrides, check_choice
 from fastdeit.config_files import to_toml
 from fastdeit.errors import UserError
 from fastdeit.fetch import local_weights
@@ -36,112 +28,42 @@ from fastdeit.sinks import check_sink
 
 @app.command()
 @command
-def train(
-    data: Path = typer.Option(None, help="ImageFolder root (train/, val/) or a prepared data set."),
-    model: str = typer.Option(None, help="deit_tiny/small/base[_distilled] or any timm classifier."),
-    out: Path = typer.Option(None, help="Run folder (config.json, metrics.jsonl, checkpoints, summary.json)."),
-    recipe_name: str = typer.Option("deit", "--recipe", help=" | ".join(RECIPES) + " (deit: the paper's ImageNet "
-                                    "recipe; `fastdeit recipe NAME` prints one)."),
-    config_file: Path = typer.Option(None, "--config", help="A TOML or JSON file of config sections (a run's "
-                                     "config.json too), over the recipe and under the flags and --set."),
-    epochs: int = typer.Option(None, help="Training epochs."),
-    batch_size: int = typer.Option(None, help="Global batch size (split across ranks)."),
-    img_size: int = typer.Option(None, help="Training and eval resolution."),
-    lr: float = typer.Option(None, help="Learning rate at batch 512; scaled by batch_size/512."),
-    distill: str = typer.Option(None, help=_one_of(DistillMode) + "."),
-    alpha: float = typer.Option(None, help="Weight of the distillation loss."),
-    tau: float = typer.Option(None, help="Temperature of soft distillation."),
-    teacher: str = typer.Option(None, help="Teacher model name (timm)."),
-    teacher_ckpt: str = typer.Option(None, help="Teacher weights: a fastdeit checkpoint, a state_dict, a URL."),
-    targets: str = typer.Option(None, help=_one_of(TeacherTargets) + ": where the teacher's outputs come from."),
-    teacher_cache: Path = typer.Option(None, help="Cache folder for --targets replay|labelmap."),
-    device: str = typer.Option(None, help="auto | cpu | cuda."),
-    loader: str = typer.Option(None, help=_one_of(Loader) + " (auto: dali when CUDA and DALI are there)."),
-    seed: int = typer.Option(None, help="Seed of the augmentation plan and the initialisation."),
-    resume: str = typer.Option(None, help="Resume from this checkpoint; `--resume` alone: OUT/checkpoint-last.pt "
-                               "if there is one, else start (so a requeued job needs no other flags)."),
-    attn: str = typer.Option(None, help="Attention backend: " + _one_of(AttnBackend) + "."),
-    compile_mode: str = typer.Option(None, "--compile", help="torch.compile the student; `--compile` alone: "
-                                     "mode `default` (measured best on an H200, see docs/performance.md)."),
-    gpus: int = typer.Option(None, help="GPUs per node: one worker each, started through torchrun "
-                             "(0: CPU workers, see --procs). Default: one process, no torchrun."),
-    procs: int = typer.Option(1, help="With --gpus 0: the number of CPU worker processes (gloo)."),
-    nodes: int = typer.Option(1, help="Machines in the run (torchrun --nnodes)."),
-    node_rank: int = typer.Option(0, help="This machine's number, 0..nodes-1."),
-    rdzv_endpoint: str = typer.Option(None, help="HOST:PORT of node 0 for the c10d rendezvous (multi-node)."),
-    ckpt_every: int = typer.Option(None, help="Steps between checkpoints besides every epoch's end (0: epoch ends "
-                                   "only); a restarted or resumed run continues from the last one."),
-    max_restarts: int = typer.Option(0, help="Times torchrun restarts a failed worker group; it resumes from "
-                                     "the last checkpoint."),
-    teacher_img_size: int = typer.Option(None, help="The resolution the teacher sees (default: the student's)."),
-    train_only: str = typer.Option(None, help="all | head (a linear probe) | attn (the official --attn-only)."),
-    log: str = typer.Option(None, help="none | tensorboard (RUN/tensorboard/) | wandb, besides metrics.jsonl."),
-    accum_steps: int = typer.Option(None, help="Micro-batches per update on each rank: the same training in 1/K "
-                                    "of the activation memory."),
-    overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)."),
-) -> None:
+@options("train")
+def train(given: Given) -> None:
     """Train a model; distill from a teacher with --distill soft|hard; --gpus N for many GPUs."""
     from fastdeit.launch import SUMMARY_KEYS, start, topology
 
-    topo = topology(gpus, procs, nodes, node_rank, rdzv_endpoint, max_restarts, device)
-    cfg = build_train_config(recipe_name, {
-        "data.path": data, "model.name": model, "run.out": out, "sched.epochs": epochs, "run.batch_size": batch_size,
-        "data.img_size": img_size, "optim.lr": lr, "distill.mode": distill, "distill.alpha": alpha,
-        "distill.tau": tau, "distill.teacher": teacher, "distill.teacher_ckpt": teacher_ckpt,
-        "distill.targets": targets, "distill.teacher_cache": teacher_cache,
-        "run.device": topo.device if topo else device, "data.loader": loader, "run.seed": seed, "model.attn": attn,
-        "run.compile": compile_mode, "run.ckpt_every": ckpt_every, "distill.teacher_img_size": teacher_img_size,
-        "model.train_only": train_only, "run.log": log, "run.accum_steps": accum_steps}, overrides, config_file)
+    g = given
+    topo = topology(g.gpus, g.procs, g.nodes, g.node_rank, g.rdzv_endpoint, g.max_restarts, g.device)
+    settings = {**g.settings(), "run.device": topo.device if topo else g.device}
+    cfg = build_train_config(g.recipe_name, settings, g.overrides, g.config_file)
     check_sink(cfg.run.log)
-    summary = start(cfg, topo, resume, err)
+    summary = start(cfg, topo, g.resume, err)
     if summary is not None:
         print(json.dumps({k: summary[k] for k in SUMMARY_KEYS}))
 
 
 @app.command("cache-teacher")
 @command
-def cache_teacher(
-    data: Path = typer.Option(None, help="ImageFolder root (train/, val/) or a prepared data set."),
-    teacher: str = typer.Option(None, help="Teacher model name (timm); read from a fastdeit checkpoint if omitted."),
-    teacher_ckpt: str = typer.Option(None, help="Teacher weights (a path or an http(s) URL)."),
-    out: Path = typer.Option(None, help="The cache folder (created; a killed build resumes in it)."),
-    mode: str = typer.Option("replay", help=_one_of(CacheMode) + ": exact, per epoch | one pass per image."),
-    epochs: int = typer.Option(None, help="replay: cover epochs 0..E-1 (default: the recipe's)."),
-    topk: int = typer.Option(None, help="Logits (replay) or class scores per cell (labelmap) to keep."),
-    teacher_img_size: int = typer.Option(None, help="replay: the resolution the teacher sees (the runs' setting)."),
-    recipe_name: str = typer.Option("deit", "--recipe", help="The plan's recipe: it must be the training run's."),
-    batch_size: int = typer.Option(None, help="Global batch of the training runs (part of the plan)."),
-    img_size: int = typer.Option(None, help="Training resolution (part of the plan)."),
-    seed: int = typer.Option(None, help="The training runs' seed (part of the plan)."),
-    device: str = typer.Option(None, help="auto | cpu | cuda."),
-    loader: str = typer.Option(None, help=_one_of(Loader) + "."),
-    verify_batches: int = typer.Option(0, "--verify", help="Instead of building: re-run the teacher on N cached "
-                                                             "batches and report the agreement."),
-    gpus: int = typer.Option(None, help="GPUs to build with: each builds every N-th shard (0: CPU workers)."),
-    procs: int = typer.Option(1, help="With --gpus 0: the number of CPU worker processes (gloo)."),
-    overrides: list[str] = typer.Option([], "--set", help="section.key=value (repeatable), as for train."),
-) -> None:
+@options("cache-teacher")
+def cache_teacher(given: Given) -> None:
     """Cache the teacher's outputs on disk, so that distillation runs read instead of computing them."""
     from fastdeit.launch import start_cache_teacher, topology
 
-    check_choice("--mode", mode, CacheMode)
-    topo = topology(gpus, procs, device=device)
-    if topo is not None and verify_batches:
+    g = given
+    topo = topology(g.gpus, g.procs, device=g.device)
+    if topo is not None and g.verify_batches:
         raise UserError("--verify runs in one process: drop --gpus")
-    if out is None:
+    if g.out is None:
         raise UserError("--out CACHE is required: the cache folder")
-    if not (teacher or teacher_ckpt):
+    if not (g.teacher or g.teacher_ckpt):
         raise UserError("cache-teacher needs a teacher: --teacher NAME and/or --teacher-ckpt PATH")
-    cfg = build_train_config(recipe_name, {
-        "data.path": data, "run.out": out, "sched.epochs": epochs, "run.batch_size": batch_size,
-        "data.img_size": img_size, "distill.mode": "hard", "distill.teacher": teacher,
-        "distill.teacher_ckpt": teacher_ckpt, "run.device": device, "run.seed": seed, "data.loader": loader,
-        "distill.topk": topk, "distill.teacher_img_size": teacher_img_size}, overrides)
-    if verify_batches:
+    cfg = build_train_config(g.recipe_name, {**g.settings(), "distill.mode": "hard"}, g.overrides)
+    if g.verify_batches:
         from fastdeit.caching import cache_teacher as run
 
-        print(json.dumps(run(cfg, mode, out, verify_batches, err)))
-    elif (result := start_cache_teacher(cfg, topo, mode, out, err)) is not None:
+        print(json.dumps(run(cfg, g.mode, g.out, g.verify_batches, err)))
+    elif (result := start_cache_teacher(cfg, topo, g.mode, g.out, err)) is not None:
         print(json.dumps(result))
 
 
@@ -159,35 +81,23 @@ def recipe_cmd(
 
 @app.command("eval")
 @command
-def eval_cmd(
-    data: Path = typer.Option(..., help="ImageFolder root or prepared data set; its val split is evaluated."),
-    ckpt: str = typer.Option(..., "--ckpt", "--weights", help="A fastdeit checkpoint, or weights from elsewhere "
-                             "(official DeiT .pth, timm, .safetensors; a path or an http(s) URL) with --model."),
-    model: str = typer.Option(None, help="For weights that do not name their model: e.g. deit_small_distilled."),
-    img_size: int = typer.Option(224, help="With --model: the resolution to evaluate at."),
-    patch_size: int = typer.Option(16, help="With --model: the model's patch size."),
-    head: str = typer.Option("joint", help=_one_of(Head) + " (distilled models have all three)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    batch_size: int = typer.Option(256, help="Eval batch size."),
-    workers: int = typer.Option(2, help="Loader processes."),
-    ema: bool = typer.Option(False, help="Evaluate the EMA weights."),
-    loader: str = typer.Option("auto", help=_one_of(Loader) + "."),
-) -> None:
+@options("eval")
+def eval_cmd(given: Given) -> None:
     """Top-1 / top-5 on the val split, plus img/s."""
     from fastdeit.evaluation import Architecture, evaluate_checkpoint
 
-    check_choice("--head", head, Head)
-    check_choice("--loader", loader, Loader)
-    if workers < 0:
-        raise UserError(f"--workers must be >= 0 (0: load in this process), got {workers}")
+    g = given
+    if g.workers < 0:
+        raise UserError(f"--workers must be >= 0 (0: load in this process), got {g.workers}")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
-        res = evaluate_checkpoint(local_weights(ckpt, cache_dir()), data, device, batch_size, workers, ema, loader,
-                                  cache_dir(), Architecture(model or "", img_size, patch_size),
+        res = evaluate_checkpoint(local_weights(g.ckpt, cache_dir()), g.data, g.device, g.batch_size, g.workers, g.ema,
+                                  g.loader, cache_dir(), Architecture(g.model or "", g.img_size, g.patch_size),
                                   lambda d, t: bar.update(task, completed=d, total=t))
+    head = g.head
     if head not in res.heads:
         raise UserError(f"--head {head}: this model has only the joint head (not distilled)")
-    table = Table(title=f"{ckpt}")
+    table = Table(title=f"{g.ckpt}")
     for col in ("head", "top-1", "top-5", "images", "img/s"):
         table.add_column(col)
     table.add_row(head, f"{res.top1(head):.2f}", f"{res.top5(head):.2f}", str(res.n), f"{res.img_s:.0f}")
@@ -196,7 +106,6 @@ def eval_cmd(
         err.print(f"warning: {res.bad} unreadable val images were left out")
     print(json.dumps({"head": head, "top1": res.top1(head), "top5": res.top5(head), "images": res.n,
                       "img_s": res.img_s, "unreadable": res.bad}))
-
 
 @app.command()
 @command
@@ -281,12 +190,11 @@ def demo(
 
 def optional_values(argv: list[str]) -> list[str]:
     """`--resume` and `--compile` may stand alone (the run folder's last checkpoint; the
-    default compile mode): give them the value `auto` when no value follows."""
-    out = []
+    default compile mode): give them their value (`auto`) when no value follows."""
+    out, alone = [], alone_values()
     for i, arg in enumerate(argv):
         nxt = argv[i + 1] if i + 1 < len(argv) else None
-        alone = arg in ("--resume", "--compile") and (nxt is None or nxt.startswith("-"))
-        out.append(f"{arg}=auto" if alone else arg)
+        out.append(f"{arg}={alone[arg]}" if arg in alone and (nxt is None or nxt.startswith("-")) else arg)
     return out
 
 

@@ -23,28 +23,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # shape in square brackets is printed as it is.
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
-# The config keys that have a flag of their own (train and cache-teacher): an error about a
-# key is shown with its flag, unless the key was given with --set.
-FLAGS = {"data.path": "--data", "model.name": "--model", "run.out": "--out", "sched.epochs": "--epochs",
-         "run.batch_size": "--batch-size", "data.img_size": "--img-size", "optim.lr": "--lr",
-         "distill.mode": "--distill", "distill.alpha": "--alpha", "distill.tau": "--tau",
-         "distill.teacher": "--teacher", "distill.teacher_ckpt": "--teacher-ckpt", "distill.targets": "--targets",
-         "distill.teacher_cache": "--teacher-cache", "run.device": "--device", "data.loader": "--loader",
-         "run.seed": "--seed", "model.attn": "--attn", "run.compile": "--compile", "run.ckpt_every": "--ckpt-every",
-         "distill.topk": "--topk", "distill.teacher_img_size": "--teacher-img-size", "model.train_only": "--train-only",
-         "run.log": "--log", "run.accum_steps": "--accum-steps"}
-
-
 def _one_of(typ: Any) -> str:
     return " | ".join(choices(typ))
 
 
-def flagged(text: str, overrides: list[str]) -> str:
-    """An error line with config keys shown as this command's flags (keys set with --set stay keys)."""
+def flagged(text: str, flags: dict[str, str], overrides: list[str]) -> str:
+    """An error line with config keys shown as this command's flags ({key: flag}); keys set
+    with --set stay keys."""
     if text.startswith("--config "):  # a file's fault is named by the file's own keys
         return text
     given = {item.split("=", 1)[0] for item in overrides}
-    for key, flag in FLAGS.items():
+    for key, flag in flags.items():
         if key not in given:
             text = re.sub(rf"(?<![\w.]){re.escape(key)}(?!\w)", flag, text)
     return text
@@ -59,7 +48,8 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err.print(Text.assemble(("error:", "red"), " ", flagged(str(e), kwargs.get("overrides") or [])))
+            text = flagged(str(e), getattr(fn, "key_flags", {}), kwargs.get("overrides") or [])
+            err.print(Text.assemble(("error:", "red"), " ", text))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except Stopped as e:  # a requeue stop exits with its own code
             err.print(str(e), markup=False)
