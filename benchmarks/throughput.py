@@ -4,7 +4,8 @@ Section `model` (default): for each student, image size, batch size, attention b
 eager/compiled variant, forward-only and full-training-step img/s (forward, the real
 distillation loss, backward, the real optimizer step, in bf16 autocast on a GPU), model FLOP
 utilisation against the device's dense bf16 peak (on a CPU: achieved GFLOP/s) and peak
-memory; warm-up excluded, median of interleaved repeats with the spread.
+memory (GPU; with --accum-steps K, of the step in K micro-batches); warm-up excluded, median
+of interleaved repeats with the spread.
 
 Section `attention` (GPU): forward + backward time of each attention backend (our Triton
 kernel, and SDPA with each of its kernels forced) on the shapes of DeiT-Ti/S/B.
@@ -18,6 +19,8 @@ step (the tail, the targets, forward, loss, backward and the optimizer step are 
     python benchmarks/throughput.py --device cpu
     python benchmarks/throughput.py --device cuda --models deit_tiny_distilled,deit_small_distilled,\
         deit_base_distilled --img-size 224 --batch-sizes 256,512 --attn sdpa,triton --compile none,auto
+    python benchmarks/throughput.py --device cuda --models deit_base_distilled --batch-sizes 1024 \
+        --compile auto --accum-steps 1,4,8          # peak memory with and without accumulation
     python benchmarks/throughput.py --section attention --device cuda
     python benchmarks/throughput.py --section distill --device cpu
     python benchmarks/throughput.py --section distill --device cuda --student deit_small_distilled \\
@@ -40,7 +43,7 @@ import numpy as np
 import timm
 import torch
 from rich.console import Console
-from rich.table import Table
+from tables import print_distill, print_model, print_scaling  # a sibling script, as scaling.py is
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastdeit.build import Data, load_data, make_optimizer, open_teacher
@@ -176,28 +179,30 @@ def _median_rate(fn, images: int, steps: int, warmup: int, device: torch.device)
 def model_section(a: argparse.Namespace, device: torch.device, console: Console, rows: list[dict],
                   save: Callable[[], None]) -> list[dict]:
     """Each variant's row is appended to `rows` and saved at once: a run cut short keeps what it measured."""
-    variants = [(m, b, at, c) for m in a.models.split(",") for b in map(int, a.batch_sizes.split(","))
-                for at in a.attn.split(",") for c in a.compile.split(",")]
-    for name, batch, attn, comp in variants:
-        console.print(f"model: {name} batch {batch} attn {attn} compile {comp} ...")
+    variants = [(m, b, at, c, k) for m in a.models.split(",") for b in map(int, a.batch_sizes.split(","))
+                for at in a.attn.split(",") for c in a.compile.split(",") for k in map(int, a.accum_steps.split(","))]
+    for name, batch, attn, comp, accum in variants:
+        console.print(f"model: {name} batch {batch} attn {attn} compile {comp} accum {accum} ...")
         try:
-            rows.append(measure_student(a, name, batch, attn, comp, device))
+            rows.append(measure_student(a, name, batch, attn, comp, device, accum))
         except Exception as e:  # e.g. out of memory at this batch: recorded, not fatal
             console.print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            rows.append({"model": name, "batch": batch, "attn": attn, "compile": comp, "error": str(e)[:300]})
+            rows.append({"model": name, "batch": batch, "attn": attn, "compile": comp, "accum": accum,
+                         "error": str(e)[:300]})
         save()
     return rows
 
 
 def measure_student(a: argparse.Namespace, name: str, batch: int, attn: str, comp: str,
-                    device: torch.device) -> dict:
+                    device: torch.device, accum: int = 1) -> dict:
     """Forward-only and training-step img/s of one student variant, with FLOPs and memory: the
-    training step is the run's own Step (make_step, make_optimizer) on random inputs."""
+    training step is the run's own Step (make_step, make_optimizer) on random inputs, in
+    `accum` micro-batches (peak memory with and without gradient accumulation)."""
     from fastdeit.models import compile_model, set_attention
 
     amp, classes, peak = amp_dtype("auto", device), 1000, peak_flops(device)
     cfg = with_section(recipe("deit"), "model", name=name, patch_size=a.patch_size, drop_path=0.1, depth=a.depth)
-    cfg = with_section(cfg, "distill", mode="hard")
+    cfg = with_section(with_section(cfg, "distill", mode="hard"), "run", accum_steps=accum)
     torch.manual_seed(0)
     model = build_model(cfg.model, classes, a.img_size).to(device)
     gmacs = forward_gmacs(model, a.img_size, device)
@@ -222,7 +227,7 @@ def measure_student(a: argparse.Namespace, name: str, batch: int, attn: str, com
              for _ in range(a.repeats)]
     train_flops = 3 * 2 * gmacs * 1e9  # forward + backward (twice the forward) per image
     rate = float(np.median(rates))
-    return {"model": name, "img_size": a.img_size, "batch": batch, "attn": attn, "compile": mode,
+    return {"model": name, "img_size": a.img_size, "batch": batch, "attn": attn, "compile": mode, "accum": accum,
             "forward_gmacs": gmacs, "forward_img_s": float(np.median(fwd)),
             "forward_img_s_spread": [min(fwd), max(fwd)],
             "train_img_s": rate, "train_img_s_spread": [min(rates), max(rates)],
@@ -272,35 +277,6 @@ def _sdpa_with(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
-def _print_model(rows: list[dict], title: str, gpu: bool) -> None:
-    table = Table(title=title)
-    flops_col = "TFLOP/s" if gpu else "GFLOP/s"  # a CPU reaches GFLOP/s; no peak table for CPUs
-    for col in ("model", "batch", "attn", "compile", "fwd img/s", "train img/s (min-max)", flops_col, "MFU", "mem GiB"):
-        table.add_column(col, justify="left" if col in ("model", "attn", "compile") else "right")
-    for r in rows:
-        if "error" in r:
-            table.add_row(r["model"], str(r["batch"]), r["attn"], r["compile"], "failed", "", "", "", "")
-            continue
-        lo, hi = r["train_img_s_spread"]
-        achieved = r["train_tflop_s"] if gpu else r["train_tflop_s"] * 1e3
-        table.add_row(r["model"], str(r["batch"]), r["attn"], r["compile"], f"{r['forward_img_s']:.0f}",
-                      f"{r['train_img_s']:.0f} ({lo:.0f}-{hi:.0f})", f"{achieved:.2f}" if gpu else f"{achieved:.1f}",
-                      "" if r["mfu"] is None else f"{r['mfu']:.1%}",
-                      "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}")
-    Console(width=160).print(table)
-
-
-def _print_distill(result: dict, title: str) -> None:
-    table = Table(title=title)
-    for col in ("targets", "train img/s", "vs none", "step cost over none"):
-        table.add_column(col, justify="left" if col == "targets" else "right")
-    rates = result["img_per_s"]
-    for name, v in rates.items():
-        cost = result["step_cost_vs_none"].get(name)
-        table.add_row(name, f"{v:.1f}", f"{v / rates['none']:.2f}x", "" if cost is None else f"{cost:+.1%}")
-    Console(width=160).print(table)
-
-
 def _scaling():
     """benchmarks/scaling.py, loaded by path: it is also the script torchrun starts."""
     import importlib.util
@@ -309,22 +285,6 @@ def _scaling():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _print_scaling(rows: list[dict], title: str) -> None:
-    table = Table(title=title)
-    for col in ("model", "procs", "batch/rank", "train img/s (min-max)", "speedup", "efficiency", "step ms",
-                "all-reduce ms", "grad MB"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for r in rows:
-        if "error" in r:
-            table.add_row(r["model"], str(r["procs"]), "", "failed", "", "", "", "", "")
-            continue
-        lo, hi = r["img_s_spread"]
-        table.add_row(r["model"], str(r["procs"]), str(r["per_rank_batch"]), f"{r['img_s']:.0f} ({lo:.0f}-{hi:.0f})",
-                      f"{r.get('speedup', 0):.2f}x", f"{r.get('efficiency', 0):.0%}", f"{r['step_ms']:.0f}",
-                      "" if r["allreduce_ms"] is None else f"{r['allreduce_ms']:.1f}", f"{r['grad_mb']:.0f}")
-    Console(width=160).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default=None, help="comma-separated (model section)")
     p.add_argument("--attn", default="sdpa", help="comma-separated backends (model section)")
     p.add_argument("--compile", default="none,auto", help="comma-separated: none, auto or a torch.compile mode")
+    p.add_argument("--accum-steps", default="1", help="comma-separated micro-batches per update (model section)")
     p.add_argument("--attn-batch", type=int, default=256, help="batch of the attention section")
     p.add_argument("--data", type=Path, default=None, help="distill: ImageFolder root (default: synthetic)")
     p.add_argument("--student", default="deit_tiny_distilled", help="distill section")
@@ -374,17 +335,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.section == "model":
         model_section(a, device, console, report.setdefault("model", []), save)
-        _print_model(report["model"], f"training step, {a.img_size} px, {report['device']}", gpu)
+        print_model(report["model"], f"training step, {a.img_size} px, {report['device']}", gpu)
     elif a.section == "attention":
         attention_section(a, device, console, report.setdefault("attention", []), save)
         for r in report["attention"]:
             console.print(r)
     elif a.section == "scaling":
         report["scaling"] = _scaling().scaling_section(a, device, console)
-        _print_scaling(report["scaling"], f"data-parallel scaling, {a.img_size} px, {report['device']}")
+        print_scaling(report["scaling"], f"data-parallel scaling, {a.img_size} px, {report['device']}")
     else:
         report["distill"] = result = distill_section(a, device, console)
-        _print_distill(result, f"distillation targets: {a.student} <- {a.teacher} "
+        print_distill(result, f"distillation targets: {a.student} <- {a.teacher} "
                                f"({result['teacher_to_student_forward']:.2f}x its forward), {a.img_size} px, "
                                f"batch {a.batch_size}, {report['device']}")
     write_report(report, a.out)

@@ -47,10 +47,10 @@ def test_throughput_model_section_runs(tmp_path):
     out = tmp_path / "m.json"
     rc = load("throughput").main(["--device", "cpu", "--models", "deit_tiny_distilled", "--img-size", "32",
                                   "--patch-size", "8", "--batch-sizes", "4", "--compile", "none", "--quick",
-                                  "--out", str(out)])
+                                  "--accum-steps", "1,2", "--out", str(out)])
     rows = json.loads(out.read_text())["model"]
-    assert rc == 0 and len(rows) == 1 and "error" not in rows[0]
-    assert rows[0]["train_img_s"] > 0 and rows[0]["forward_gmacs"] > 0 and rows[0]["mfu"] is None
+    assert rc == 0 and [r["accum"] for r in rows] == [1, 2] and not any("error" in r for r in rows)
+    assert all(r["train_img_s"] > 0 and r["forward_gmacs"] > 0 and r["mfu"] is None for r in rows)
 
 
 def test_throughput_scaling_section_runs_two_processes(tmp_path):

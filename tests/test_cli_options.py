@@ -21,7 +21,7 @@ def test_every_option_is_used_and_every_key_is_a_config_key():
     used = {name for table in COMMANDS.values() for name in table}
     assert used == set(OPTIONS), f"declared but unused: {set(OPTIONS) - used}"
     cfg = TrainConfig()
-    for name, opt in OPTIONS.items():
+    for opt in OPTIONS.values():
         if opt.key:
             section, key = opt.key.split(".")
             with_section(cfg, section, **{key: getattr(getattr(cfg, section), key)})  # raises on a wrong key
@@ -41,7 +41,7 @@ def test_the_docs_table_is_the_codes():
 
 
 def test_the_apis_settings_are_trains_flags():
-    assert SETTINGS == {flag[2:].replace("-", "_"): key for key, flag in key_flags("train").items()}
+    assert {flag[2:].replace("-", "_"): key for key, flag in key_flags("train").items()} == SETTINGS
     assert SETTINGS["batch_size"] == "run.batch_size" and SETTINGS["compile"] == "run.compile"
     assert "topk" not in SETTINGS  # a cache-teacher flag only
     with pytest.raises(UserError, match="unknown setting 'topk'"):
