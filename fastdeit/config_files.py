@@ -24,6 +24,8 @@ def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
         text = path.read_text()
     except OSError as e:
         raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path}: not a text file (not UTF-8): give a TOML or JSON file") from None
     if path.suffix == ".toml":
         data = _toml(text, path)
     else:
@@ -31,9 +33,13 @@ def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
             data = json.loads(text)
         except ValueError as e:
             raise UserError(f"--config {path}: not valid JSON ({e}); a TOML file needs the .toml suffix") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected sections of keys ([data], [model], ... or "
                         f'{{"data": {{...}}}}), got {type(data).__name__}')
+    for name, values in data.items():
+        if not isinstance(values, dict):
+            raise UserError(f"--config {path}: {name} = {values!r} is not a section: expected sections of keys "
+                            f'([{name}] with key = value lines, or {{"{name}": {{...}}}})')
     return data
 
 

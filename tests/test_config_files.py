@@ -57,7 +57,9 @@ def test_a_runs_config_json_reruns_it(tiny_data, tmp_path):
     ("[run]\nseed = 'abc'\n", ".toml", "run.seed must be an integer"),
     ("[model\n", ".toml", "line 1"),
     ('{"run": {"seed": 1}', ".json", "not valid JSON"),
-    ('{"run": 3}', ".json", "expected sections"),
+    ('{"run": 3}', ".json", "run = 3 is not a section"),
+    ("[run]\nseed = 1\n", ".json", "not valid JSON"),
+    ('[1, 2]', ".json", "got list"),
 ])
 def test_a_bad_file_is_one_line_naming_it(tiny_data, tmp_path, text, suffix, words):
     bad = tmp_path / f"bad{suffix}"
@@ -65,4 +67,14 @@ def test_a_bad_file_is_one_line_naming_it(tiny_data, tmp_path, text, suffix, wor
     res = runner.invoke(app, ["train", "--config", str(bad), "--data", str(tiny_data), "--out", str(tmp_path / "r")])
     line = res.stderr.strip().splitlines()[-1]
     assert res.exit_code == 2 and line.startswith(f"error: --config {bad}") and words in line, res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_file_that_is_not_text_is_one_line(tiny_data, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"[run]\nseed = 1\n\xd0\x00\xff")
+    res = runner.invoke(app, ["train", "--config", str(bad), "--data", str(tiny_data), "--out", str(tmp_path / "r")])
+    line = res.stderr.strip().splitlines()[-1]
+    assert res.exit_code == 2 and line == (f"error: --config {bad}: not a text file (not UTF-8): give a TOML or JSON "
+                                                 "file")
     assert not (tmp_path / "r").exists()
