@@ -1,6 +1,7 @@
 """End to end: what a user gets from `fastdeit train` on JPEG files, against the step alone.
 
-Generates ImageNet-shaped JPEGs (375-500 px, `--classes` x `--per-class`, quality 90), stores
+Generates ImageNet-shaped JPEGs (`--classes` folders x `--per-class` files of 375-500 px,
+quality 90: hard links to `--distinct` generated images, as startup.py's tree), stores
 them with `fastdeit prepare-data --max-side 512`, builds a replay cache of a teacher with
 random weights (`fastdeit cache-teacher`; speed does not depend on the weights), then runs
 `fastdeit train --gpus 1` (DALI, --compile, a distilled DeiT, hard targets replayed) as a user
@@ -33,16 +34,16 @@ from typing import Any
 import timm
 import torch
 
-from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.pipelines import dali
 from fastdeit.provenance import measured_on, write_report
 from fastdeit.rundir import RunDir, atomic_save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import measure_student  # a sibling script, as scaling.py is
+from startup import make_tree  # sibling scripts, as scaling.py is
+from throughput import measure_student
 
-TINY = {"classes": 4, "per_class": 24, "model": "deit_tiny_distilled", "teacher": "resnet10t", "batch_size": 16,
-        "img_size": 32, "steps": 3, "warmup": 2, "compile": "none", "max_side": 64, "log_every": 1}
+TINY = {"classes": 12, "per_class": 8, "distinct": 24, "model": "deit_tiny_distilled", "teacher": "resnet10t",
+        "batch_size": 16, "img_size": 32, "steps": 3, "warmup": 2, "compile": "none", "max_side": 64, "log_every": 1}
 TINY_SETS = ["model.depth=2", "model.patch_size=8", "aug.mix_group=8", "data.eval_batch_size=16"]
 
 
@@ -144,13 +145,9 @@ def step_only(a: argparse.Namespace) -> dict[str, Any]:
 def run(a: argparse.Namespace, report: dict[str, Any], save) -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="fastdeit-e2e-"))
     src, prep, cache, out = work / "jpeg", work / "prepared", work / "cache", work / "run"
-    synthetic = SyntheticSet(classes=a.classes, train_per_class=a.per_class, val_per_class=2, min_size=375,
-                             max_size=500)
-    t0 = time.perf_counter()
-    if not is_complete(src, synthetic):
-        write_synthetic(src, synthetic)
-    images = a.classes * a.per_class
-    report["phases"]["make_data"] = {"s": time.perf_counter() - t0, "images": images}
+    t0, images = time.perf_counter(), a.classes * a.per_class
+    make_tree(src, images, a.distinct, a.classes)
+    report["phases"]["make_data"] = {"s": time.perf_counter() - t0, "images": images, "distinct": a.distinct}
     save()
     s = cli(["prepare-data", str(src), str(prep), "--max-side", str(a.max_side)], work / "prepare.log")
     report["phases"]["prepare_data"] = {"s": s, "images": images, "s_per_100k": s * 1e5 / images}
@@ -184,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--per-class", type=int, default=64, help="images per class (64 x 1000: 4x the timed steps)")
+    p.add_argument("--distinct", type=int, default=1000, help="generated JPEGs the tree's files are links to")
     p.add_argument("--model", default="deit_small_distilled")
     p.add_argument("--teacher", default="regnety_160")
     p.add_argument("--batch-size", type=int, default=256)

@@ -27,11 +27,12 @@ IMAGENET_TRAIN = 1_281_167
 CLASSES = 1000
 
 
-def make_tree(root: Path, files: int, distinct: int = 48) -> Path:
-    """train/ and val/ with CLASSES folders of hard links to `distinct` JPEGs (made once)."""
+def make_tree(root: Path, files: int, distinct: int = 48, classes: int = CLASSES) -> Path:
+    """train/ (`files`) and val/ (1/25 of it, at least one per class) with `classes` folders of
+    hard links to `distinct` JPEGs of 375-500 px (made once)."""
     from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 
-    marker = root / f".tree-{files}"
+    marker = root / f".tree-{files}-{distinct}-{classes}"
     if marker.exists():
         return root
     seeds = root / "seeds"
@@ -39,10 +40,10 @@ def make_tree(root: Path, files: int, distinct: int = 48) -> Path:
     if not is_complete(seeds, recipe):
         write_synthetic(seeds, recipe)
     sources = sorted((seeds / "train").glob("*/*.jpg"))
-    for split, count in (("train", files), ("val", max(CLASSES, files // 25))):
+    for split, count in (("train", files), ("val", max(classes, files // 25))):
         for k in range(count):
-            folder = root / split / f"n{k % CLASSES:08d}"
-            if k < CLASSES:
+            folder = root / split / f"n{k % classes:08d}"
+            if k < classes:
                 folder.mkdir(parents=True, exist_ok=True)
             target = folder / f"{split}_{k:08d}.JPEG"
             if not target.exists():
