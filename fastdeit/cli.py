@@ -85,14 +85,16 @@ def recipe_cmd(
 def eval_cmd(given: Given) -> None:
     """Top-1 / top-5 on the val split, plus img/s."""
     from fastdeit.evaluation import Architecture, evaluate_checkpoint
+    from fastdeit.predicting import weights_of
 
     g = given
     if g.workers < 0:
         raise UserError(f"--workers must be >= 0 (0: load in this process), got {g.workers}")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
-        res = evaluate_checkpoint(local_weights(g.ckpt, cache_dir()), g.data, g.device, g.batch_size, g.workers, g.ema,
-                                  g.loader, cache_dir(), Architecture(g.model or "", g.img_size, g.patch_size),
+        weights = weights_of(local_weights(g.ckpt, cache_dir()))  # a run folder: its best checkpoint
+        res = evaluate_checkpoint(weights, g.data, g.device, g.batch_size, g.workers, g.ema, g.loader, cache_dir(),
+                                  Architecture(g.model or "", g.img_size, g.patch_size),
                                   lambda d, t: bar.update(task, completed=d, total=t))
     head = g.head
     if head not in res.heads:

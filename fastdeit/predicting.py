@@ -3,6 +3,7 @@ preprocessed exactly as evaluation does (shorter side to img_size / crop_pct, ce
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,14 +21,22 @@ from fastdeit.rundir import RunDir
 
 
 def weights_of(source: Path) -> Path:
-    """A file as it is; a run folder's best checkpoint (its last when it has no best)."""
-    if not source.is_dir():
+    """A file as it is; a run folder's best checkpoint (its last when it has no best); a
+    Hugging Face transformers folder (a config.json with a model_type) as it is."""
+    if not source.is_dir() or _transformers_folder(source):
         return source
     run = RunDir(source)
     for path in (run.best, run.last):
         if path.is_file():
             return path
     raise UserError(f"{source} holds no checkpoint (checkpoint-best.pt or checkpoint-last.pt)")
+
+
+def _transformers_folder(path: Path) -> bool:
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def image_files(inputs: list[Path]) -> list[Path]:

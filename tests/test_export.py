@@ -86,10 +86,11 @@ def test_timm_and_safetensors_exports_load(runs, tmp_path):
     assert fails.exit_code == 2 and "not empty" in fails.stderr
 
 
-def test_a_transformers_folder_is_read_back_as_weights(runs, tmp_path):
+def test_a_transformers_folder_is_read_back_as_weights(runs, tiny_data, tmp_path):
     """The hf export given to `eval --weights` (with the tiny architecture): fastdeit's own accuracy."""
     import json as js
 
+    from fastdeit.predicting import weights_of
     from fastdeit.rundir import read_weights
 
     ckpt = runs["deit_tiny_distilled"]
@@ -102,3 +103,7 @@ def test_a_transformers_folder_is_read_back_as_weights(runs, tmp_path):
     (tmp_path / "bert" / "config.json").write_text(js.dumps({"model_type": "bert"}))
     with pytest.raises(Exception, match="fastdeit reads ViT and DeiT folders"):
         read_weights(tmp_path / "bert")
+    # predict, the API's evaluate and load take a transformers folder as it is (not as a run folder)
+    assert weights_of(tmp_path / "hf") == tmp_path / "hf" and weights_of(tmp_path / "bert") == tmp_path / "bert"
+    res = runner.invoke(app, ["predict", str(tiny_data / "val"), "--weights", str(tmp_path / "bert")])
+    assert res.exit_code == 2 and "fastdeit reads ViT and DeiT folders" in res.stderr, res.output

@@ -19,6 +19,11 @@ def test_predict_agrees_with_eval_on_the_val_images(tiny_data, tmp_path):
     ev = runner.invoke(app, ["eval", "--data", str(tiny_data), "--ckpt", str(run / "checkpoint-last.pt"),
                              "--workers", "0", "--loader", "torch", "--head", "cls"])
     top1 = json.loads(ev.stdout.strip().splitlines()[-1])["top1"]
+    folder = runner.invoke(app, ["eval", "--data", str(tiny_data), "--ckpt", str(run), "--workers", "0", "--loader",
+                                 "torch"])  # a run folder: its best checkpoint, as predict reads it
+    assert folder.exit_code == 0, folder.output
+    best = json.loads((run / "summary.json").read_text())["best_top1"]
+    assert abs(json.loads(folder.stdout.strip().splitlines()[-1])["top1"] - best) < 1e-6
     res = runner.invoke(app, ["predict", str(tiny_data / "val"), "--weights", str(run / "checkpoint-last.pt"),
                               "--head", "cls", "--topk", "2"])
     assert res.exit_code == 0, res.output
