@@ -24,7 +24,15 @@ from torch import nn
 
 from fastdeit.cli_base import cache_dir
 from fastdeit.cli_options import key_flags
-from fastdeit.config import TrainConfig, apply_overrides, validate, with_section
+from fastdeit.config import (
+    TrainConfig,
+    _coerce,
+    _field_type,
+    _section_type,
+    apply_overrides,
+    validate,
+    with_section,
+)
 from fastdeit.config_files import apply_config_file
 from fastdeit.errors import UserError
 from fastdeit.fetch import is_url, local_weights
@@ -65,8 +73,18 @@ def config_from(recipe_name: str = "deit", *, config: str | Path | None = None, 
     if unknown:
         raise UserError(f"config_from: unknown setting {unknown[0]!r}; settings: {', '.join(sorted(SETTINGS))}; "
                         f"any other config key with sets=['section.key=value']")
-    flags = {SETTINGS[name]: value for name, value in settings.items()}
-    return build_train_config(recipe_name, flags, list(sets), Path(config) if config else None)
+    flags = {SETTINGS[name]: _typed(name, SETTINGS[name], value) for name, value in settings.items()}
+    sets = [sets] if isinstance(sets, str) else list(sets)  # one "section.key=value" alone is one, not its letters
+    return build_train_config(recipe_name, flags, sets, Path(config) if config else None)
+
+
+def _typed(name: str, key: str, value: Any) -> Any:
+    """A setting's value as its config key's type (a string converted as --set converts it), or
+    a UserError naming the setting."""
+    if value is None:
+        return None
+    section, field = key.split(".")
+    return _coerce(name, str(value) if isinstance(value, Path) else value, _field_type(_section_type(section), field))
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, gpus: int | None = None, procs: int = 1,
@@ -77,6 +95,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, gpus: int | None =
     from fastdeit.launch import start, topology
     from fastdeit.rundir import RunDir
 
+    if not isinstance(cfg, TrainConfig):
+        raise UserError(f"train takes a TrainConfig, got {type(cfg).__name__}: build one with "
+                        f"fastdeit.config_from(...)")
     topo = topology(gpus, procs, device=cfg.run.device)
     summary = start(cfg, topo, str(resume) if resume else None, console or Console(stderr=True))
     if summary is None and RunDir(cfg.run.out).summary.is_file():
@@ -90,9 +111,10 @@ def evaluate(weights: str | Path, data: str | Path, *, model: str = "", img_size
              batch_size: int = 256, workers: int = 2, ema: bool = False, loader: str = "auto") -> dict[str, Any]:
     """Top-1 / top-5 per head on the val split of `data`: a run folder (its best checkpoint),
     a checkpoint, or weights from elsewhere with `model`."""
-    from fastdeit.evaluation import Architecture, evaluate_checkpoint
+    from fastdeit.evaluation import Architecture, check_eval_args, evaluate_checkpoint
     from fastdeit.predicting import weights_of
 
+    check_eval_args(device, batch_size, workers, loader)  # before any weights are fetched
     res = evaluate_checkpoint(weights_of(local_weights(str(weights), cache_dir())), Path(data), device, batch_size,
                               workers, ema, loader, cache_dir(), Architecture(model, img_size))
     return {"images": res.n, "unreadable": res.bad, "img_s": res.img_s,

@@ -84,12 +84,11 @@ def recipe_cmd(
 @options("eval")
 def eval_cmd(given: Given) -> None:
     """Top-1 / top-5 on the val split, plus img/s."""
-    from fastdeit.evaluation import Architecture, evaluate_checkpoint
+    from fastdeit.evaluation import Architecture, check_eval_args, evaluate_checkpoint
     from fastdeit.predicting import weights_of
 
     g = given
-    if g.workers < 0:
-        raise UserError(f"--workers must be >= 0 (0: load in this process), got {g.workers}")
+    check_eval_args(g.device, g.batch_size, g.workers, g.loader)
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
         weights = weights_of(local_weights(g.ckpt, cache_dir()))  # a run folder: its best checkpoint

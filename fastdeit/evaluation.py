@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastdeit.config import DataConfig, Loader, ModelConfig
+from fastdeit.config import DataConfig, Device, Loader, ModelConfig, check_choice
 from fastdeit.data.folder import load_dataset
 from fastdeit.device import amp_dtype, autocast, resolve_device, sync
 from fastdeit.errors import UserError
@@ -149,14 +149,23 @@ def load_for_inference(ckpt: Path, arch: Architecture | None, num_classes: int |
                   name=arch.name)
 
 
+def check_eval_args(device: str, batch_size: int, workers: int, loader: str) -> None:
+    """The checks of eval's arguments (named as its flags), before any weights are fetched."""
+    check_choice("--device", device, Device)
+    check_choice("--loader", loader, Loader)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0 (0: load in this process), got {workers}")
+
+
 def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size: int = 256,
                         workers: int = 2, use_ema: bool = False, loader: Loader = "auto",
                         cache_dir: Path | None = None, arch: Architecture | None = None,
                         progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Top-1/top-5 on the val split of `data` of what `load_for_inference` loads;
     `progress(done, total)` after each batch."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    check_eval_args(device, batch_size, workers, loader)
     _, val = load_dataset(data, cache_dir=cache_dir)
     loaded = load_for_inference(ckpt, arch, len(val.classes), use_ema)
     if loaded.named and loaded.classes != list(val.classes):

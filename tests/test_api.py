@@ -36,3 +36,25 @@ def test_bad_input_raises_user_error(tiny_data, tmp_path):
         fastdeit.config_from("demo", out=str(tmp_path / "r"))
     with pytest.raises(UserError, match="unknown recipe|recipe"):
         fastdeit.config_from("nope", data=str(tiny_data), out=str(tmp_path / "r"))
+
+
+def test_a_wrong_type_or_value_is_a_user_error_naming_the_setting(tiny_data, tmp_path):
+    """Settings are converted as --set values are (a string of digits is a number); anything
+    else, and evaluate's bad arguments, raise UserError before any work (no TypeError)."""
+    import fastdeit
+
+    base = {"data": tiny_data, "out": tmp_path / "r"}  # paths as Path objects too
+    cfg = fastdeit.config_from("demo", **base, batch_size="32", epochs=2.0, sets="run.seed=3")
+    assert (cfg.run.batch_size, cfg.sched.epochs, cfg.run.seed, cfg.data.path) == (32, 2, 3, str(tiny_data))
+    for bad, words in (({"batch_size": "abc"}, "batch_size must be an integer, got 'abc'"),
+                       ({"epochs": 2.5}, "epochs must be an integer, got 2.5"),
+                       ({"lr": "fast"}, "lr must be a number, got 'fast'"),
+                       ({"distill": "bogus"}, "distill must be one of none, soft, hard")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            fastdeit.config_from("demo", **base, **bad)
+    with pytest.raises(UserError, match="train takes a TrainConfig, got str"):
+        fastdeit.train("demo")
+    for bad, words in (({"workers": -1}, "--workers must be >= 0"), ({"device": "gpu"}, "--device must be one of"),
+                       ({"loader": "fast"}, "--loader must be one of"), ({"batch_size": 0}, "--batch-size must be")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            fastdeit.evaluate(tmp_path / "none.pt", tiny_data, **bad)  # checked before the weights are read
