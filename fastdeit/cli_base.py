@@ -13,15 +13,37 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.text import Text
+from typer.core import TyperGroup
+
+try:  # typer vendors click since 0.2x; before, it is click itself
+    from typer._click.exceptions import UsageError as ClickUsageError
+except ImportError:
+    from click import UsageError as ClickUsageError
 
 from fastdeit.config import choices
 from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_STOPPED, Requeue, Stopped, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train DeiT students, with distillation through the distillation token, fast.")
 # Log lines stay whole (paths are greppable), and text is never read as markup: a path or a
 # shape in square brackets is printed as it is.
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """A flag that does not parse (`--epochs abc`), an unknown or missing one, an unknown
+    command: one line and exit code 2, as any bad input, instead of click's boxed usage."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ClickUsageError as e:
+            path = e.ctx.command_path if e.ctx is not None else f"{ctx.command_path} {ctx.invoked_subcommand or ''}"
+            err.print(Text.assemble(("error:", "red"), " ", f"{e.format_message()} (see {path.strip()} --help)"))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train DeiT students, with distillation through the distillation token, fast.")
+
 
 def _one_of(typ: Any) -> str:
     return " | ".join(choices(typ))

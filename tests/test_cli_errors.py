@@ -151,3 +151,20 @@ def test_resume_alone_means_the_run_folders_last_checkpoint():
     assert optional_values(["train", "--resume", "--epochs", "3"]) == ["train", "--resume=auto", "--epochs", "3"]
     assert optional_values(["train", "--resume", "x.pt"]) == ["train", "--resume", "x.pt"]
     assert optional_values(["train", "--compile", "--attn", "math"]) == ["train", "--compile=auto", "--attn", "math"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["train", "--accum-steps", "two"], "Invalid value for '--accum-steps'"),
+    (["eval", "--data", "d", "--ckpt", "c.pt", "--bogus"], "No such option: --bogus"),
+    (["eval", "--data", "d"], "Missing option '--ckpt'"),
+    (["eval", "--data", "d", "--ckpt", "c.pt", "--ema=3"], "'--ema' does not take a value"),
+    (["train", "--distill"], "'--distill' requires an argument"),
+    (["trian"], "No such command 'trian'"),
+])
+def test_a_flag_that_does_not_parse_is_one_line_too(args, words):
+    """typer's own errors (a value of the wrong type, an unknown or missing flag) are one line
+    naming the command's --help, as docs/cli.md says of every bad input, not a boxed usage."""
+    err = fails(args, words)
+    see = err.rsplit(" (see ", 1)[-1]  # the command's help where the command is known
+    assert err.startswith("error: ") and see.endswith(" --help)") and (args[0] in see) == (args[0] != "trian"), err
