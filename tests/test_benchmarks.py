@@ -126,7 +126,9 @@ def test_the_gpu_session_script_runs_every_part_dry(tmp_path):
         report = json.loads((tmp_path / f"throughput-{part}-dry.json").read_text())
         assert report["device"] and report["versions"]["torch"] and report["git_commit"] is not None
         assert report["model"] and all("error" not in row for row in report["model"]), part
-    assert set(json.loads((tmp_path / "loader-dry.json").read_text())["img_per_s"]) == {"dali", "torch"}
+    kinds = ("dali", "dali-full", "dali-hw", "dali-inline", "torch")  # every kind of the GPU call, and the baseline
+    assert set(json.loads((tmp_path / "loader-dry.json").read_text())["img_per_s"]) == {
+        "baseline", *(k + s for k in kinds for s in ("", ", prepared 64px", ", prepared 32px"))}
     assert json.loads((tmp_path / "throughput-distill-dry.json").read_text())["distill"]["img_per_s"]["replay"] > 0
     e2e = json.loads((tmp_path / "e2e-dry.json").read_text())  # the real commands, end to end
     assert e2e["e2e"]["exit_code"] in (0, 3) and e2e["e2e"]["train_img_s"] > 0 and e2e["step_only"]["train_img_s"] > 0
