@@ -21,7 +21,16 @@ except ImportError:
     from click import UsageError as ClickUsageError
 
 from fastdeit.config import choices
-from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_STOPPED, Requeue, Stopped, UserError
+from fastdeit.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_REQUEUE,
+    EXIT_STOPPED,
+    ConfigError,
+    Requeue,
+    Stopped,
+    UserError,
+)
 
 # Log lines stay whole (paths are greppable), and text is never read as markup: a path or a
 # shape in square brackets is printed as it is.
@@ -49,12 +58,12 @@ def _one_of(typ: Any) -> str:
     return " | ".join(choices(typ))
 
 
-def flagged(text: str, flags: dict[str, str], overrides: list[str]) -> str:
+def flagged(text: str, flags: dict[str, str], overrides: list[str], keep: tuple[str, ...] = ()) -> str:
     """An error line with config keys shown as this command's flags ({key: flag}); keys set
-    with --set stay keys."""
+    with --set, and those in `keep`, stay keys."""
     if text.startswith("--config "):  # a file's fault is named by the file's own keys
         return text
-    given = {item.split("=", 1)[0] for item in overrides}
+    given = {item.split("=", 1)[0] for item in overrides} | set(keep)
     for key, flag in flags.items():
         if key not in given:
             text = re.sub(rf"(?<![\w.]){re.escape(key)}(?!\w)", flag, text)
@@ -70,7 +79,12 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            text = flagged(str(e), getattr(fn, "key_flags", {}), kwargs.get("overrides") or [])
+            flags = getattr(fn, "key_flags", {})
+            given = getattr(fn, "given_flags", lambda values: flags)(kwargs)
+            # the faulty key is named by its flag only where the flag was given (not from the
+            # recipe or a --config file); a key in the remedy is always named by its flag
+            keep = (e.key,) if isinstance(e, ConfigError) and e.key not in given else ()
+            text = flagged(str(e), flags, kwargs.get("overrides") or [], keep)
             err.print(Text.assemble(("error:", "red"), " ", text))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except Stopped as e:  # a requeue stop exits with its own code

@@ -4,12 +4,14 @@ default, and its own words where the shared ones do not fit).
 
 From this table come the commands' typer parameters (`options`), the flag -> config key map
 that a command's values are turned into (`Given.settings`), the flag an error shows in place of
-a config key (`key_flags`), the Python API's setting names, the flags that may stand alone, and
-the option table in docs/cli.md (`python -m fastdeit.cli_options --write docs/cli.md`).
+a config key (`key_flags`; the faulty key's only where its flag was given: `given_flags`), the
+Python API's setting names, the flags that may stand alone, and the option table in docs/cli.md
+(`python -m fastdeit.cli_options --write docs/cli.md`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -174,6 +176,13 @@ def key_flags(command: str) -> dict[str, str]:
     return {OPTIONS[n].key: flags_of(n)[0] for n in COMMANDS[command] if OPTIONS[n].key}
 
 
+def given_flags(command: str, values: dict[str, Any]) -> dict[str, str]:
+    """{config key: flag} of the options of `command` given a value (not None) in `values`: an
+    error names its faulty key by the flag only where that flag was given (a value from the
+    recipe or a --config file is named by its key)."""
+    return {OPTIONS[n].key: flags_of(n)[0] for n in COMMANDS[command] if OPTIONS[n].key and values.get(n) is not None}
+
+
 def alone_values() -> dict[str, str]:
     """{flag: value} of the flags that may stand alone."""
     return {flags_of(n)[0]: o.alone for n, o in OPTIONS.items() if o.alone}
@@ -216,6 +225,7 @@ def options(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         run.__annotations__ = {p.name: p.annotation for p in params}
         run.__name__, run.__doc__, run.__module__ = fn.__name__, fn.__doc__, fn.__module__
         run.key_flags = key_flags(command)  # type: ignore[attr-defined]
+        run.given_flags = functools.partial(given_flags, command)  # type: ignore[attr-defined]
         return run
 
     return wrap

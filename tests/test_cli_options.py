@@ -71,3 +71,17 @@ def test_an_error_names_a_key_by_a_flag_only_where_the_command_has_it(tmp_path):
     res = runner.invoke(app, ["cache-teacher", "--data", str(tmp_path), "--teacher", "resnet10t", "--recipe", "demo",
                               "--out", str(tmp_path / "c"), "--topk", "0"])
     assert res.exit_code == 2 and "--topk" in res.output and "distill.topk" not in res.output, res.output
+
+
+def test_a_key_is_named_by_a_flag_only_when_the_flag_was_given(tmp_path):
+    """A bad value from a --config file (or the recipe) is named by its key: the user gave no
+    --epochs; given on the command line, the same fault names the flag."""
+    (tmp_path / "c.toml").write_text("[sched]\nepochs = 0\n[run]\nbatch_size = 20\n")
+    base = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--recipe", "demo"]
+    res = runner.invoke(app, [*base, "--config", str(tmp_path / "c.toml")])
+    assert res.exit_code == 2 and "error: sched.epochs must be >= 1, got 0" in res.stderr, res.output
+    res = runner.invoke(app, [*base, "--config", str(tmp_path / "c.toml"), "--epochs", "0"])
+    assert res.exit_code == 2 and "error: --epochs must be >= 1, got 0" in res.stderr, res.output
+    res = runner.invoke(app, [*base, "--config", str(tmp_path / "c.toml"), "--epochs", "1"])
+    assert res.exit_code == 2 and "error: run.batch_size 20 is not a multiple" in res.stderr, res.output
+    assert not (tmp_path / "r").exists()
