@@ -69,8 +69,8 @@ OPTIONS: dict[str, Option] = {
     "out": Op(Path, "Run folder (config.json, metrics.jsonl, checkpoints, summary.json).", "run.out"),
     "recipe_name": Op(str, " | ".join(RECIPES) + " (deit: the paper's ImageNet recipe; `fastdeit recipe NAME` "
                      "prints one).", flags=("--recipe",)),
-    "config_file": Op(Path, "A TOML or JSON file of config sections (a run's config.json too), over the recipe and "
-                     "under the flags and --set.", flags=("--config",)),
+    "config_file": Op(Path, "A TOML, YAML or JSON file of config sections (a run's config.json too), over the "
+                      "recipe and under the flags and --set.", flags=("--config",)),
     # the plan (a cache is built for one plan: these must match its training runs)
     "epochs": Op(int, "Training epochs.", "sched.epochs"),
     "batch_size": Op(int, "Global batch size (split across ranks).", "run.batch_size"),

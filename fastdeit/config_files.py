@@ -1,5 +1,5 @@
 """Configs as files: `fastdeit train --config FILE` reads any subset of the config's sections
-from TOML or JSON (a run's own config.json is such a file), and `fastdeit recipe NAME` writes
+from TOML, YAML or JSON (a run's own config.json is such a file), and `fastdeit recipe NAME` writes
 a whole resolved config as TOML that `--config` reads back unchanged.
 
 The order a run's settings are applied in: recipe < --config file < flags < --set.
@@ -17,22 +17,25 @@ from fastdeit.errors import UserError
 
 
 def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
-    """The sections a file holds, by its suffix (.toml, else JSON); every fault is one line
-    naming the file (and the line, for a syntax error)."""
+    """The sections a file holds, by its suffix (.toml, .yaml / .yml, else JSON); every fault
+    is one line naming the file (and the line, for a syntax error)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
     except UnicodeDecodeError:
-        raise UserError(f"--config {path}: not a text file (not UTF-8): give a TOML or JSON file") from None
+        raise UserError(f"--config {path}: not a text file (not UTF-8): give a TOML, YAML or JSON file") from None
     if path.suffix == ".toml":
         data = _toml(text, path)
+    elif path.suffix in (".yaml", ".yml"):
+        data = _yaml(text, path)
     else:
         try:
             data = json.loads(text)
         except ValueError as e:
-            raise UserError(f"--config {path}: not valid JSON ({e}); a TOML file needs the .toml suffix") from None
+            raise UserError(f"--config {path}: not valid JSON ({e}); a TOML or YAML file needs the .toml or .yaml "
+                            f"suffix") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected sections of keys ([data], [model], ... or "
                         f'{{"data": {{...}}}}), got {type(data).__name__}')
@@ -56,6 +59,17 @@ def _toml(text: str, path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"--config {path}: {e}") from None
+
+
+def _yaml(text: str, path: Path) -> Any:
+    import yaml  # PyYAML: installed with timm, which reads its own args.yaml with it
+
+    try:
+        return yaml.safe_load(text)  # plain data only: no tags that build objects
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"--config {path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
 
 
 def apply_config_file(cfg: TrainConfig, path: Path) -> TrainConfig:

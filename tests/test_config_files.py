@@ -51,6 +51,13 @@ def test_a_runs_config_json_reruns_it(tiny_data, tmp_path):
     assert first["loss"] == again["loss"]
 
 
+def test_a_yaml_file_is_read_as_toml_is(tiny_data, tmp_path):
+    (tmp_path / "c.yaml").write_text("run:\n  seed: 3\naug:\n  scale: [0.2, 1.0]\n")
+    (tmp_path / "c.toml").write_text("[run]\nseed = 3\n[aug]\nscale = [0.2, 1.0]\n")
+    from_yaml = apply_config_file(recipe("deit"), tmp_path / "c.yaml")
+    assert from_yaml == apply_config_file(recipe("deit"), tmp_path / "c.toml") and from_yaml.run.seed == 3
+
+
 @pytest.mark.parametrize("text, suffix, words", [
     ("[modle]\nname = 'x'\n", ".toml", "unknown config section 'modle'"),
     ("[model]\nnam = 'x'\n", ".toml", "unknown config key model.nam"),
@@ -60,6 +67,10 @@ def test_a_runs_config_json_reruns_it(tiny_data, tmp_path):
     ('{"run": 3}', ".json", "run = 3 is not a section"),
     ("[run]\nseed = 1\n", ".json", "not valid JSON"),
     ('[1, 2]', ".json", "got list"),
+    ("run:\n  seed: [1\n", ".yaml", "not valid YAML at line"),
+    ("run:\n  seed: abc\n", ".yml", "run.seed must be an integer"),
+    ("model: deit_tiny\n", ".yaml", "model = 'deit_tiny' is not a section"),  # timm's flat args.yaml
+    ("!!python/object/apply:os.system ['true']\n", ".yaml", "not valid YAML"),  # no tags that run code
 ])
 def test_a_bad_file_is_one_line_naming_it(tiny_data, tmp_path, text, suffix, words):
     bad = tmp_path / f"bad{suffix}"
@@ -75,6 +86,6 @@ def test_a_file_that_is_not_text_is_one_line(tiny_data, tmp_path):
     bad.write_bytes(b"[run]\nseed = 1\n\xd0\x00\xff")
     res = runner.invoke(app, ["train", "--config", str(bad), "--data", str(tiny_data), "--out", str(tmp_path / "r")])
     line = res.stderr.strip().splitlines()[-1]
-    assert res.exit_code == 2 and line == (f"error: --config {bad}: not a text file (not UTF-8): give a TOML or JSON "
-                                                 "file")
+    assert res.exit_code == 2 and line == (f"error: --config {bad}: not a text file (not UTF-8): give a TOML, YAML or "
+                                                 "JSON file")
     assert not (tmp_path / "r").exists()
