@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # The GPU measurements, one part per call of at most ten minutes, for a lent GPU machine whose
 # image has torch, timm and triton but not fastdeit (nor DALI: see below). GPU time is scarce
-# (fifteen minutes a session, machine start included). The next window's calls, in this order
-# (the first three each carry one DALI part; DALI is usable from the third call on):
+# (fifteen minutes a session, machine start included). DALI arrives in three carried parts, so
+# the first two calls only carry (seconds each) and the product, end to end, is the first
+# measurement. A warm machine goes back after 30 s idle, taking /tmp/gw with it: make calls
+# 1-3 back to back. The next window's calls, in this order:
 #
-#   1. bash benchmarks/gpu_session.sh candidates  # ~4 min  step candidates vs today's compiled step + profile
-#   2. bash benchmarks/gpu_session.sh step-triton # ~2 min  DeiT-S/B with --attn triton, eager and compiled
-#   3. bash benchmarks/gpu_session.sh e2e         # ~4 min  JPEGs -> prepare-data -> cache-teacher -> fastdeit
-#                                                 #         train --gpus 1 (DALI, compiled), vs the step alone
-#   4. bash benchmarks/gpu_session.sh loader      # ~2 min  DALI (ROI, full, hardware share, inline reads) vs
-#                                                 #         the official pipeline, source JPEGs and prepared 512/256
-#   5. bash benchmarks/gpu_session.sh tests       # ~1 min  pytest -m gpu (DALI GPU graph, compile modes, no sync)
+#   1. bash benchmarks/gpu_session.sh carry       # seconds  carries .gpuwheels/x0; device and versions
+#   2. bash benchmarks/gpu_session.sh carry       # seconds  carries .gpuwheels/x1
+#   3. bash benchmarks/gpu_session.sh e2e         # ~5 min   carries x2 (DALI unpacked): JPEGs -> prepare-data ->
+#                                                 #          cache-teacher -> fastdeit train --gpus 1 (DALI,
+#                                                 #          compiled), vs the step alone
+#   4. bash benchmarks/gpu_session.sh candidates  # ~4 min   step candidates vs today's compiled step + profile
+#   5. bash benchmarks/gpu_session.sh loader      # ~2 min   DALI (ROI, full, hardware share, inline reads) vs
+#                                                 #          the official pipeline, source JPEGs and prepared 512/256
+#   6. bash benchmarks/gpu_session.sh tests       # ~1 min   pytest -m gpu (DALI GPU graph, compile modes, no sync)
+#   7. bash benchmarks/gpu_session.sh step-triton # ~2 min   DeiT-S/B with --attn triton, eager and compiled
+#
+# Calls 3-6 carry nothing but the repo: DALI stays unpacked in /tmp/site while the machine is
+# held. A machine that went back between calls takes DALI with it: start again at call 1.
 #
 # Parts measured before (results in benchmarks/results/*nvidia-h200*, H200 of 2026-11-30):
 #   step-s ~1 min, step-b ~1.5 min, step-ti ~1 min, attention ~1 min, distill ~1.5 min.
 #
-# DALI: run benchmarks/stage_dali.sh here first; carry one of .gpuwheels/x0..x2 per call
+# DALI: run benchmarks/stage_dali.sh here first; calls 1-3 each carry one of .gpuwheels/x0..x2
 # (mkdir -p /tmp/gw && cp .gpuwheels/xN/* /tmp/gw/ before this script); this script unpacks
 # DALI once the three parts are in /tmp/gw.
 #
@@ -28,7 +36,7 @@
 set -euo pipefail
 dry=0
 if [ "${1:-}" = "--dry" ]; then dry=1; shift; fi
-part=${1:?"which part: candidates | step-triton | e2e | loader | tests | step-s | step-b | step-ti | attention | distill | all (with --dry)"}
+part=${1:?"which part: carry | e2e | candidates | loader | tests | step-triton | step-s | step-b | step-ti | attention | distill | all (with --dry)"}
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 py=${PYTHON:-python}
@@ -65,6 +73,8 @@ step() {  # step NAME MODELS ATTN COMPILE
 
 run_part() {
   case "$1" in
+    carry)  # a DALI part came with this call; the device and versions are printed above
+      echo "DALI parts here: $(ls /tmp/gw 2>/dev/null | tr '\n' ' ')$([ -d /tmp/site/nvidia/dali ] && echo '(unpacked)')" ;;
     tests)
       if [ "$dry" = 1 ]; then
         $py -m pytest -q -m gpu tests/test_pipeline_dali.py -p no:cacheprovider 2>&1 | tail -3  # collected, skipped on a CPU
@@ -118,14 +128,14 @@ run_part() {
         $py benchmarks/candidates.py --device cuda --out "$out/candidates-$tag.json"
       fi ;;
     *)
-      echo "unknown part $1: candidates | step-triton | e2e | loader | tests | step-s | step-b | step-ti | attention | distill"
+      echo "unknown part $1: carry | e2e | candidates | loader | tests | step-triton | step-s | step-b | step-ti | attention | distill"
       return 2 ;;
   esac
 }
 
 if [ "$part" = all ]; then
   [ "$dry" = 1 ] || { echo "'all' is for --dry: on a GPU, one part per call"; exit 2; }
-  for p in candidates step-triton e2e loader tests step-s step-b step-ti attention distill; do
+  for p in carry e2e candidates loader tests step-triton step-s step-b step-ti attention distill; do
     echo "== $p"
     run_part "$p"
   done
