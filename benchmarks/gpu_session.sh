@@ -25,7 +25,8 @@
 #
 # DALI: run benchmarks/stage_dali.sh here first; calls 1-3 each carry one of .gpuwheels/x0..x2
 # (mkdir -p /tmp/gw && cp .gpuwheels/xN/* /tmp/gw/ before this script); this script unpacks
-# DALI once the three parts are in /tmp/gw.
+# DALI once the three parts are in /tmp/gw. Call 3, for instance, carrying .gpuwheels/x2:
+#   mkdir -p /tmp/gw && cp .gpuwheels/x2/* /tmp/gw/ && bash benchmarks/gpu_session.sh e2e
 #
 #   bash benchmarks/gpu_session.sh --dry all   # every part at toy size on the CPU, nothing installed (the tests run it)
 #   bash benchmarks/gpu_session.sh --dry e2e   # one part at toy size
