@@ -3,7 +3,6 @@ preprocessed exactly as evaluation does (shorter side to img_size / crop_pct, ce
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,26 +16,19 @@ from fastdeit.evaluation import Architecture, load_for_inference
 from fastdeit.models import head_logits
 from fastdeit.pipelines.tail import normalize
 from fastdeit.pipelines.torch import eval_loader
-from fastdeit.rundir import RunDir
+from fastdeit.rundir import RunDir, is_transformers_folder
 
 
 def weights_of(source: Path) -> Path:
     """A file as it is; a run folder's best checkpoint (its last when it has no best); a
     Hugging Face transformers folder (a config.json with a model_type) as it is."""
-    if not source.is_dir() or _transformers_folder(source):
+    if not source.is_dir() or is_transformers_folder(source):
         return source
     run = RunDir(source)
     for path in (run.best, run.last):
         if path.is_file():
             return path
     raise UserError(f"{source} holds no checkpoint (checkpoint-best.pt or checkpoint-last.pt)")
-
-
-def _transformers_folder(path: Path) -> bool:
-    try:
-        return "model_type" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def image_files(inputs: list[Path]) -> list[Path]:

@@ -290,6 +290,15 @@ def _diff_lists(old: list[str], new: tuple[str, ...]) -> str:
             + (f"; new: {', '.join(added[:3])}" if added else "")) if gone or added else "another order"
 
 
+def is_transformers_folder(path: Path) -> bool:
+    """A Hugging Face transformers folder: a config.json naming a model_type (a run folder's
+    config.json is fastdeit's sections)."""
+    try:
+        return "model_type" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model weights, meta) from a fastdeit checkpoint (its meta names the model config and
     image size), an official DeiT .pth ({"model": state_dict}) or a bare state_dict; meta is
