@@ -388,6 +388,7 @@ def _load(path: Path, what: str = "checkpoint") -> Any:
             raise UserError(f"{path} holds Python objects besides tensors: refused (fastdeit reads tensors only, "
                             f"so that a file cannot run code)") from None
         raise UserError(f"{path} is not a readable {what} (not a torch file)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except Exception as e:  # torch's reader fails on garbage in many ways (IndexError,
+        # KeyError and MemoryError on random bytes besides the usual ones); all mean "not a checkpoint"
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path} is not a readable {what} (empty, truncated or not a torch file: {first})") from None

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import random
 import shutil
 from pathlib import Path
 
@@ -262,12 +263,13 @@ class Payload:
         return (print, ("this would have run",))
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "pickle"])
+@pytest.mark.parametrize("kind", ["truncated", "random", "random-index", "random-key", "empty", "pickle"])
 def test_an_unreadable_checkpoint_is_one_line(data, tmp_path, kind):
     out = trained(data, tmp_path / "run")
     good = (out / "checkpoint-last.pt").read_bytes()
     bad = tmp_path / f"{kind}.pt"
     bad.write_bytes({"truncated": good[: len(good) // 2], "random": os.urandom(4096), "empty": b"",
+                     "random-index": random.Random(2).randbytes(4096), "random-key": random.Random(20).randbytes(4096),
                      "pickle": pickle.dumps({"model": Payload()}, protocol=2)}[kind])
     for args in (train(data, tmp_path / "new", "--resume", str(bad)),
                  ["eval", "--data", str(data), "--ckpt", str(bad)]):

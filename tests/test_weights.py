@@ -3,6 +3,7 @@
 import argparse
 import http.server
 import json
+import random
 import threading
 import typing
 from pathlib import Path
@@ -143,3 +144,15 @@ def test_weights_by_url_download_once_and_are_checked(official, tmp_path):
             local_weights(f"{base}/missing.pth", cache)
     finally:
         server.shutdown()
+
+
+def test_random_bytes_are_never_read_as_a_checkpoint(tmp_path):
+    """torch's reader fails on garbage in many ways: seeds 2 and 20 made it raise IndexError and
+    KeyError (a bare exit 1 in CI, where the file was os.urandom's); each is one UserError."""
+    from fastdeit.rundir import read_weights
+
+    bad = tmp_path / "r.pt"
+    for seed in range(300):
+        bad.write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(UserError):  # "not a readable checkpoint", or "holds Python objects": one line
+            read_weights(bad)
