@@ -47,6 +47,13 @@ def test_unreadable_images_are_named_and_bad_arguments_are_one_line(tiny_data, t
     assert res.exit_code == 0 and json.loads(res.stdout)["error"] == "cannot be read as an image"
     for args, words in ((["predict", str(bad), "--weights", str(run), "--head", "dist"], "only the joint head"),
                         (["predict", str(tmp_path / "none.jpg"), "--weights", str(run)], "does not exist"),
-                        (["predict", str(bad), "--weights", str(tmp_path)], "holds no checkpoint")):
+                        (["predict", str(bad), "--weights", str(tmp_path)], "holds no checkpoint"),
+                        # a checkpoint names its model: another --model is refused, never silently ignored
+                        (["predict", str(bad), "--weights", str(run), "--model", "deit_small"],
+                         "is a fastdeit checkpoint of deit_tiny, not deit_small: drop --model"),
+                        (["eval", "--data", str(tiny_data), "--ckpt", str(run), "--model", "deit_small"],
+                         "not deit_small: drop --model")):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and words in res.stderr and "Traceback" not in res.output, res.output
+    same = runner.invoke(app, ["predict", str(bad), "--weights", str(run), "--model", "deit_tiny_patch16_224"])
+    assert same.exit_code == 0, same.output  # the same model by timm's name
