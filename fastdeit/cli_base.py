@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -39,15 +39,26 @@ err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 class _OneLineUsageErrors(TyperGroup):
     """A flag that does not parse (`--epochs abc`), an unknown or missing one, an unknown
-    command: one line and exit code 2, as any bad input, instead of click's boxed usage."""
+    command, an unknown option before any command (`fastdeit --bogus`): one line and exit code
+    2, as any bad input, instead of click's boxed usage."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except ClickUsageError as e:
+            _usage_error(e, ctx.command_path)
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ClickUsageError as e:
-            path = e.ctx.command_path if e.ctx is not None else f"{ctx.command_path} {ctx.invoked_subcommand or ''}"
-            err.print(Text.assemble(("error:", "red"), " ", f"{e.format_message()} (see {path.strip()} --help)"))
-            raise typer.Exit(EXIT_BAD_INPUT) from None
+            _usage_error(e, f"{ctx.command_path} {ctx.invoked_subcommand or ''}")
+
+
+def _usage_error(e: ClickUsageError, path: str) -> NoReturn:
+    path = e.ctx.command_path if e.ctx is not None else path
+    err.print(Text.assemble(("error:", "red"), " ", f"{e.format_message()} (see {path.strip()} --help)"))
+    raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
