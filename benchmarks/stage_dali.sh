@@ -33,3 +33,8 @@ split -n 3 -d -a 1 "$work/site.tar.xz" "$work/gw.part."
 for i in 0 1 2; do mkdir -p ".gpuwheels/x$i" && mv "$work/gw.part.$i" ".gpuwheels/x$i/"; done
 (cd "$work" && sha256sum site.tar.xz | sed 's/site.tar.xz/gw.tar.xz/') > .gpuwheels/x2/gw.sha256
 du -sh .gpuwheels/x*
+# A call carries the working tree with its part, 64 MiB in all: say how much room is left.
+tree=$(git ls-files -z | xargs -0 stat -c %s | awk '{s += $1} END {print s}')
+part=$(du -cb .gpuwheels/x2/* | tail -1 | cut -f1)
+echo "a call carries $(( (tree + part) / 1048576 )) MiB of 64 (working tree $(( tree / 1024 )) KiB + one part)"
+[ $(( tree + part )) -lt $(( 64 * 1048576 )) ] || { echo "over 64 MiB: split into four parts"; exit 1; }
