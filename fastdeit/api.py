@@ -24,15 +24,7 @@ from torch import nn
 
 from fastdeit.cli_base import cache_dir
 from fastdeit.cli_options import key_flags
-from fastdeit.config import (
-    TrainConfig,
-    _coerce,
-    _field_type,
-    _section_type,
-    apply_overrides,
-    validate,
-    with_section,
-)
+from fastdeit.config import TrainConfig, apply_overrides, coerce_key, validate, with_section
 from fastdeit.config_files import apply_config_file
 from fastdeit.errors import UserError
 from fastdeit.fetch import is_url, local_weights
@@ -73,18 +65,11 @@ def config_from(recipe_name: str = "deit", *, config: str | Path | None = None, 
     if unknown:
         raise UserError(f"config_from: unknown setting {unknown[0]!r}; settings: {', '.join(sorted(SETTINGS))}; "
                         f"any other config key with sets=['section.key=value']")
-    flags = {SETTINGS[name]: _typed(name, SETTINGS[name], value) for name, value in settings.items()}
+    # each value as its key's type (a string converted as --set converts it), errors naming the setting
+    flags = {SETTINGS[name]: None if value is None else coerce_key(SETTINGS[name], str(value) if isinstance(
+        value, Path) else value, name) for name, value in settings.items()}
     sets = [sets] if isinstance(sets, str) else list(sets)  # one "section.key=value" alone is one, not its letters
     return build_train_config(recipe_name, flags, sets, Path(config) if config else None)
-
-
-def _typed(name: str, key: str, value: Any) -> Any:
-    """A setting's value as its config key's type (a string converted as --set converts it), or
-    a UserError naming the setting."""
-    if value is None:
-        return None
-    section, field = key.split(".")
-    return _coerce(name, str(value) if isinstance(value, Path) else value, _field_type(_section_type(section), field))
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, gpus: int | None = None, procs: int = 1,

@@ -108,6 +108,7 @@ def eval_cmd(given: Given) -> None:
     print(json.dumps({"head": head, "top1": res.top1(head), "top5": res.top5(head), "images": res.n,
                       "img_s": res.img_s, "unreadable": res.bad}))
 
+
 @app.command()
 @command
 def predict(

@@ -20,6 +20,7 @@ try:  # typer vendors click since 0.2x; before, it is click itself
 except ImportError:
     from click import UsageError as ClickUsageError
 
+from fastdeit.cli_options import key_flags
 from fastdeit.config import choices
 from fastdeit.errors import (
     EXIT_BAD_INPUT,
@@ -90,8 +91,8 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            flags = getattr(fn, "key_flags", {})
-            given = getattr(fn, "given_flags", lambda values: flags)(kwargs)
+            name = getattr(fn, "options_of", None)  # a command built from the option table
+            flags, given = (key_flags(name), key_flags(name, kwargs)) if name else ({}, {})
             # the faulty key is named by its flag only where the flag was given (not from the
             # recipe or a --config file); a key in the remedy is always named by its flag
             keep = (e.key,) if isinstance(e, ConfigError) and e.key not in given else ()

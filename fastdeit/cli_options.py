@@ -4,14 +4,13 @@ default, and its own words where the shared ones do not fit).
 
 From this table come the commands' typer parameters (`options`), the flag -> config key map
 that a command's values are turned into (`Given.settings`), the flag an error shows in place of
-a config key (`key_flags`; the faulty key's only where its flag was given: `given_flags`), the
+a config key (`key_flags`; the faulty key's only where its flag was given), the
 Python API's setting names, the flags that may stand alone, and the option table in docs/cli.md
 (`python -m fastdeit.cli_options --write docs/cli.md`).
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -171,16 +170,12 @@ def help_of(name: str, use: Use) -> str:
     return text.format(choices=" | ".join(choices(opt.choices))) if opt.choices else text
 
 
-def key_flags(command: str) -> dict[str, str]:
-    """{config key: flag} of a command's options that set a config key."""
-    return {OPTIONS[n].key: flags_of(n)[0] for n in COMMANDS[command] if OPTIONS[n].key}
-
-
-def given_flags(command: str, values: dict[str, Any]) -> dict[str, str]:
-    """{config key: flag} of the options of `command` given a value (not None) in `values`: an
-    error names its faulty key by the flag only where that flag was given (a value from the
-    recipe or a --config file is named by its key)."""
-    return {OPTIONS[n].key: flags_of(n)[0] for n in COMMANDS[command] if OPTIONS[n].key and values.get(n) is not None}
+def key_flags(command: str, given: dict[str, Any] | None = None) -> dict[str, str]:
+    """{config key: flag} of a command's options that set a config key; with `given` (the
+    command's values), only those given a value: an error names its faulty key by the flag
+    only where that flag was given (a value from the recipe or a --config file keeps its key)."""
+    return {OPTIONS[n].key: flags_of(n)[0] for n in COMMANDS[command]
+            if OPTIONS[n].key and (given is None or given.get(n) is not None)}
 
 
 def alone_values() -> dict[str, str]:
@@ -193,7 +188,7 @@ class Given(SimpleNamespace):
 
     def settings(self) -> dict[str, Any]:
         """{config key: value} of the options that set one (None: not given)."""
-        return {OPTIONS[n].key: v for n, v in vars(self).items() if n in OPTIONS and OPTIONS[n].key}
+        return {OPTIONS[n].key: v for n, v in vars(self).items() if OPTIONS[n].key}
 
 
 def _check_choices(values: dict[str, Any]) -> None:
@@ -224,8 +219,7 @@ def options(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in params}
         run.__name__, run.__doc__, run.__module__ = fn.__name__, fn.__doc__, fn.__module__
-        run.key_flags = key_flags(command)  # type: ignore[attr-defined]
-        run.given_flags = functools.partial(given_flags, command)  # type: ignore[attr-defined]
+        run.options_of = command  # type: ignore[attr-defined]  # the guard names keys by its flags
         return run
 
     return wrap
@@ -253,8 +247,7 @@ def markdown() -> str:
     for name in OPTIONS:
         cells = [_default_cell(command, name) for command in names]
         uses = {c: COMMANDS[c][name] for c in names if name in COMMANDS[c]}
-        what = [OPTIONS[name].help.format(choices=" | ".join(choices(OPTIONS[name].choices)))
-                if OPTIONS[name].choices else OPTIONS[name].help] * any(u.help is None for u in uses.values())
+        what = [help_of(name, Use())] * any(u.help is None for u in uses.values())
         what += [f"*{c}*: {help_of(name, u)}" for c, u in uses.items() if u.help is not None]
         what = " ".join(what).replace("|", "\\|")
         key = f"`{OPTIONS[name].key}`" if OPTIONS[name].key else ""

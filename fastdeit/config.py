@@ -213,6 +213,13 @@ def _field_type(sec_cls: type, key: str) -> Any:
     return typing.get_type_hints(sec_cls)[key]
 
 
+def coerce_key(key: str, value: Any, name: str | None = None) -> Any:
+    """`value` (a Python value or a --set string) as config key `key`'s declared type; a bad
+    one is a UserError naming `name` (default: the key)."""
+    section, field = key.split(".")
+    return _coerce(name or key, value, _field_type(_section_type(section), field))
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Convert a JSON value or a --set string to the field's declared type, or fail clearly."""
     origin = typing.get_origin(typ)

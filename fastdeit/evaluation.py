@@ -168,8 +168,8 @@ def evaluate_checkpoint(ckpt: Path, data: Path, device: str = "auto", batch_size
                         cache_dir: Path | None = None, arch: Architecture | None = None,
                         progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Top-1/top-5 on the val split of `data` of what `load_for_inference` loads;
-    `progress(done, total)` after each batch."""
-    check_eval_args(device, batch_size, workers, loader)
+    `progress(done, total)` after each batch. Its callers check the arguments first
+    (`check_eval_args`), before any weights are fetched."""
     _, val = load_dataset(data, cache_dir=cache_dir)
     loaded = load_for_inference(ckpt, arch, len(val.classes), use_ema)
     if loaded.named and loaded.classes != list(val.classes):
