@@ -11,13 +11,18 @@ instead of exiting; a stop on request raises `Stopped`.
 
 Settings are named as the `train` command's flags (`batch_size=` for `--batch-size`), any
 config key through `sets=["section.key=value", ...]`, and a file through `config=`; the order
-is recipe < config file < settings < sets, as on the command line.
+is recipe < config file < settings < sets, as on the command line. Errors name the arguments
+given (`batch_size must be >= 1`), not the flags or config keys they stand for.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from torch import nn
@@ -32,6 +37,42 @@ from fastdeit.recipes import recipe
 
 # The train command's flags by their Python names (--batch-size: batch_size) -> config keys.
 SETTINGS = {flag.removeprefix("--").replace("-", "_"): key for key, flag in key_flags("train").items()}
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)(?: ([A-Z][A-Z_]*)\b)?")  # --data DIR, --batch-size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def in_python_terms(text: str, params: set[str], keys: dict[str, str]) -> str:
+    """An error line as a Python caller reads it: the command's flags named as the function's
+    parameters (`--data DIR` -> `data=DIR`, `--batch-size` -> `batch_size`), and the config
+    keys of the settings given ({key: parameter}) by those settings; other keys stay keys,
+    which `sets=` takes."""
+    def name(m: re.Match) -> str:
+        param = m.group(1).replace("-", "_")
+        if param not in params:
+            return m.group(0)
+        return f"{param}={m.group(2)}" if m.group(2) else param
+
+    text = _FLAG.sub(name, text)
+    for key, param in keys.items():
+        text = re.sub(rf"(?<![\w.]){re.escape(key)}(?!\w)", param, text)
+    return text
+
+
+def _python_named(fn: F) -> F:
+    """The API function's UserErrors in Python terms (the CLI's name its flags)."""
+    params = set(inspect.signature(fn).parameters) | (set(SETTINGS) if fn.__name__ == "config_from" else set())
+
+    @functools.wraps(fn)
+    def named(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            keys = {SETTINGS[n]: n for n, v in kwargs.items() if n in SETTINGS and v is not None}
+            e.args = (in_python_terms(str(e), params, keys),)
+            raise
+
+    return named  # type: ignore[return-value]
 
 
 def build_train_config(recipe_name: str, flags: dict[str, Any], overrides: list[str],
@@ -58,6 +99,7 @@ def build_train_config(recipe_name: str, flags: dict[str, Any], overrides: list[
     return cfg
 
 
+@_python_named
 def config_from(recipe_name: str = "deit", *, config: str | Path | None = None, sets: list[str] | tuple = (),
                 **settings: Any) -> TrainConfig:
     """A validated run config: the recipe, a config file, the settings, then `sets`."""
@@ -72,6 +114,7 @@ def config_from(recipe_name: str = "deit", *, config: str | Path | None = None, 
     return build_train_config(recipe_name, flags, sets, Path(config) if config else None)
 
 
+@_python_named
 def train(cfg: TrainConfig, resume: str | Path | None = None, gpus: int | None = None, procs: int = 1,
           console: Console | None = None) -> dict[str, Any] | None:
     """Train `cfg` (from `resume`: a checkpoint, a run folder, or "auto"); the summary. With
@@ -92,6 +135,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, gpus: int | None =
     return summary
 
 
+@_python_named
 def evaluate(weights: str | Path, data: str | Path, *, model: str = "", img_size: int = 224, device: str = "auto",
              batch_size: int = 256, workers: int = 2, ema: bool = False, loader: str = "auto") -> dict[str, Any]:
     """Top-1 / top-5 per head on the val split of `data`: a run folder (its best checkpoint),
@@ -106,6 +150,7 @@ def evaluate(weights: str | Path, data: str | Path, *, model: str = "", img_size
             **{head: {"top1": res.top1(head), "top5": res.top5(head)} for head in res.heads}}
 
 
+@_python_named
 def load(source: str | Path, *, model: str = "", img_size: int = 224, ema: bool = False) -> nn.Module:
     """The trained model as timm's nn.Module, in eval mode on the CPU: a run folder (its best
     checkpoint), a checkpoint, or weights from elsewhere with `model`. Its class names are in

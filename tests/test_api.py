@@ -32,7 +32,7 @@ def test_bad_input_raises_user_error(tiny_data, tmp_path):
 
     with pytest.raises(UserError, match="unknown setting 'batchsize'"):
         fastdeit.config_from("demo", data=str(tiny_data), out=str(tmp_path / "r"), batchsize=16)
-    with pytest.raises(UserError, match="--data DIR is required"):
+    with pytest.raises(UserError, match="data=DIR is required"):
         fastdeit.config_from("demo", out=str(tmp_path / "r"))
     with pytest.raises(UserError, match="unknown recipe|recipe"):
         fastdeit.config_from("nope", data=str(tiny_data), out=str(tmp_path / "r"))
@@ -54,7 +54,23 @@ def test_a_wrong_type_or_value_is_a_user_error_naming_the_setting(tiny_data, tmp
             fastdeit.config_from("demo", **base, **bad)
     with pytest.raises(UserError, match="train takes a TrainConfig, got str"):
         fastdeit.train("demo")
-    for bad, words in (({"workers": -1}, "--workers must be >= 0"), ({"device": "gpu"}, "--device must be one of"),
-                       ({"loader": "fast"}, "--loader must be one of"), ({"batch_size": 0}, "--batch-size must be")):
-        with pytest.raises(UserError, match=re.escape(words)):
+    for bad, words in (({"workers": -1}, "workers must be >= 0"), ({"device": "gpu"}, "device must be one of"),
+                       ({"loader": "fast"}, "loader must be one of"), ({"batch_size": 0}, "batch_size must be")):
+        with pytest.raises(UserError, match=f"^{re.escape(words)}"):
             fastdeit.evaluate(tmp_path / "none.pt", tiny_data, **bad)  # checked before the weights are read
+
+
+def test_errors_name_the_arguments_given_not_flags_or_their_keys(tiny_data, tmp_path):
+    """A Python caller never typed --batch-size: the error names batch_size; a key set through
+    sets= stays the key it was given as."""
+    import fastdeit
+
+    base = {"data": tiny_data, "out": tmp_path / "r"}
+    with pytest.raises(UserError, match=r"^batch_size must be >= 1, got 0$"):
+        fastdeit.config_from("demo", **base, batch_size=0)
+    with pytest.raises(UserError, match=r"^run\.batch_size must be >= 1, got 0$"):
+        fastdeit.config_from("demo", **base, sets=["run.batch_size=0"])
+    with pytest.raises(UserError, match=r"^out=RUN is required"):
+        fastdeit.config_from("demo", data=tiny_data)
+    with pytest.raises(UserError, match=r"pass data=DIR \(make one with: fastdeit make-data DIR\)$"):
+        fastdeit.evaluate(tmp_path / "none.pt", tmp_path / "nowhere")
