@@ -141,7 +141,7 @@ def evaluate(weights: str | Path, data: str | Path, *, model: str = "", img_size
     """Top-1 / top-5 per head on the val split of `data`: a run folder (its best checkpoint),
     a checkpoint, or weights from elsewhere with `model`."""
     from fastdeit.evaluation import Architecture, check_eval_args, evaluate_checkpoint
-    from fastdeit.predicting import weights_of
+    from fastdeit.rundir import weights_of
 
     check_eval_args(device, batch_size, workers, loader)  # before any weights are fetched
     res = evaluate_checkpoint(weights_of(local_weights(str(weights), cache_dir())), Path(data), device, batch_size,
@@ -156,7 +156,7 @@ def load(source: str | Path, *, model: str = "", img_size: int = 224, ema: bool 
     checkpoint), a checkpoint, or weights from elsewhere with `model`. Its class names are in
     `model.fastdeit_classes`."""
     from fastdeit.evaluation import Architecture, load_for_inference
-    from fastdeit.predicting import weights_of
+    from fastdeit.rundir import weights_of
 
     path = weights_of(local_weights(str(source), cache_dir()))
     loaded = load_for_inference(path, Architecture(model, img_size) if model else None, use_ema=ema)

@@ -85,7 +85,7 @@ def recipe_cmd(
 def eval_cmd(given: Given) -> None:
     """Top-1 / top-5 on the val split, plus img/s."""
     from fastdeit.evaluation import Architecture, check_eval_args, evaluate_checkpoint
-    from fastdeit.predicting import weights_of
+    from fastdeit.rundir import weights_of
 
     g = given
     check_eval_args(g.device, g.batch_size, g.workers, g.loader)
@@ -150,7 +150,7 @@ def export(
 ) -> None:
     """Write a trained student for Hugging Face transformers, timm, or as safetensors."""
     from fastdeit.export import export as run_export
-    from fastdeit.predicting import weights_of
+    from fastdeit.rundir import weights_of
 
     if fmt not in ("hf", "timm", "safetensors"):
         raise UserError(f"--format {fmt}: use hf, timm or safetensors")

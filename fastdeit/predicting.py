@@ -16,19 +16,7 @@ from fastdeit.evaluation import Architecture, load_for_inference
 from fastdeit.models import head_logits
 from fastdeit.pipelines.tail import normalize
 from fastdeit.pipelines.torch import eval_loader
-from fastdeit.rundir import RunDir, is_transformers_folder
-
-
-def weights_of(source: Path) -> Path:
-    """A file as it is; a run folder's best checkpoint (its last when it has no best); a
-    Hugging Face transformers folder (a config.json with a model_type) as it is."""
-    if not source.is_dir() or is_transformers_folder(source):
-        return source
-    run = RunDir(source)
-    for path in (run.best, run.last):
-        if path.is_file():
-            return path
-    raise UserError(f"{source} holds no checkpoint (checkpoint-best.pt or checkpoint-last.pt)")
+from fastdeit.rundir import weights_of
 
 
 def image_files(inputs: list[Path]) -> list[Path]:

@@ -299,12 +299,22 @@ def is_transformers_folder(path: Path) -> bool:
         return False
 
 
+def weights_of(source: Path) -> Path:
+    """A file as it is; a run folder's best checkpoint (its last when it has no best); a
+    Hugging Face transformers folder as it is."""
+    if not Path(source).is_dir() or is_transformers_folder(source):
+        return Path(source)
+    if found := [p for p in (RunDir(source).best, RunDir(source).last) if p.is_file()]:
+        return found[0]
+    raise UserError(f"{source} holds no checkpoint (checkpoint-best.pt or checkpoint-last.pt)")
+
+
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(model weights, meta) from a fastdeit checkpoint (its meta names the model config and
-    image size), an official DeiT .pth ({"model": state_dict}) or a bare state_dict; meta is
-    {} for the last two."""
-    if Path(path).is_dir() and (Path(path) / "config.json").is_file():  # a transformers folder
-        return _load_hf_folder(Path(path)), {}
+    """(model weights, meta) from a fastdeit checkpoint or run folder (meta: the model config and
+    image size), an official DeiT .pth, a state_dict, safetensors or a transformers folder ({})."""
+    path = weights_of(Path(path))
+    if path.is_dir():
+        return _load_hf_folder(path), {}
     if not Path(path).is_file():
         raise UserError(f"weights file {path} does not exist")
     if Path(path).suffix == ".safetensors":
@@ -331,10 +341,7 @@ def _load_hf_folder(path: Path) -> dict[str, torch.Tensor]:
     """A Hugging Face transformers ViT / DeiT folder's weights, in timm's names."""
     from fastdeit.hf_keys import timm_state_dict
 
-    try:
-        kind = json.loads((path / "config.json").read_text()).get("model_type")
-    except ValueError as e:
-        raise UserError(f"{path}/config.json is not valid JSON: {e}") from None
+    kind = json.loads((path / "config.json").read_text()).get("model_type")  # valid: weights_of read it
     if kind not in ("deit", "vit"):
         raise UserError(f"{path} holds a transformers {kind!r} model: fastdeit reads ViT and DeiT folders")
     files = sorted(path.glob("*.safetensors"))

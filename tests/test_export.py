@@ -90,8 +90,7 @@ def test_a_transformers_folder_is_read_back_as_weights(runs, tiny_data, tmp_path
     """The hf export given to `eval --weights` (with the tiny architecture): fastdeit's own accuracy."""
     import json as js
 
-    from fastdeit.predicting import weights_of
-    from fastdeit.rundir import read_weights
+    from fastdeit.rundir import read_weights, weights_of
 
     ckpt = runs["deit_tiny_distilled"]
     res = runner.invoke(app, ["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")])

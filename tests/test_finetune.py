@@ -37,8 +37,8 @@ def test_the_recipes_carry_the_official_values():
 
 def test_fine_tuning_at_a_higher_resolution_with_the_teacher_at_its_own(tiny_data, tmp_path):
     """A 32 px student and teacher; the student fine-tuned at 64 px (position embeddings
-    resampled), distilled from the teacher seeing 32 px views, live and from a replay cache
-    keyed on that size."""
+    resampled), distilled from the teacher seeing 32 px views, live (the teacher given as its
+    run folder) and from a replay cache keyed on that size (built from the checkpoint file)."""
     teacher = tmp_path / "teacher"
     ok(["train", *TINY_RUN, "--data", str(tiny_data), "--model", "resnet10t", "--out", str(teacher)])
     base = tmp_path / "base"
@@ -50,7 +50,8 @@ def test_fine_tuning_at_a_higher_resolution_with_the_teacher_at_its_own(tiny_dat
             "--set", f"model.init={base / 'checkpoint-last.pt'}", "--distill", "hard",
             "--teacher-ckpt", str(teacher / "checkpoint-last.pt"), "--teacher-img-size", "32",
             "--set", "run.log_every=1"]
-    ok(["train", *fine, "--out", str(tmp_path / "live")])
+    live = [str(teacher) if a == str(teacher / "checkpoint-last.pt") else a for a in fine]  # a run folder: its best
+    ok(["train", *live, "--out", str(tmp_path / "live")])
     sd = torch.load(tmp_path / "live" / "checkpoint-last.pt", weights_only=True)["model"]
     assert sd["pos_embed"].shape[1] == 2 + 64  # (64 / 8)^2 patches + class and distillation tokens
     cache = tmp_path / "cache"
@@ -76,7 +77,8 @@ def test_transfer_to_other_classes_with_frozen_parts(tiny_data, tmp_path):
         ok(["train", *TINY_RUN, *TINY_MODEL, "--recipe", "transfer", "--batch-size", "16", "--epochs", "1",
             "--set", "aug.mix_group=8", "--set", "aug.repeated_aug=1", "--set", "sched.warmup_epochs=0",
             "--data", str(other), "--model", "deit_tiny",
-            "--out", str(run), "--set", f"model.init={base / 'checkpoint-last.pt'}", "--train-only", only])
+            "--out", str(run), "--set", f"model.init={base if only == 'attn' else base / 'checkpoint-last.pt'}",
+            "--train-only", only])  # a run folder or its checkpoint
         sd = torch.load(run / "checkpoint-last.pt", weights_only=True)["model"]
         assert sd["head.weight"].shape[0] == 2  # a new head for the new classes
         assert torch.equal(sd["blocks.0.mlp.fc1.weight"], start["blocks.0.mlp.fc1.weight"])  # frozen

@@ -156,3 +156,20 @@ def test_random_bytes_are_never_read_as_a_checkpoint(tmp_path):
         bad.write_bytes(random.Random(seed).randbytes(4096))
         with pytest.raises(UserError):  # "not a readable checkpoint", or "holds Python objects": one line
             read_weights(bad)
+
+
+def test_a_run_folder_is_read_as_its_best_checkpoint(tmp_path):
+    """--init RUN and --teacher-ckpt RUN read the run's best checkpoint (its last without one),
+    as eval and predict do; a folder without either is one line."""
+    from fastdeit.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.create()
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        read_weights(run.root)
+    last, best = ({"model": {"w": torch.full((2,), float(v))}, "meta": {"img_size": v}} for v in (1, 2))
+    torch.save(last, run.last)
+    assert read_weights(run.root)[1] == {"img_size": 1}
+    torch.save(best, run.best)
+    sd, meta = read_weights(run.root)
+    assert meta == {"img_size": 2} and torch.equal(sd["w"], torch.full((2,), 2.0))
