@@ -13,7 +13,7 @@ setup:
         touch .venv/.fastdeit-installed
     fi
 
-# Generate the synthetic data, train a teacher and two DeiT-tiny students, print the table.
+# Generate the synthetic data, train a teacher and four DeiT-tiny students, print the table.
 demo *ARGS: setup
     .venv/bin/fastdeit demo {{ARGS}}
 

@@ -5,7 +5,7 @@ quality 90: hard links to `--distinct` generated images, as startup.py's tree), 
 with `fastdeit prepare-data --max-side 512`, builds a replay cache of a teacher with random
 weights (`fastdeit cache-teacher`; speed does not depend on the weights), then runs `fastdeit
 train --gpus 1` (DALI, --compile, a distilled DeiT, hard targets replayed; on a CPU `--gpus 0
---procs 1`, the same torchrun worker group with gloo) as a user would, and stops it with
+--procs 1`, the same one-worker launch) as a user would, and stops it with
 SIGTERM after `--warmup` + `--steps` updates (the run's own stop: a
 checkpoint and exit 3). From the run's metrics.jsonl: end-to-end train img/s and the fraction
 of each step spent waiting for data. In the same call: the step alone (throughput.py's
@@ -169,7 +169,7 @@ def run(a: argparse.Namespace, report: dict[str, Any], save) -> None:
             "--distill", "hard", *teacher, "--targets", "replay", "--teacher-cache", str(cache), "--loader", loader,
             "--attn", a.attn, "--compile", a.compile, "--set", f"run.log_every={a.log_every}",
             "--set", "run.ckpt_every=0", "--set", "run.progress=false", "--set", f"data.read_workers={a.read_workers}"]
-    # a worker group through torchrun, as a user launches it: one GPU, or on a CPU one gloo worker
+    # as a user launches it: one GPU, or on a CPU one worker (one worker runs without torchrun)
     args = [*args, "--gpus", "1"] if a.device == "cuda" else [*args, "--gpus", "0", "--procs", "1"]
     report["command_train"] = "fastdeit " + " ".join(args).replace(str(work), "WORK")
     report["e2e"] = {"loader": loader, **train_until(a, args, out, work / "train.log")}

@@ -9,7 +9,6 @@ own prediction at that size.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fastdeit.data.folder import load_dataset
 from fastdeit.models import load_teacher
 from fastdeit.pipelines.tail import normalize
 from fastdeit.pipelines.torch import square_loader
+from fastdeit.provenance import measured_on, write_report
 from fastdeit.teachers import cell_probs
 
 
@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.as_tensor(np.asarray(train.labels)[rows])
     teacher = load_teacher(DistillConfig(mode="hard", teacher_ckpt=str(a.teacher_ckpt)), len(train.classes), 0,
                            torch.device("cpu")).eval()
-    report = {"teacher_ckpt": str(a.teacher_ckpt), "trained_img_size": getattr(teacher, "trained_img_size", None),
+    report = {"benchmark": "labelmap_scale", **measured_on(torch.device("cpu")),
+              "command": " ".join(["labelmap_scale.py", *(argv if argv is not None else sys.argv[1:])]),
+              "teacher_ckpt": str(a.teacher_ckpt), "trained_img_size": getattr(teacher, "trained_img_size", None),
               "images": len(rows), "sizes": {}}
     print(f"teacher trained at {report['trained_img_size']} px; {len(rows)} training images")
     for size in map(int, a.sizes.split(",")):
@@ -56,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         report["sizes"][size] = r
         print(f"{size:4d} px, {grid}x{grid} map: teacher top-1 {r['teacher_top1']:.1%}, pooled map top-1 "
               f"{r['map_top1']:.1%}, map = teacher on {r['map_agrees_with_teacher']:.1%}")
-    if a.out:
-        a.out.write_text(json.dumps(report, indent=1))
+    write_report(report, a.out)
     return 0
 
 

@@ -75,13 +75,15 @@ OPTIONS: dict[str, Option] = {
     "batch_size": Op(int, "Global batch size (split across ranks).", "run.batch_size"),
     "img_size": Op(int, "Training and eval resolution.", "data.img_size"),
     "seed": Op(int, "Seed of the augmentation plan and the initialisation.", "run.seed"),
-    "lr": Op(float, "Learning rate at batch 512; scaled by batch_size/512.", "optim.lr"),
+    "lr": Op(float, "Learning rate at batch optim.base_batch (512; 768 in transfer); scaled by "
+             "batch_size/base_batch.", "optim.lr"),
     # distillation
     "distill": Op(str, "{choices}.", "distill.mode", choices=DistillMode),
     "alpha": Op(float, "Weight of the distillation loss.", "distill.alpha"),
     "tau": Op(float, "Temperature of soft distillation.", "distill.tau"),
     "teacher": Op(str, "Teacher model name (timm).", "distill.teacher"),
-    "teacher_ckpt": Op(str, "Teacher weights: a fastdeit checkpoint, a state_dict, a URL.", "distill.teacher_ckpt"),
+    "teacher_ckpt": Op(str, "Teacher weights: a fastdeit checkpoint or run folder, a state_dict, a URL.",
+                       "distill.teacher_ckpt"),
     "targets": Op(str, "{choices}: where the teacher's outputs come from.", "distill.targets",
                  choices=TeacherTargets),
     "teacher_cache": Op(Path, "Cache folder for --targets replay|labelmap.", "distill.teacher_cache"),
