@@ -5,10 +5,18 @@ before training watches for stops (signals.StopSignal). A stop that arrives in t
 nothing to save: it ends the command at once with the exit code and the line of any other stop
 (3, or 4 for the requeue signal), instead of the signal's own death. Only this module and
 fastdeit.errors are imported before the handlers are in place.
+
+The same holds at the other end: once the command's work is over, a stop that arrives while
+the process ends (a scheduler signalling a job that has just finished, while torch and DALI
+tear down) ends it with the exit code the command chose, never by the signal: a finished run
+is not reported killed.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import signal
 import sys
 from types import FrameType
@@ -32,16 +40,44 @@ def _early(signum: int, frame: FrameType | None) -> None:
     raise EarlyStop(requeue=signum == signal.SIGUSR1)
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def _ignore_stops() -> None:
+    # Python puts its default handlers back after the atexit callbacks, before modules (DALI
+    # pipelines, CUDA state) are torn down: a stop then would kill a process whose work is done.
+    for sig in STOPS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _finish(code: int) -> None:
+    """The work is over: from here a stop ends the process at once with `code` (a hanging
+    teardown still yields to Ctrl-C), and after the atexit callbacks stops are ignored."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a closed stream
+            stream.flush()  # os._exit skips Python's buffers
+    for sig in STOPS:
+        signal.signal(sig, lambda signum, frame: os._exit(code))
+    sys.exit(code)
+
+
 def main() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOPS:
         signal.signal(sig, _early)
+    atexit.register(_ignore_stops)  # registered before torch and DALI register theirs: it runs last
     try:
         from fastdeit.cli import main as cli_main
 
         cli_main()
+        code = 0
     except EarlyStop as e:
         sys.stderr.write(f"{EARLY}\n")
-        sys.exit(EXIT_REQUEUE if e.requeue else EXIT_STOPPED)
+        code = EXIT_REQUEUE if e.requeue else EXIT_STOPPED
+    except SystemExit as e:  # click ends every command this way
+        if isinstance(e.code, str):
+            sys.stderr.write(f"{e.code}\n")
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    _finish(code)
 
 
 if __name__ == "__main__":  # python -m fastdeit.entry: the command as installed

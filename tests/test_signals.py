@@ -297,3 +297,43 @@ def _catches(pid: int, sig: int) -> bool:
         if line.startswith("SigCgt:"):
             return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
     return False
+
+
+@pytest.mark.parametrize("code, where", [(0, "teardown"), (3, "teardown"), (0, "atexit")])
+def test_a_stop_while_a_finished_command_exits_keeps_its_exit_code(tmp_path, code, where):
+    """A job that has just finished is signalled while the process ends: in an atexit callback
+    (torch's, DALI's), or while modules are torn down after Python's own handlers are gone
+    (DALI pipelines, CUDA state): the command's own exit code, no traceback, not death by
+    SIGTERM. The command here leaves a slow piece of teardown in that place."""
+    marker, log = tmp_path / "ending", tmp_path / "log"
+    script = f"""
+import atexit, os, sys, time
+import fastdeit.cli
+
+MARK = os.open({str(marker)!r}, os.O_WRONLY | os.O_CREAT)
+
+def slow(*_, write=os.write, sleep=time.sleep):  # builtins may be gone by then
+    write(MARK, b"x")
+    sleep(5)
+
+class Slow:
+    __del__ = slow
+
+def command():
+    if {where!r} == "atexit":
+        atexit.register(slow)
+    else:
+        fastdeit.cli.held = Slow()  # a module global: destroyed as modules are torn down
+    sys.exit({code})
+
+fastdeit.cli.main = command
+from fastdeit.entry import main
+main()
+"""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        wait_for(proc, lambda: marker.exists() and marker.stat().st_size > 0, timeout=60)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == code
+    assert "Traceback" not in log.read_text(), log.read_text()
