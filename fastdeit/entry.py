@@ -3,8 +3,9 @@
 Importing torch and building a run take seconds (minutes for a first scan of a large tree)
 before training watches for stops (signals.StopSignal). A stop that arrives in that time has
 nothing to save: it ends the command at once with the exit code and the line of any other stop
-(3, or 4 for the requeue signal), instead of the signal's own death. Only this module and
-fastdeit.errors are imported before the handlers are in place.
+(3, or 4 for the requeue signal), instead of the signal's own death. Only this module,
+fastdeit.errors and fastdeit.signals (the standard library only) are imported before the
+handlers are in place.
 
 The same holds at the other end: once the command's work is over, a stop that arrives while
 the process ends (a scheduler signalling a job that has just finished, while torch and DALI
@@ -14,14 +15,12 @@ is not reported killed.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import os
 import signal
 import sys
 from types import FrameType
 
 from fastdeit.errors import EXIT_REQUEUE, EXIT_STOPPED
+from fastdeit.signals import exit_after_work, ignore_stops_at_exit
 
 EARLY = "stopped; what was finished is on disk (nothing was in progress to save): run the same command again"
 
@@ -40,31 +39,10 @@ def _early(signum: int, frame: FrameType | None) -> None:
     raise EarlyStop(requeue=signum == signal.SIGUSR1)
 
 
-STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-def _ignore_stops() -> None:
-    # Python puts its default handlers back after the atexit callbacks, before modules (DALI
-    # pipelines, CUDA state) are torn down: a stop then would kill a process whose work is done.
-    for sig in STOPS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def _finish(code: int) -> None:
-    """The work is over: from here a stop ends the process at once with `code` (a hanging
-    teardown still yields to Ctrl-C), and after the atexit callbacks stops are ignored."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a closed stream
-            stream.flush()  # os._exit skips Python's buffers
-    for sig in STOPS:
-        signal.signal(sig, lambda signum, frame: os._exit(code))
-    sys.exit(code)
-
-
 def main() -> None:
-    for sig in STOPS:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _early)
-    atexit.register(_ignore_stops)  # registered before torch and DALI register theirs: it runs last
+    ignore_stops_at_exit()  # registered before torch and DALI register theirs: it runs last
     try:
         from fastdeit.cli import main as cli_main
 
@@ -77,7 +55,7 @@ def main() -> None:
         if isinstance(e.code, str):
             sys.stderr.write(f"{e.code}\n")
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    _finish(code)
+    exit_after_work(code)
 
 
 if __name__ == "__main__":  # python -m fastdeit.entry: the command as installed

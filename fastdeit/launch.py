@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from rich.console import Console
@@ -31,7 +31,7 @@ from fastdeit.dist import World, in_torchrun
 from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_STOPPED, Requeue, Stopped, UserError
 from fastdeit.relay import Relay
 from fastdeit.rundir import RunDir, atomic_write_text
-from fastdeit.signals import StopSignal, die_with_parent, say, stop_notice
+from fastdeit.signals import StopSignal, die_with_parent, exit_after_work, ignore_stops_at_exit, say, stop_notice
 
 SUMMARY_KEYS = ("top1", "top5", "train_img_s", "wall_s")  # the summary line a run prints on stdout
 
@@ -354,5 +354,12 @@ def _lost_peer(e: BaseException) -> bool:
         w in text for w in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL error"))
 
 
+def main() -> NoReturn:
+    """A rank's process: its work, then its exit code, whatever stop arrives while it ends
+    (torchrun would report a rank's death by SIGTERM as a failed group)."""
+    ignore_stops_at_exit()
+    exit_after_work(worker_main())
+
+
 if __name__ == "__main__":
-    sys.exit(worker_main())
+    main()

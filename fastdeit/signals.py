@@ -23,15 +23,17 @@ warns before the time limit) asks for the same stop with exit code 4, "requeue m
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from fastdeit.errors import EXIT_INTERRUPTED
 
@@ -43,6 +45,8 @@ FORWARD_STOP = signal.SIGRTMIN + 1
 FORWARD_REQUEUE = signal.SIGRTMIN + 2
 # Everything a scheduler or a terminal may send that a loader worker must not act on.
 WORKER_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+# What a scheduler stops a process with (SIGUSR1: the default requeue signal).
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -172,3 +176,27 @@ def workers_start_quiet() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# --- the end of the work --------------------------------------------------------------------
+# A job is often signalled just as it finishes (its time limit, a scancel of the whole array)
+# while torch, DALI and CUDA tear down, which can take seconds. The work is over by then: the
+# process must end with the exit code its work chose, never by the signal (a finished run
+# reported killed; a rank's -15 turned by torchrun into a failed group).
+
+
+def ignore_stops_at_exit() -> None:
+    """After the atexit callbacks registered later than this (torch's, DALI's), Python puts
+    the default handlers back before modules are torn down: stops are ignored from then on."""
+    atexit.register(lambda: [signal.signal(sig, signal.SIG_IGN) for sig in STOPS])
+
+
+def exit_after_work(code: int) -> NoReturn:
+    """The work is over: exit with `code`; a stop from here on ends the process at once with
+    `code` (a hanging teardown still yields to it), never with the signal's own death."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a closed stream
+            stream.flush()  # os._exit skips Python's buffers
+    for sig in STOPS:
+        signal.signal(sig, lambda signum, frame: os._exit(code))
+    sys.exit(code)

@@ -299,16 +299,18 @@ def _catches(pid: int, sig: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("code, where", [(0, "teardown"), (3, "teardown"), (0, "atexit")])
-def test_a_stop_while_a_finished_command_exits_keeps_its_exit_code(tmp_path, code, where):
-    """A job that has just finished is signalled while the process ends: in an atexit callback
+@pytest.mark.parametrize("code, where, process", [(0, "teardown", "command"), (3, "teardown", "command"),
+                                                   (0, "atexit", "command"), (0, "teardown", "rank")])
+def test_a_stop_while_a_finished_process_exits_keeps_its_exit_code(tmp_path, code, where, process):
+    """A job that has just finished is signalled while its processes end: in an atexit callback
     (torch's, DALI's), or while modules are torn down after Python's own handlers are gone
-    (DALI pipelines, CUDA state): the command's own exit code, no traceback, not death by
-    SIGTERM. The command here leaves a slow piece of teardown in that place."""
+    (DALI pipelines, CUDA state). The `fastdeit` command and a rank under torchrun (whose death
+    by SIGTERM torchrun reports as a failed group) end with their work's exit code, no
+    traceback, not by the signal. The work here leaves a slow piece of teardown in that place."""
     marker, log = tmp_path / "ending", tmp_path / "log"
     script = f"""
 import atexit, os, sys, time
-import fastdeit.cli
+import fastdeit.entry, fastdeit.launch
 
 MARK = os.open({str(marker)!r}, os.O_WRONLY | os.O_CREAT)
 
@@ -319,16 +321,20 @@ def slow(*_, write=os.write, sleep=time.sleep):  # builtins may be gone by then
 class Slow:
     __del__ = slow
 
-def command():
+def work(*_):
     if {where!r} == "atexit":
         atexit.register(slow)
     else:
-        fastdeit.cli.held = Slow()  # a module global: destroyed as modules are torn down
-    sys.exit({code})
+        fastdeit.launch.held = Slow()  # a module global: destroyed as modules are torn down
+    return {code}
 
-fastdeit.cli.main = command
-from fastdeit.entry import main
-main()
+if {process!r} == "command":
+    import fastdeit.cli
+    fastdeit.cli.main = lambda: sys.exit(work())
+    fastdeit.entry.main()
+else:
+    fastdeit.launch.worker_main = work
+    fastdeit.launch.main()
 """
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT,
