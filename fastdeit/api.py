@@ -61,7 +61,8 @@ def in_python_terms(text: str, params: set[str], keys: dict[str, str]) -> str:
 
 def _python_named(fn: F) -> F:
     """The API function's UserErrors in Python terms (the CLI's name its flags)."""
-    params = set(inspect.signature(fn).parameters) | (set(SETTINGS) if fn.__name__ == "config_from" else set())
+    params = inspect.signature(fn).parameters
+    names = set(params) | (set(SETTINGS) if any(p.kind is p.VAR_KEYWORD for p in params.values()) else set())
 
     @functools.wraps(fn)
     def named(*args: Any, **kwargs: Any) -> Any:
@@ -69,7 +70,7 @@ def _python_named(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as e:
             keys = {SETTINGS[n]: n for n, v in kwargs.items() if n in SETTINGS and v is not None}
-            e.args = (in_python_terms(str(e), params, keys),)
+            e.args = (in_python_terms(str(e), names, keys),)
             raise
 
     return named  # type: ignore[return-value]
