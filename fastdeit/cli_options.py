@@ -118,8 +118,9 @@ OPTIONS: dict[str, Option] = {
     "rdzv_endpoint": Op(str, "HOST:PORT of node 0 for the c10d rendezvous (multi-node)."),
     "max_restarts": Op(int, "Times torchrun restarts a failed worker group; it resumes from the last checkpoint."),
     # eval
-    "ckpt": Op(str, "A fastdeit checkpoint or run folder (its best checkpoint), or weights from elsewhere (official "
-              "DeiT .pth, timm, .safetensors, a transformers folder; a path or an http(s) URL) with --model.",
+    "ckpt": Op(str, "A fastdeit checkpoint or run folder (its best checkpoint), a saved transformers or timm "
+              "folder (fastdeit export's), or weights from elsewhere (official DeiT .pth, timm, .safetensors; a "
+              "path or an http(s) URL) with --model.",
               flags=("--ckpt", "--weights")),
     "patch_size": Op(int, "With --model: the model's patch size."),
     "head": Op(str, "{choices} (distilled models have all three).", choices=Head),

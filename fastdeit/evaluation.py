@@ -129,16 +129,21 @@ def load_for_inference(ckpt: Path, arch: Architecture | None, num_classes: int |
     weights from elsewhere (official DeiT, timm, safetensors) built as `arch` describes, with
     `num_classes` outputs (default: the file's head)."""
     weights, meta = read_weights(ckpt)
+    folder = meta.get("folder")  # a saved transformers / timm folder: its config names the shape
+    if use_ema and folder:
+        raise UserError(f"--ema: {ckpt} is a saved {folder} folder and holds no EMA weights")
     if meta and use_ema:
         weights = read_ema_weights(ckpt)
     check_finite(weights, ckpt)
     if meta:
         name = model_config_of(meta).name
         if arch is not None and arch.name and timm_name(arch.name) != timm_name(name):  # never silently another
-            raise UserError(f"{ckpt} is a fastdeit checkpoint of {name}, not {arch.name}: drop --model (the "
-                            f"checkpoint names its model)")
-        model = build_model(model_config_of(meta, drop_path=0.0), meta["num_classes"], meta["img_size"])
-        model.load_state_dict(weights)
+            if not folder:
+                raise UserError(f"{ckpt} is a fastdeit checkpoint of {name}, not {arch.name}: drop --model (the "
+                                f"checkpoint names its model)")
+            name = arch.name  # the family the caller names, at the folder's shape (a ViT folder as vit_*)
+        model = build_model(model_config_of(meta, drop_path=0.0, name=name), meta["num_classes"], meta["img_size"])
+        fit_state_dict(weights, model, str(ckpt), new_head_ok=False) if folder else model.load_state_dict(weights)
         return Loaded(model.eval(), list(meta["classes"]), meta["img_size"], meta["crop_pct"],
                       name=name)
     if arch is None or not arch.name:

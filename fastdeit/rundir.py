@@ -40,6 +40,7 @@ from rich.console import Console
 
 from fastdeit.config import ModelConfig, TrainConfig, save_json
 from fastdeit.errors import Requeue, Stopped, UserError, differences
+from fastdeit.model_folders import load_safetensors, read_model_folder
 from fastdeit.plan import PlanSpec
 from fastdeit.signals import REQUEUE
 
@@ -290,70 +291,47 @@ def _diff_lists(old: list[str], new: tuple[str, ...]) -> str:
             + (f"; new: {', '.join(added[:3])}" if added else "")) if gone or added else "another order"
 
 
-def is_transformers_folder(path: Path) -> bool:
-    """A Hugging Face transformers folder: a config.json naming a model_type (a run folder's
-    config.json is fastdeit's sections)."""
+def model_folder_config(path: Path) -> dict[str, Any] | None:
+    """The config.json of a saved model folder (transformers': a model_type; timm's: an
+    architecture), else None (a run folder's config.json is fastdeit's sections)."""
     try:
-        return "model_type" in json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and ("model_type" in config or "architecture" in config) else None
 
 
 def weights_of(source: Path) -> Path:
-    """A file as it is; a run folder's best checkpoint (its last when it has no best); a
-    Hugging Face transformers folder as it is."""
-    if not Path(source).is_dir() or is_transformers_folder(source):
-        return Path(source)
+    """What a path given as weights means: a file, or a saved model folder, as it is; a run
+    folder's best checkpoint (its last when it has no best); a folder holding one .safetensors
+    file (`export --format safetensors`), that file."""
+    source = Path(source)
+    if not source.is_dir() or model_folder_config(source) is not None:
+        return source
     if found := [p for p in (RunDir(source).best, RunDir(source).last) if p.is_file()]:
         return found[0]
-    raise UserError(f"{source} holds no checkpoint (checkpoint-best.pt or checkpoint-last.pt)")
+    if len(found := sorted(source.glob("*.safetensors"))) == 1:
+        return found[0]
+    raise UserError(f"{source} holds no checkpoint (checkpoint-best.pt or checkpoint-last.pt) and no saved model")
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model weights, meta) from a fastdeit checkpoint or run folder (meta: the model config and
-    image size), an official DeiT .pth, a state_dict, safetensors or a transformers folder ({})."""
+    image size), a saved transformers or timm folder (meta from its config: `model_folders`),
+    an official DeiT .pth, a state_dict or safetensors ({})."""
     path = weights_of(Path(path))
     if path.is_dir():
-        return _load_hf_folder(path), {}
+        return read_model_folder(path, model_folder_config(path) or {})
     if not Path(path).is_file():
         raise UserError(f"weights file {path} does not exist")
     if Path(path).suffix == ".safetensors":
-        return _load_safetensors(Path(path)), {}
+        return load_safetensors(Path(path)), {}
     obj = _load(path, what="weights file")
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path} holds no model state_dict")
     meta = obj.get("meta", {}) if isinstance(obj.get("meta"), dict) else {}
     return sd, meta
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
-
-
-def _load_hf_folder(path: Path) -> dict[str, torch.Tensor]:
-    """A Hugging Face transformers ViT / DeiT folder's weights, in timm's names."""
-    from fastdeit.hf_keys import timm_state_dict
-
-    kind = json.loads((path / "config.json").read_text()).get("model_type")  # valid: weights_of read it
-    if kind not in ("deit", "vit"):
-        raise UserError(f"{path} holds a transformers {kind!r} model: fastdeit reads ViT and DeiT folders")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path} has no .safetensors weights (save it with safe_serialization=True)")
-    hf: dict[str, torch.Tensor] = {}
-    for f in files:
-        hf.update(_load_safetensors(f))
-    try:
-        return timm_state_dict(hf)
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{path} is not a ViT / DeiT image classifier folder (no {e})") from None
 
 
 def read_ema_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -106,3 +106,31 @@ def test_a_transformers_folder_is_read_back_as_weights(runs, tiny_data, tmp_path
     assert weights_of(tmp_path / "hf") == tmp_path / "hf" and weights_of(tmp_path / "bert") == tmp_path / "bert"
     res = runner.invoke(app, ["predict", str(tiny_data / "val"), "--weights", str(tmp_path / "bert")])
     assert res.exit_code == 2 and "fastdeit reads ViT and DeiT folders" in res.stderr, res.output
+
+
+@pytest.mark.parametrize("model", ["deit_tiny_distilled", "deit_tiny"])
+@pytest.mark.parametrize("fmt", ["hf", "timm", "safetensors"])
+def test_an_export_folder_is_read_back_as_it_was_trained(runs, tiny_data, tmp_path, model, fmt):
+    """eval, predict, fastdeit.load and --teacher-ckpt take fastdeit's own export folder: an hf or
+    timm folder names its model, shape, classes, image size and crop (no --model); a
+    safetensors folder is its one file, which needs --model."""
+    from fastdeit.errors import UserError
+    from fastdeit.rundir import weights_of
+
+    out = tmp_path / fmt
+    assert runner.invoke(app, ["export", str(runs[model]), "--format", fmt, "--out", str(out)]).exit_code == 0
+    want = load_for_inference(runs[model], None)
+    if fmt == "safetensors":
+        assert weights_of(out) == out / "model.safetensors"
+        with pytest.raises(UserError, match="pass --model"):
+            load_for_inference(out, None)
+        return
+    got = load_for_inference(out, None)
+    assert (got.classes, got.img_size) == (want.classes, want.img_size)
+    assert int(got.img_size / got.crop_pct) == int(want.img_size / want.crop_pct)  # the same eval resize
+    sd, ref = got.model.state_dict(), want.model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    res = runner.invoke(app, ["eval", "--data", str(tiny_data), "--ckpt", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(UserError, match="holds no EMA weights"):
+        load_for_inference(out, None, use_ema=True)

@@ -173,3 +173,6 @@ def test_a_run_folder_is_read_as_its_best_checkpoint(tmp_path):
     torch.save(best, run.best)
     sd, meta = read_weights(run.root)
     assert meta == {"img_size": 2} and torch.equal(sd["w"], torch.full((2,), 2.0))
+    for text in ('["model_type"]', '"architecture"', "{", "7"):  # a config.json that is no model's
+        run.config.write_text(text)
+        assert read_weights(run.root)[1] == {"img_size": 2}

@@ -1,0 +1,92 @@
+"""Saved model folders read back as weights: a Hugging Face transformers ViT / DeiT folder and
+timm's folder format (what `fastdeit export --format hf|timm` writes, and what the Hub holds),
+with what their config says of the model, so that they load without `--model`.
+
+The meta has a fastdeit checkpoint's shape (`rundir.checkpoint_meta`: the model's name and
+size, image size, classes, crop) plus `folder` (which kind it came from): the architecture is
+the folder's, and a `--model` given with it may name the family (`vit_base_patch16_224` for a
+plain ViT folder) but never another shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdeit.errors import UserError
+
+_DEIT_SIZES = {192: "tiny", 384: "small", 768: "base"}  # embed dim -> DeiT size, for the model's name
+DEFAULT_CROP = 0.875
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def read_model_folder(path: Path, config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(timm-keyed weights, meta) of a saved model folder whose config.json is `config`."""
+    if config.get("model_type", "vit") not in ("deit", "vit"):
+        raise UserError(f"{path} holds a transformers {config['model_type']!r} model: fastdeit reads ViT and DeiT "
+                        f"folders")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} has no .safetensors weights (save it with safe_serialization=True)")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_safetensors(f))
+    try:
+        if "model_type" in config:
+            return _transformers(path, config, weights)
+        return weights, _timm_meta(config, weights)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise UserError(f"{path} is not a ViT / DeiT image classifier folder fastdeit can read ({e!r})") from None
+
+
+def _transformers(path: Path, config: dict[str, Any], hf: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from fastdeit.hf_keys import timm_state_dict
+
+    sd = timm_state_dict(hf)
+    dim, img = int(config["hidden_size"]), int(config.get("image_size", 224))
+    model = {"name": f"deit_{_DEIT_SIZES.get(dim, 'small')}{'_distilled' if 'dist_token' in sd else ''}",
+             "patch_size": int(config.get("patch_size", 16)), "depth": int(config["num_hidden_layers"]),
+             "embed_dim": dim, "num_heads": int(config["num_attention_heads"])}
+    labels = config.get("id2label") or {}
+    edge = _processor(path).get("size", {}).get("shortest_edge")  # the eval resize: int(img / crop_pct)
+    crop = img / (edge + 1e-6) if edge else DEFAULT_CROP  # a hair under edge: int() gives edge back
+    return sd, _meta(model, img, sd, [labels.get(str(i)) for i in range(len(labels))], crop, "transformers")
+
+
+def _timm_meta(config: dict[str, Any], sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    args, pre = config.get("model_args") or {}, config.get("pretrained_cfg") or {}
+    img = args.get("img_size") or pre.get("input_size", [3, 224, 224])[-1]
+    model = {"name": config["architecture"],
+             **{k: int(args[k]) for k in ("patch_size", "depth", "embed_dim", "num_heads") if k in args}}
+    return _meta(model, int(img[-1] if isinstance(img, list | tuple) else img), sd,
+                 list(config.get("label_names") or []), float(pre.get("crop_pct", DEFAULT_CROP)), "timm")
+
+
+def _meta(model: dict[str, Any], img: int, sd: dict[str, torch.Tensor], labels: list[Any], crop: float,
+          folder: str) -> dict[str, Any]:
+    classes = int(sd["head.weight"].shape[0])
+    names = [str(c) for c in labels] if len(labels) == classes and None not in labels else [
+        f"class {i}" for i in range(classes)]
+    return {"model": model, "img_size": img, "num_classes": classes, "classes": names, "crop_pct": crop,
+            "dataset": None, "folder": folder}
+
+
+def _processor(path: Path) -> dict[str, Any]:
+    try:
+        found = json.loads((path / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
