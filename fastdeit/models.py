@@ -98,11 +98,12 @@ def load_weights(model: nn.Module, path: Path) -> None:
     fit_state_dict(sd, model, str(path), new_head_ok=True)
 
 
-def fit_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, source: str, new_head_ok: bool) -> None:
+def fit_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, source: str, new_head_ok: bool,
+                   flag: str = "--model") -> None:
     """Load a file's weights into `model`, or say in one line what does not fit (distilled or
-    not, patch size, classes, width/depth) and what to do. ViT position embeddings are
-    resampled to the model's grid as the official fine-tuning does it (bicubic, no
-    antialiasing; class/distillation positions kept)."""
+    not, patch size, classes, width/depth) and what to do (`flag`: the option naming the
+    model). ViT position embeddings are resampled to the model's grid as the official
+    fine-tuning does it (bicubic, no antialiasing; class/distillation positions kept)."""
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     if isinstance(model, VisionTransformer):
         if ("dist_token" in sd) != is_distilled(model):
@@ -123,7 +124,7 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, source: str, n
     for k, v in sd.items():
         if k in own and k not in heads and k != "pos_embed" and v.shape != own[k].shape:
             raise UserError(f"{source} does not fit {name}: {k} is {tuple(v.shape)} in the file, "
-                            f"{tuple(own[k].shape)} in the model: use the model it was trained as (--model)")
+                            f"{tuple(own[k].shape)} in the model: use the model it was trained as ({flag})")
     if isinstance(model, VisionTransformer):
         sd = checkpoint_filter_fn(sd, model, antialias=False)
     missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in heads}, strict=False)
@@ -158,6 +159,10 @@ def load_teacher(cfg: DistillConfig, num_classes: int, img_size: int, device: to
     else:
         sd, meta = read_weights(Path(cfg.teacher_ckpt))
         model_cfg = model_config_of(meta)
+        named = model_cfg.name if meta else ""
+        if cfg.teacher and named and not meta.get("folder") and timm_name(cfg.teacher) != timm_name(named):
+            raise UserError(f"{cfg.teacher_ckpt} is a fastdeit checkpoint of {named}, not {cfg.teacher}: drop "
+                            f"--teacher (the checkpoint names its model)")
         if cfg.teacher:
             model_cfg = replace(model_cfg, name=cfg.teacher)
         elif not meta:
@@ -166,7 +171,7 @@ def load_teacher(cfg: DistillConfig, num_classes: int, img_size: int, device: to
         classes = head_classes(sd) or num_classes
         model = build_model(model_cfg, classes, int(meta.get("img_size", img_size)))
         model.trained_img_size = meta.get("img_size")  # label maps are only as good as this scale
-        fit_state_dict(sd, model, str(cfg.teacher_ckpt), new_head_ok=False)
+        fit_state_dict(sd, model, str(cfg.teacher_ckpt), new_head_ok=False, flag="--teacher")
     classes = getattr(model, "num_classes", None)
     if classes != num_classes:
         raise UserError(f"teacher predicts {classes} classes but the data has {num_classes}: "

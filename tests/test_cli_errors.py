@@ -109,6 +109,20 @@ def test_teacher_with_other_class_count(tiny_data, tmp_path):
           "teacher predicts 7 classes but the data has 3")
 
 
+def test_a_teacher_named_otherwise_than_its_checkpoint_is_one_line(tiny_data, tmp_path):
+    """--teacher must not contradict a fastdeit checkpoint's own model; weights that do not fit
+    the --teacher named point at --teacher, not at the student's --model."""
+    res = runner.invoke(app, tiny_train(tiny_data, tmp_path / "s", "--model", "deit_tiny", *TINY_MODEL))
+    assert res.exit_code == 0, res.output
+    student = [*TINY_MODEL, "--model", "deit_tiny_distilled", "--distill", "hard"]
+    fails(tiny_train(tiny_data, tmp_path / "r", *student, "--teacher", "resnet10t", "--teacher-ckpt",
+                     str(tmp_path / "s")), "is a fastdeit checkpoint of deit_tiny, not resnet10t: drop --teacher")
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), tmp_path / "t.pth")
+    fails(tiny_train(tiny_data, tmp_path / "r", *student, "--teacher", "resnet18", "--teacher-ckpt",
+                     str(tmp_path / "t.pth")), "use the model it was trained as (--teacher)")
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
 def test_cuda_without_gpu(tiny_data, tmp_path):
     fails(tiny_train(tiny_data, tmp_path / "r", "--model", "deit_tiny", "--device", "cuda"), "no CUDA GPU is visible")
