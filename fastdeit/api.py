@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -53,27 +54,58 @@ def in_python_terms(text: str, params: set[str], keys: dict[str, str]) -> str:
             return m.group(0)
         return f"{param}={m.group(2)}" if m.group(2) else param
 
+    if "sets" in params:  # --set model.ema=true -> sets=['model.ema=true']
+        text = re.sub(r"(?<![\w-])--set(?: ([\w.]+=[^\s);,]*))?", lambda m: f"sets=['{m.group(1)}']" if m.group(1)
+                      else "sets=", text)
     text = _FLAG.sub(name, text)
     for key, param in keys.items():
         text = re.sub(rf"(?<![\w.]){re.escape(key)}(?!\w)", param, text)
     return text
 
 
-def _python_named(fn: F) -> F:
-    """The API function's UserErrors in Python terms (the CLI's name its flags)."""
-    params = inspect.signature(fn).parameters
-    names = set(params) | (set(SETTINGS) if any(p.kind is p.VAR_KEYWORD for p in params.values()) else set())
+_KINDS = {"int": "an integer", "path": "a path (str or Path)", "str": "a string", "flag": "True or False"}
 
-    @functools.wraps(fn)
-    def named(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            keys = {SETTINGS[n]: n for n, v in kwargs.items() if n in SETTINGS and v is not None}
-            e.args = (in_python_terms(str(e), names, keys),)
-            raise
 
-    return named  # type: ignore[return-value]
+def argument(name: str, value: Any, kind: str) -> Any:
+    """An API argument as `kind` (an integer given as a string of digits is taken, as --set
+    takes it); anything else is a UserError naming the argument, never a TypeError later."""
+    if kind == "int" and isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool), "path": isinstance(value, str | os.PathLike),
+          "str": isinstance(value, str), "flag": isinstance(value, bool)}[kind]
+    if not ok:
+        raise UserError(f"{name} must be {_KINDS[kind]}, got {value!r}")
+    return value
+
+
+def _python_named(**kinds: str) -> Callable[[F], F]:
+    """An API function whose arguments are checked as `kinds` ({name: kind}; None passes where
+    it is the default) and whose UserErrors speak of its arguments, not the command's flags."""
+    def wrap(fn: F) -> F:
+        sig = inspect.signature(fn)
+        names = set(sig.parameters) | set(SETTINGS) | {"sets"}  # train(cfg): cfg came from config_from's settings
+
+        @functools.wraps(fn)
+        def named(*args: Any, **kwargs: Any) -> Any:
+            try:
+                try:
+                    bound = sig.bind(*args, **kwargs)
+                except TypeError as e:
+                    raise UserError(f"{fn.__name__}: {e}") from None
+                bound.apply_defaults()
+                for name, kind in kinds.items():
+                    value = bound.arguments[name]
+                    if value is not None or sig.parameters[name].default is not None:
+                        bound.arguments[name] = argument(name, value, kind)
+                return fn(*bound.args, **bound.kwargs)
+            except UserError as e:
+                keys = {SETTINGS[n]: n for n, v in kwargs.items() if n in SETTINGS and v is not None}
+                e.args = (in_python_terms(str(e), names, keys),)
+                raise
+
+        return named  # type: ignore[return-value]
+
+    return wrap
 
 
 def build_train_config(recipe_name: str, flags: dict[str, Any], overrides: list[str],
@@ -100,7 +132,7 @@ def build_train_config(recipe_name: str, flags: dict[str, Any], overrides: list[
     return cfg
 
 
-@_python_named
+@_python_named(recipe_name="str", config="path")
 def config_from(recipe_name: str = "deit", *, config: str | Path | None = None, sets: list[str] | tuple = (),
                 **settings: Any) -> TrainConfig:
     """A validated run config: the recipe, a config file, the settings, then `sets`."""
@@ -111,11 +143,13 @@ def config_from(recipe_name: str = "deit", *, config: str | Path | None = None, 
     # each value as its key's type (a string converted as --set converts it), errors naming the setting
     flags = {SETTINGS[name]: None if value is None else coerce_key(SETTINGS[name], str(value) if isinstance(
         value, Path) else value, name) for name, value in settings.items()}
-    sets = [sets] if isinstance(sets, str) else list(sets)  # one "section.key=value" alone is one, not its letters
+    sets = [sets] if isinstance(sets, str) else sets  # one "section.key=value" alone is one, not its letters
+    if not isinstance(sets, list | tuple) or not all(isinstance(item, str) for item in sets):
+        raise UserError(f"sets must be a list of 'section.key=value' strings, got {sets!r}")
     return build_train_config(recipe_name, flags, sets, Path(config) if config else None)
 
 
-@_python_named
+@_python_named(gpus="int", procs="int")
 def train(cfg: TrainConfig, resume: str | Path | None = None, gpus: int | None = None, procs: int = 1,
           console: Console | None = None) -> dict[str, Any] | None:
     """Train `cfg` (from `resume`: a checkpoint, a run folder, or "auto"); the summary. With
@@ -127,6 +161,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, gpus: int | None =
     if not isinstance(cfg, TrainConfig):
         raise UserError(f"train takes a TrainConfig, got {type(cfg).__name__}: build one with "
                         f"fastdeit.config_from(...)")
+    if resume is True:  # as --resume alone
+        resume = "auto"
+    elif resume is not None and resume is not False:
+        resume = argument("resume", resume, "path")
     topo = topology(gpus, procs, device=cfg.run.device)
     summary = start(cfg, topo, str(resume) if resume else None, console or Console(stderr=True))
     if summary is None and RunDir(cfg.run.out).summary.is_file():
@@ -136,7 +174,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, gpus: int | None =
     return summary
 
 
-@_python_named
+@_python_named(weights="path", data="path", model="str", img_size="int", device="str", batch_size="int",
+               workers="int", ema="flag", loader="str")
 def evaluate(weights: str | Path, data: str | Path, *, model: str = "", img_size: int = 224, device: str = "auto",
              batch_size: int = 256, workers: int = 2, ema: bool = False, loader: str = "auto") -> dict[str, Any]:
     """Top-1 / top-5 per head on the val split of `data`: a run folder (its best checkpoint),
@@ -151,7 +190,7 @@ def evaluate(weights: str | Path, data: str | Path, *, model: str = "", img_size
             **{head: {"top1": res.top1(head), "top5": res.top5(head)} for head in res.heads}}
 
 
-@_python_named
+@_python_named(source="path", model="str", img_size="int", ema="flag")
 def load(source: str | Path, *, model: str = "", img_size: int = 224, ema: bool = False) -> nn.Module:
     """The trained model as timm's nn.Module, in eval mode on the CPU: a run folder (its best
     checkpoint), a checkpoint, or weights from elsewhere with `model`. Its class names are in

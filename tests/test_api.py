@@ -74,3 +74,32 @@ def test_errors_name_the_arguments_given_not_flags_or_their_keys(tiny_data, tmp_
         fastdeit.config_from("demo", data=tiny_data)
     with pytest.raises(UserError, match=r"pass data=DIR \(make one with: fastdeit make-data DIR\)$"):
         fastdeit.evaluate(tmp_path / "none.pt", tmp_path / "nowhere")
+
+
+def test_arguments_of_the_wrong_type_are_one_user_error_naming_them(tiny_data, tmp_path):
+    """What a notebook sends by mistake (None, a number for a path, a word for a number, a bad
+    sets= item) is a UserError naming the argument before any work, never a TypeError; an
+    integer as a string of digits is taken, as --set takes it; --set in a message reads sets=."""
+    import fastdeit
+
+    base = {"data": tiny_data, "out": tmp_path / "r"}
+    cfg = fastdeit.config_from("demo", **base)
+    for call, words in ((lambda: fastdeit.config_from("demo", **base, sets=None), "sets must be a list"),
+                        (lambda: fastdeit.config_from("demo", **base, sets=[5]), "sets must be a list"),
+                        (lambda: fastdeit.config_from("demo", **base, config=5), "config must be a path"),
+                        (lambda: fastdeit.config_from("demo", **base, sets=["nosec.x=1"]),
+                         "unknown config section 'nosec' in sets=['nosec.x=1']"),
+                        (lambda: fastdeit.evaluate(tmp_path / "r", None),
+                         "data must be a path (str or Path), got None"),
+                        (lambda: fastdeit.evaluate(tmp_path / "r", tiny_data, batch_size="x"),
+                         "batch_size must be an integer, got 'x'"),
+                        (lambda: fastdeit.evaluate(tmp_path / "r", tiny_data, ema="yes"), "ema must be True or False"),
+                        (lambda: fastdeit.evaluate(tmp_path / "r", tiny_data, bogus=1),
+                         "evaluate: got an unexpected keyword argument 'bogus'"),
+                        (lambda: fastdeit.load(tmp_path / "r", img_size=None), "img_size must be an integer"),
+                        (lambda: fastdeit.train(cfg, gpus="two"), "gpus must be an integer, got 'two'"),
+                        (lambda: fastdeit.train(cfg, gpus=0, procs="two"), "procs must be an integer")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            call()
+    with pytest.raises(UserError, match=re.escape("weights file")):  # "16" was taken as 16: the weights are next
+        fastdeit.evaluate(tmp_path / "none.pt", tiny_data, batch_size="16")
