@@ -367,7 +367,8 @@ def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
     b, g, k = cfg.run.batch_size, cfg.aug.mix_group, cfg.run.accum_steps
     if b % world_size or (b // world_size) % g:
         raise ConfigError("run.batch_size", f"{b} does not split into {world_size} ranks of whole mix groups "
-                                            f"of {g}: make it a multiple of {world_size * g}")
+                                            f"of {g}: make it a multiple of {world_size * g}, or set aug.mix_group "
+                                            f"to a divisor of the rank batch (mixup/cutmix pair samples within one)")
     if (b // world_size) % k:  # the tail mixes the whole rank batch first: micro-batches need not be whole groups
         raise ConfigError("run.accum_steps", f"{k} does not split a rank's batch of {b // world_size} into equal "
                                              f"micro-batches: pick a divisor of {b // world_size}")
