@@ -367,7 +367,7 @@ def _load(path: Path, what: str = "checkpoint") -> Any:
                 with open(path, "rb") as f:
                     objects = any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "EXT1", "EXT2", "EXT4")
                                   for op, _, _ in pickletools.genops(f))
-            except (ValueError, OSError, EOFError, IndexError):  # not a pickle either
+            except Exception:  # not a pickle either (a huge length claimed in it is a MemoryError)
                 pass
         if objects:
             raise UserError(f"{path} holds Python objects besides tensors: refused (fastdeit reads tensors only, "

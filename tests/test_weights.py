@@ -156,6 +156,11 @@ def test_random_bytes_are_never_read_as_a_checkpoint(tmp_path):
         bad.write_bytes(random.Random(seed).randbytes(4096))
         with pytest.raises(UserError):  # "not a readable checkpoint", or "holds Python objects": one line
             read_weights(bad)
+    # A pickle opcode torch refuses (BYTEARRAY8) claiming 2^60 bytes: reading the stream for
+    # object opcodes afterwards raised MemoryError (a bare exit 1, once in a CI run: os.urandom).
+    bad.write_bytes(b"\x80\x05\x96" + (2**60).to_bytes(8, "little") + bytes(64))
+    with pytest.raises(UserError, match="not a readable"):
+        read_weights(bad)
 
 
 def test_a_run_folder_is_read_as_its_best_checkpoint(tmp_path):
