@@ -47,7 +47,7 @@ def read_model_folder(path: Path, config: dict[str, Any]) -> tuple[dict[str, tor
         if "model_type" in config:
             return _transformers(path, config, weights)
         return weights, _timm_meta(config, weights)
-    except (KeyError, ValueError, TypeError, IndexError) as e:
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:  # a config of other shapes
         raise UserError(f"{path} is not a ViT / DeiT image classifier folder fastdeit can read ({e!r})") from None
 
 
@@ -61,8 +61,9 @@ def _transformers(path: Path, config: dict[str, Any], hf: dict[str, torch.Tensor
              "patch_size": int(config.get("patch_size", 16)), "depth": int(config["num_hidden_layers"]),
              "embed_dim": dim, "num_heads": int(config["num_attention_heads"])}
     labels = config.get("id2label") or {}
-    edge = _processor(path).get("size", {}).get("shortest_edge")  # the eval resize: int(img / crop_pct)
-    crop = img / (edge + 1e-6) if edge else DEFAULT_CROP  # a hair under edge: int() gives edge back
+    size = _processor(path).get("size")  # the eval resize, {"shortest_edge": int(img / crop_pct)}
+    edge = size.get("shortest_edge") if isinstance(size, dict) else None
+    crop = img / (edge + 1e-6) if isinstance(edge, int) and edge > 0 else DEFAULT_CROP  # int() gives edge back
     return sd, _meta(model, img, sd, [labels.get(str(i)) for i in range(len(labels))], crop, "transformers")
 
 

@@ -134,3 +134,12 @@ def test_an_export_folder_is_read_back_as_it_was_trained(runs, tiny_data, tmp_pa
     assert res.exit_code == 0, res.output
     with pytest.raises(UserError, match="holds no EMA weights"):
         load_for_inference(out, None, use_ema=True)
+    if fmt == "hf":  # a config of other shapes: one line, never a traceback
+        import json as js
+
+        config = js.loads((out / "config.json").read_text())
+        (out / "preprocessor_config.json").write_text('{"size": [36]}')  # not ours: the default crop
+        assert load_for_inference(out, None).crop_pct == pytest.approx(0.875)
+        (out / "config.json").write_text(js.dumps({**config, "id2label": ["a", "b", "c"]}))
+        with pytest.raises(UserError, match="not a ViT / DeiT image classifier folder"):
+            load_for_inference(out, None)
