@@ -15,7 +15,7 @@ from fastdeit.data.folder import load_dataset
 from fastdeit.device import amp_dtype, autocast, resolve_device, sync
 from fastdeit.errors import UserError
 from fastdeit.loaders import Loaders, choose_loader
-from fastdeit.models import build_model, fit_state_dict, head_classes, head_logits, timm_name
+from fastdeit.models import build_model, fit_state_dict, head_classes, head_logits, named_model
 from fastdeit.pipelines.tail import normalize
 from fastdeit.rundir import model_config_of, read_ema_weights, read_weights
 
@@ -136,14 +136,12 @@ def load_for_inference(ckpt: Path, arch: Architecture | None, num_classes: int |
         weights = read_ema_weights(ckpt)
     check_finite(weights, ckpt)
     if meta:
-        name = model_config_of(meta).name
-        if arch is not None and arch.name and timm_name(arch.name) != timm_name(name):  # never silently another
-            if not folder:
-                raise UserError(f"{ckpt} is a fastdeit checkpoint of {name}, not {arch.name}: drop --model (the "
-                                f"checkpoint names its model)")
-            name = arch.name  # the family the caller names, at the folder's shape (a ViT folder as vit_*)
+        name = named_model(meta, arch.name if arch else "", ckpt, "--model")
         model = build_model(model_config_of(meta, drop_path=0.0, name=name), meta["num_classes"], meta["img_size"])
-        fit_state_dict(weights, model, str(ckpt), new_head_ok=False) if folder else model.load_state_dict(weights)
+        if folder:  # built by its config's shape: what does not fit is one line
+            fit_state_dict(weights, model, str(ckpt), new_head_ok=False)
+        else:
+            model.load_state_dict(weights)
         return Loaded(model.eval(), list(meta["classes"]), meta["img_size"], meta["crop_pct"],
                       name=name)
     if arch is None or not arch.name:

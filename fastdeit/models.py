@@ -12,6 +12,7 @@ import re
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -98,6 +99,19 @@ def load_weights(model: nn.Module, path: Path) -> None:
     fit_state_dict(sd, model, str(path), new_head_ok=True)
 
 
+def named_model(meta: dict[str, Any], asked: str, source: Path | str, flag: str) -> str:
+    """The model to build a file's weights as: the one a fastdeit checkpoint names (asking for
+    another is one line: never silently another), or for a saved model folder (whose config
+    gives the shape) the family asked for (a ViT folder as vit_*)."""
+    named = model_config_of(meta).name
+    if not asked or timm_name(asked) == timm_name(named):
+        return named
+    if meta.get("folder"):
+        return asked
+    raise UserError(f"{source} is a fastdeit checkpoint of {named}, not {asked}: drop {flag} (the checkpoint "
+                    f"names its model)")
+
+
 def fit_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, source: str, new_head_ok: bool,
                    flag: str = "--model") -> None:
     """Load a file's weights into `model`, or say in one line what does not fit (distilled or
@@ -159,13 +173,11 @@ def load_teacher(cfg: DistillConfig, num_classes: int, img_size: int, device: to
     else:
         sd, meta = read_weights(Path(cfg.teacher_ckpt))
         model_cfg = model_config_of(meta)
-        named = model_cfg.name if meta else ""
-        if cfg.teacher and named and not meta.get("folder") and timm_name(cfg.teacher) != timm_name(named):
-            raise UserError(f"{cfg.teacher_ckpt} is a fastdeit checkpoint of {named}, not {cfg.teacher}: drop "
-                            f"--teacher (the checkpoint names its model)")
-        if cfg.teacher:
+        if meta:
+            model_cfg = replace(model_cfg, name=named_model(meta, cfg.teacher, cfg.teacher_ckpt, "--teacher"))
+        elif cfg.teacher:
             model_cfg = replace(model_cfg, name=cfg.teacher)
-        elif not meta:
+        else:
             raise UserError(f"{cfg.teacher_ckpt} does not name its model: pass --teacher NAME")
         model_cfg = replace(model_cfg, drop_path=0.0, init="", ema=False)
         classes = head_classes(sd) or num_classes
