@@ -101,7 +101,7 @@ def distill_steps(cfg: TrainConfig, work: Path, console: Console) -> dict[str, S
     for name in ("none", *choices(TeacherTargets)):
         run = with_section(cfg, "distill", mode="none") if name == "none" else with_section(
             cfg, "distill", targets=name, teacher_cache=str(work / name) if name != "live" else "")
-        source = open_teacher(run, data, student, SINGLE, device, amp, console)
+        source, _why = open_teacher(run, data, student, SINGLE, device, amp, console)
         steps[name] = make_step(run, device, amp, len(data.classes), source, model=student,
                                 optimizer=make_optimizer(run, student, device))
     return steps

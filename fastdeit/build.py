@@ -49,7 +49,7 @@ from fastdeit.models import (
 from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.rundir import atomic_write_text
 from fastdeit.step import Step, make_step
-from fastdeit.teacher_cache import is_complete
+from fastdeit.teacher_cache import TeacherId, is_complete, read_manifest
 from fastdeit.teachers import TARGETS, Targets, TeacherSource, cache_folder, load_live, open_teacher_source
 
 
@@ -126,7 +126,7 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
     # split the graph at DDP's bucket boundaries, so all-reduce overlaps backward.
     trained = wrap_ddp(cfg, model, world, device)
     compiled = compile_model(trained, cfg.run.compile)
-    teacher = open_teacher(cfg, data, model, world, device, amp, console)
+    teacher, teacher_why = open_teacher(cfg, data, model, world, device, amp, console)
     optimizer = make_optimizer(cfg, model, device)
     scheduler = make_scheduler(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
@@ -135,7 +135,8 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
     step = make_step(cfg, device, amp, len(data.classes), teacher, model=trained, optimizer=optimizer,
                      scaler=scaler, ema=ema, rank=world.rank)
     return RunParts(cfg, world, device, amp, data, steps, model, optimizer, scheduler, scaler, ema, loaders, step,
-                    {"loader": f"{loader} ({loader_why})", "attention": attn or "-", "compile": compiled})
+                    {"loader": f"{loader} ({loader_why})", "attention": attn or "-", "compile": compiled,
+                     "teacher": teacher_why})
 
 
 # `auto` attention choices of runs without run.cache_dir, for the rest of the process.
@@ -179,19 +180,29 @@ def wrap_ddp(cfg: TrainConfig, model: nn.Module, world: World, device: torch.dev
 
 
 def open_teacher(cfg: TrainConfig, data: Data, student: nn.Module, world: World, device: torch.device,
-                 amp: torch.dtype | None, console: Console) -> TeacherSource | None:
-    """The teacher source of a distillation run; None without distillation."""
+                 amp: torch.dtype | None, console: Console) -> tuple[TeacherSource | None, str]:
+    """The teacher source of a distillation run (None without distillation), and what the run
+    knows of its teacher (the banner's and config.json's `teacher`)."""
     d = cfg.distill
     if d.mode == "none":
-        return None
+        return None, "-"
     if not is_distilled(student):
         raise ConfigError("distill.mode", f"{d.mode} needs a student with a distillation token: use "
                                           f"{cfg.model.name}_distilled (or another deit_*_distilled)")
     targets = TARGETS[d.targets]
+    if targets.reads_only and not d.teacher_ckpt:
+        # Replaying a cache needs no teacher: loading (or downloading) its weights on every rank
+        # would only check the cache's record of them, which --teacher-ckpt asks for.
+        source = open_teacher_source(cfg, data.train, None, device, amp, console)
+        recorded = TeacherId.recorded(cfg, read_manifest(cache_folder(cfg)))
+        return source, (f"{recorded.name}, weights sha256 {recorded.sha256[:16]} as {cache_folder(cfg)} records "
+                        f"them (not checked: no --teacher-ckpt)")
     # A source that reads the teacher's outputs needs its weights only to check the cache.
     live = load_live(cfg, len(data.classes), device, amp, run=targets.runs_teacher)
     prepare_cache(cfg, targets, data.train, live.teacher, world, console)
-    return open_teacher_source(cfg, data.train, live, device, amp, console)
+    who = TeacherId.of(live.teacher, cfg)
+    return (open_teacher_source(cfg, data.train, live, device, amp, console),
+            f"{who.name}, weights sha256 {who.sha256[:16]} from {d.teacher_ckpt or 'timm'}")
 
 
 def prepare_cache(cfg: TrainConfig, targets: Targets, index: ImageIndex, teacher: nn.Module, world: World,

@@ -32,7 +32,7 @@ from fastdeit.pipelines.tail import normalize
 from fastdeit.pipelines.torch import square_loader
 from fastdeit.plan import PlanSpec, steps_per_epoch
 from fastdeit.step import Step, make_step
-from fastdeit.teacher_cache import CacheReader, CacheWriter, dtype_text, read_manifest
+from fastdeit.teacher_cache import CacheReader, CacheWriter, TeacherId, dtype_text, read_manifest
 from fastdeit.teachers import (
     TARGETS,
     agreement,
@@ -124,7 +124,7 @@ def build_replay(cfg: TrainConfig, index: ImageIndex, out: Path, epochs: int, co
     k = _topk(cfg, index)
     dtype = replay_dtype(k, len(index.classes))
     kind, _ = choose_loader(cfg.data.loader, step.device)
-    manifest = {**TARGETS["replay"].identity(cfg, index, teacher), "topk": k,
+    manifest = {**TARGETS["replay"].identity(cfg, index, TeacherId.of(teacher, cfg)), "topk": k,
                 "shard_rows": max(1, cfg.distill.cache_shard_rows // b) * b, "record_dtype": dtype_text(dtype),
                 "rows_per_epoch": steps * b,
                 "built_with": {"loader": kind, "device": str(step.device), "amp": str(step.amp)}}
@@ -167,7 +167,7 @@ def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Cons
         raise UserError(f"the teacher's feature map at {size} px is not square: {tuple(probe.shape[2:])}")
     k = _topk(cfg, index)
     dtype = labelmap_dtype(k, len(index.classes), grid * grid)
-    manifest = {**TARGETS["labelmap"].identity(cfg, index, teacher), "topk": k, "grid": grid,
+    manifest = {**TARGETS["labelmap"].identity(cfg, index, TeacherId.of(teacher, cfg)), "topk": k, "grid": grid,
                 "shard_rows": min(4096, cfg.distill.cache_shard_rows), "record_dtype": dtype_text(dtype),
                 "built_with": {"device": str(device), "amp": str(amp)}}
     writer = _open_writer(out, manifest, dtype, world)
@@ -209,7 +209,7 @@ def verify_steps(cfg: TrainConfig, index: ImageIndex, cache: Path) -> tuple[Step
     reader = CacheReader(cache)
     targets = reading(reader.manifest.get("mode"))
     live, teacher = live_step(cfg, index)
-    reader.validate(targets.identity(cfg, index, teacher))
+    reader.validate(targets.identity(cfg, index, TeacherId.of(teacher, cfg)))
     source = targets.open(cfg, index, live.teacher, reader)
     return live, make_step(cfg, live.device, live.amp, len(index.classes), source)
 

@@ -20,6 +20,7 @@ try:  # typer vendors click since 0.2x; before, it is click itself
 except ImportError:
     from click import UsageError as ClickUsageError
 
+from fastdeit import __version__
 from fastdeit.cli_options import key_flags
 from fastdeit.config import choices
 from fastdeit.errors import (
@@ -64,6 +65,20 @@ def _usage_error(e: ClickUsageError, path: str) -> NoReturn:
 
 app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train DeiT students, with distillation through the distillation token, fast.")
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        print(f"fastdeit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _before_any_command(
+    version: bool = typer.Option(False, "--version", help="Print fastdeit's version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
+    """Options of `fastdeit` itself, before any command."""
 
 
 def _one_of(typ: Any) -> str:

@@ -51,6 +51,9 @@ def check_choice(name: str, value: str, typ: Any) -> None:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# A run's config.json also records what wrote it (the fastdeit version, what the run picked and
+# why) under this key; reading a config skips it, so the file reruns the run as it is.
+PROVENANCE = "provenance"
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = {k: v for k, v in d.items() if k != PROVENANCE}  # a run's record of what wrote it, not a setting
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise UserError(f"unknown config section {sorted(unknown)[0]!r}; sections: {section_names()}")
@@ -375,8 +379,11 @@ def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
     return b // world_size
 
 
-def save_json(cfg: TrainConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+def save_json(cfg: TrainConfig, provenance: dict[str, str] | None = None) -> str:
+    """The config as JSON; `provenance` (a run's config.json: the fastdeit version, what the run
+    picked and why) under its own key, which reading a config skips."""
+    out = cfg.to_dict() | ({PROVENANCE: provenance} if provenance else {})
+    return json.dumps(out, indent=2, sort_keys=True)
 
 
 def load_json(path: Path) -> TrainConfig:

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from fastdeit import __version__
+
 
 def git_commit() -> str | None:
     """The commit of the fastdeit source tree, when it is a git checkout."""
@@ -36,8 +38,8 @@ def measured_on(device: torch.device) -> dict[str, Any]:
 
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores")
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                "numpy": np.__version__}
+    versions = {"fastdeit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "timm": timm.__version__, "numpy": np.__version__}
     if device.type == "cuda":
         import triton
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from fastdeit import __version__
 from fastdeit.config import ModelConfig, TrainConfig, save_json
 from fastdeit.errors import Requeue, Stopped, UserError, differences
 from fastdeit.model_folders import load_safetensors, read_model_folder
@@ -207,8 +208,10 @@ class RunDir:
     def create(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def write_config(self, cfg: TrainConfig) -> None:
-        atomic_write_text(save_json(cfg), self.config)
+    def write_config(self, cfg: TrainConfig, picked: dict[str, str] | None = None) -> None:
+        """The resolved config, with the fastdeit version and what the run picked (`picked`:
+        loader, attention, compile, teacher) as its provenance."""
+        atomic_write_text(save_json(cfg, {"fastdeit": __version__, **(picked or {})}), self.config)
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.metrics, "a") as f:

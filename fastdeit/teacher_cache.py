@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,32 @@ def dtype_text(dtype: np.dtype) -> str:
     return str(dtype.descr)
 
 
-def identity(cfg: TrainConfig, mode: CacheMode, index: ImageIndex, teacher: nn.Module,
+@dataclass(frozen=True)
+class TeacherId:
+    """Whose outputs a cache holds: the teacher's name and its weights' hash."""
+
+    name: str
+    sha256: str
+
+    @staticmethod
+    def of(teacher: nn.Module, cfg: TrainConfig) -> TeacherId:
+        """A loaded teacher's (its weights hashed), under the name the run gives it."""
+        return TeacherId(cfg.distill.teacher or getattr(teacher, "fastdeit_name", type(teacher).__name__),
+                         teacher_sha256(teacher))
+
+    @staticmethod
+    def recorded(cfg: TrainConfig, manifest: dict[str, Any]) -> TeacherId:
+        """The one a cache's manifest records, taken without the weights to check it (a run that
+        only reads the cache and was given no --teacher-ckpt); the run's --teacher must still
+        name it."""
+        return TeacherId(cfg.distill.teacher or str(manifest.get("teacher")), str(manifest.get("teacher_sha256")))
+
+
+def identity(cfg: TrainConfig, mode: CacheMode, index: ImageIndex, teacher: TeacherId,
              own: dict[str, Any]) -> dict[str, Any]:
     """What a cache's rows mean; a run and its cache must agree on every key. `own`: what the
     rows of this kind depend on besides the teacher and the data (teachers.TARGETS declares it)."""
-    name = cfg.distill.teacher or getattr(teacher, "fastdeit_name", type(teacher).__name__)
-    out = {"format": FORMAT, "mode": mode, "teacher": name, "teacher_sha256": teacher_sha256(teacher),
+    out = {"format": FORMAT, "mode": mode, "teacher": teacher.name, "teacher_sha256": teacher.sha256,
            "dataset": index.fingerprint(), "num_classes": len(index.classes), **own}
     return json.loads(json.dumps(out))  # as the manifest stores it (tuples become lists)
 

@@ -36,7 +36,7 @@ from fastdeit.errors import ConfigError, UserError
 from fastdeit.models import load_teacher, ready_teacher
 from fastdeit.plan import BatchPlan, PlanSpec
 from fastdeit.rundir import RunDir
-from fastdeit.teacher_cache import CacheReader, class_index_dtype, identity
+from fastdeit.teacher_cache import CacheReader, TeacherId, class_index_dtype, identity
 
 Inputs = dict[str, torch.Tensor]
 
@@ -270,7 +270,7 @@ class Targets:
 
     name: str
     # The source, from the run's live teacher and, for a cached source, its cache (checked).
-    open: Callable[[TrainConfig, ImageIndex, LiveTeacher, CacheReader | None], TeacherSource]
+    open: Callable[[TrainConfig, ImageIndex, LiveTeacher | None, CacheReader | None], TeacherSource]
     cache: str | None = None  # the kind of teacher cache it reads (a manifest's mode); None: no cache
     # What its cache's rows depend on besides the teacher and the data (teacher_cache.identity).
     own_identity: Callable[[TrainConfig], dict[str, Any]] | None = None
@@ -283,13 +283,20 @@ class Targets:
     built_by_run: bool = False  # a missing cache is built by the training run, in its run folder
     live_check: bool = False  # a run also runs the live teacher on distill.agreement_batches batches
 
-    def identity(self, cfg: TrainConfig, index: ImageIndex, teacher: nn.Module) -> dict[str, Any]:
+    def identity(self, cfg: TrainConfig, index: ImageIndex, teacher: TeacherId) -> dict[str, Any]:
         """What the rows of this source's cache mean, for `cfg`'s run."""
         own = self.own_identity(cfg) if self.own_identity else {}
         return identity(cfg, self.cache, index, teacher, own)
 
+    @property
+    def reads_only(self) -> bool:
+        """It only reads a cache someone built: the teacher's weights would only check whose
+        outputs the cache holds."""
+        return self.cache is not None and not (self.runs_teacher or self.built_by_run or self.live_check)
 
-def _open_replay(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher, reader: CacheReader) -> ReplayTeacher:
+
+def _open_replay(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher | None,
+                 reader: CacheReader) -> ReplayTeacher:
     d = cfg.distill
     return ReplayTeacher(reader, int(reader.manifest["rows_per_epoch"]), len(index.classes), d.mode, d.tau)
 
@@ -321,7 +328,8 @@ def _check_replay(cfg: TrainConfig, reader: CacheReader, amp: torch.dtype | None
                       f"{device} ({amp}): pixels and rounding differ slightly, labels almost never")
 
 
-def _open_labelmap(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher, reader: CacheReader) -> LabelMapTeacher:
+def _open_labelmap(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher | None,
+                   reader: CacheReader) -> LabelMapTeacher:
     d = cfg.distill
     return LabelMapTeacher(reader, index.sizes, int(reader.manifest["grid"]), len(index.classes), d.mode, d.tau)
 
@@ -348,11 +356,13 @@ def reading(mode: str) -> Targets:
     return found[0]
 
 
-def open_teacher_source(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher, device: torch.device,
+def open_teacher_source(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher | None, device: torch.device,
                         amp: torch.dtype | None, console: Console) -> TeacherSource:
     """The run's teacher source (`live_check` set where its entry measures agreement). A
     cache must exist (one the run builds for itself is built first: build.prepare_cache) and
-    match the run: teacher, data, plan, epochs; otherwise one line says what differs."""
+    match the run: teacher, data, plan, epochs; otherwise one line says what differs. `live`
+    None (a source that only reads its cache, no --teacher-ckpt): the cache's own record of its
+    teacher is taken (TeacherId.recorded)."""
     t = TARGETS[cfg.distill.targets]
     reader = None
     if t.cache is not None:
@@ -362,7 +372,8 @@ def open_teacher_source(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher, 
         reader = CacheReader(cache_folder(cfg))
         if reader.manifest.get("mode") != t.cache:
             raise UserError(f"{reader.root} is a {reader.manifest.get('mode')} cache, not a {t.cache} one")
-        reader.validate(t.identity(cfg, index, live.teacher))
+        who = TeacherId.of(live.teacher, cfg) if live is not None else TeacherId.recorded(cfg, reader.manifest)
+        reader.validate(t.identity(cfg, index, who))
         if t.check is not None:
             t.check(cfg, reader, amp, device, console)
     source = t.open(cfg, index, live, reader)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fastdeit import dist
+from fastdeit import __version__, dist
 from fastdeit.build import RunParts, build_run
 from fastdeit.config import Head, TrainConfig, choices, scaled_lr
 from fastdeit.dist import SINGLE, World
@@ -93,7 +93,7 @@ class Trainer:
             self.log({"kind": "resume", "epoch": self.state.epoch, "step": self.state.step,
                       "from": str(resume), "world": self.world.size})
         if self.world.is_main:
-            self.dir.write_config(self.cfg)
+            self.dir.write_config(self.cfg, self.parts.chosen)
         self.banner()
         images, seconds, epochs = 0, 0.0, self.cfg.sched.epochs
         if self.state.pending:  # killed while evaluating: that epoch's evaluation first
@@ -311,7 +311,7 @@ class Trainer:
             "best_top1": self.state.best_top1, "train_img_s": images / seconds if seconds else self.run_img_s(),
             "eval_img_s": ev.get("eval_img_s"), "wall_s": wall, "train_s_total": self.state.elapsed,
             "bad_files": sorted(self.bad_seen), "device": str(self.parts.device),
-            "torch": torch.__version__, "git_commit": git_commit(),
+            "fastdeit": __version__, "torch": torch.__version__, "git_commit": git_commit(),
         }
         if self.world.is_main:
             self.dir.write_summary(summary)

@@ -125,6 +125,7 @@ def test_the_gpu_session_script_runs_every_part_dry(tmp_path):
     for part in ("step-s", "step-b", "step-ti", "step-triton"):
         report = json.loads((tmp_path / f"throughput-{part}-dry.json").read_text())
         assert report["device"] and report["versions"]["torch"] and report["git_commit"] is not None
+        assert report["versions"]["fastdeit"]
         assert report["model"] and all("error" not in row for row in report["model"]), part
     kinds = ("dali", "dali-full", "dali-hw", "dali-inline", "torch")  # every kind of the GPU call, and the baseline
     assert set(json.loads((tmp_path / "loader-dry.json").read_text())["img_per_s"]) == {

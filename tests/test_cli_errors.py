@@ -44,6 +44,15 @@ def test_real_entry_point_prints_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_version_through_the_installed_command():
+    """`fastdeit --version`, through the console script pip installed (the entry point a user runs)."""
+    import fastdeit
+
+    fastdeit_bin = Path(sys.executable).with_name("fastdeit")
+    res = subprocess.run([str(fastdeit_bin), "--version"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout == f"fastdeit {fastdeit.__version__}\n", res.stderr
+
+
 def test_missing_and_empty_data(tmp_path):
     fails(tiny_train(tmp_path / "nope", tmp_path / "r", "--model", "deit_tiny"), "does not exist")
     (tmp_path / "empty").mkdir()

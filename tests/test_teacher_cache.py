@@ -75,6 +75,32 @@ def test_replay_equals_live_exactly(tiny_data, teacher, replay, tmp_path):
         assert live[key]["loss_distill"] == rep[key]["loss_distill"]
 
 
+def test_replay_without_teacher_weights_takes_the_caches_record(tiny_data, teacher, replay, tmp_path, monkeypatch):
+    """A run that only replays a cache loads no teacher (nor downloads one) unless --teacher-ckpt
+    asks for the check: it trains as the checked run does, config.json says whose record it took,
+    and --teacher must still name the cache's teacher."""
+    checked = tmp_path / "checked"
+    ok(student(tiny_data, checked, teacher, "--targets", "replay", "--teacher-cache", str(replay)))
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a replay run without --teacher-ckpt loaded a teacher")
+
+    monkeypatch.setattr("fastdeit.teachers.load_teacher", no_teacher)
+    unchecked = tmp_path / "unchecked"
+    args = [a for a in student(tiny_data, unchecked, teacher) if a not in ("--teacher-ckpt", str(teacher))]
+    res = runner.invoke(app, [*args, "--teacher", "resnet10t", "--targets", "replay", "--teacher-cache", str(replay)])
+    assert res.exit_code == 0 and "not checked: no --teacher-ckpt" in res.stderr, res.output
+    losses = {k: (r["loss"], r["loss_distill"]) for k, r in steps(checked).items()}
+    assert len(losses) == 8 and losses == {k: (r["loss"], r["loss_distill"]) for k, r in steps(unchecked).items()}
+    sha = json.loads((replay / "manifest.json").read_text())["teacher_sha256"]
+    picked = json.loads((unchecked / "config.json").read_text())["provenance"]
+    assert picked["teacher"].startswith(f"resnet10t, weights sha256 {sha[:16]} as {replay} records them")
+    assert json.loads((checked / "config.json").read_text())["provenance"]["teacher"].endswith(f"from {teacher}")
+    other = [a if a != str(unchecked) else str(tmp_path / "other") for a in args]
+    fails([*other, "--teacher", "resnet18", "--targets", "replay", "--teacher-cache", str(replay)],
+          "built for another teacher: resnet10t in the cache, resnet18 in this run", before_start=False)
+
+
 def test_verify_reports_full_agreement_on_the_same_backend(tiny_data, teacher, replay):
     out = ok(["cache-teacher", "--data", str(tiny_data), "--teacher-ckpt", str(teacher), "--out", str(replay),
               "--verify", "3", *PLAN])

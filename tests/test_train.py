@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import fastdeit
 from fastdeit.cli import app
 from fastdeit.step import Step
 
@@ -39,9 +40,11 @@ def test_run_folder_layout(teacher_run):
     assert not [n for n in names if n.endswith(".tmp")]
     cfg = json.loads((teacher_run / "config.json").read_text())
     assert cfg["model"]["name"] == "resnet10t" and cfg["sched"]["epochs"] == 2
+    assert cfg["provenance"]["fastdeit"] == fastdeit.__version__ and cfg["provenance"]["loader"].startswith("torch")
     summary = json.loads((teacher_run / "summary.json").read_text())
     for key in ("top1", "top5", "train_img_s", "wall_s", "git_commit", "eval_img_s"):
         assert key in summary
+    assert summary["fastdeit"] == fastdeit.__version__
     steps = records(teacher_run, "step")
     assert steps and all({"epoch", "step", "loss", "lr", "img_s", "data_wait"} <= set(r) for r in steps)
     epochs = records(teacher_run, "epoch")
