@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from fastdeit.errors import ConfigError, UserError
+from fastdeit.errors import ConfigError, UserError, clipped, shown
 from fastdeit.randaugment import parse_rand_augment
 
 # The allowed values of every choice, defined once: config validation, the CLI's help and
@@ -46,11 +47,18 @@ def choices(typ: Any) -> tuple[str, ...]:
 def check_choice(name: str, value: str, typ: Any) -> None:
     """One line naming `name` and the allowed values when `value` is not one of them."""
     if value not in choices(typ):
-        raise ConfigError(name, f"must be one of {', '.join(choices(typ))}, got {value!r}")
+        raise ConfigError(name, f"must be one of {', '.join(choices(typ))}, got {shown(value)}")
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# No integer a config takes (counts, sizes, seeds) is larger; a bigger one is a typo or an attack.
+MAX_INT = 2**53
+# Bounds far above any real run, below what would allocate or loop without end: DeiT trains
+# 300-1000 epochs at 224-384 px with global batches of 1-16k.
+MAX_EPOCHS = 100_000
+MAX_IMG_SIZE = 8192
+MAX_BATCH = 1 << 24
 # A run's config.json also records what wrote it (the fastdeit version, what the run picked and
 # why) under this key; reading a config skips it, so the file reruns the run as it is.
 PROVENANCE = "provenance"
@@ -186,14 +194,16 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k != PROVENANCE}  # a run's record of what wrote it, not a setting
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise UserError(f"unknown config section {sorted(unknown)[0]!r}; sections: {section_names()}")
+            raise UserError(f"unknown config section {shown(sorted(unknown, key=str)[0])}; sections: "
+                            f"{section_names()}")
         sections = {}
         for f in fields(cls):
             sec_cls = _section_type(f.name)
             values = d.get(f.name, {})
             bad = set(values) - {g.name for g in fields(sec_cls)}
             if bad:
-                raise UserError(f"unknown config key {f.name}.{sorted(bad)[0]}; {f.name} has: {_keys(sec_cls)}")
+                raise UserError(f"unknown config key {f.name}.{clipped(str(sorted(bad, key=str)[0]))}; {f.name} has: "
+                                f"{_keys(sec_cls)}")
             sections[f.name] = sec_cls(**{k: _coerce(f"{f.name}.{k}", v, _field_type(sec_cls, k))
                                           for k, v in values.items()})
         return cls(**sections)
@@ -242,11 +252,17 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if typ is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value)
+            number = int(value)
+            if abs(number) > MAX_INT:
+                raise ConfigError(key, f"must be at most {MAX_INT:,} in size, got {shown(value)}")
+            return number
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # inf or nan would surface later as a diverged loss
+                raise ConfigError(key, f"must be a finite number, got {shown(value)}")
+            return number
         if typ is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
@@ -263,7 +279,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         pass
     else:
         return value
-    raise ConfigError(key, f"must be {_type_name(typ)}, got {value!r}")
+    raise ConfigError(key, f"must be {_type_name(typ)}, got {shown(value)}")
 
 
 def _type_name(typ: Any) -> str:
@@ -276,14 +292,15 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply `section.key=value` strings, each converted to the field's type."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise UserError(f"--set takes section.key=value, got {item!r}")
+            raise UserError(f"--set takes section.key=value, got {shown(item)}")
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
         if section not in {f.name for f in fields(TrainConfig)}:
-            raise UserError(f"unknown config section {section!r} in --set {item}; sections: {section_names()}")
+            raise UserError(f"unknown config section {shown(section)} in --set {clipped(item)}; sections: "
+                            f"{section_names()}")
         sec = getattr(cfg, section)
         if name not in {f.name for f in fields(sec)}:
-            raise UserError(f"unknown config key {key!r}; {section} has: {_keys(type(sec))}")
+            raise UserError(f"unknown config key {shown(key)}; {section} has: {_keys(type(sec))}")
         new = _coerce(key, value, _field_type(type(sec), name))
         cfg = replace(cfg, **{section: replace(sec, **{name: new})})
     return cfg
@@ -303,7 +320,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_choices(cfg)
     d, m, o, s, a, k, r = cfg.data, cfg.model, cfg.optim, cfg.sched, cfg.aug, cfg.distill, cfg.run
     checks: list[tuple[bool, str, str]] = [
-        (d.img_size >= 8, "data.img_size", f"must be at least 8, got {d.img_size}"),
+        (8 <= d.img_size <= MAX_IMG_SIZE, "data.img_size", f"must be between 8 and {MAX_IMG_SIZE}, got {d.img_size}"),
         (0.1 < d.crop_pct <= 1.0, "data.crop_pct", f"must be in (0.1, 1], got {d.crop_pct}"),
         (d.workers >= 0, "data.workers", "must be >= 0"),
         (d.read_workers >= 0, "data.read_workers", "must be >= 0 (0: read in the training thread)"),
@@ -314,7 +331,7 @@ def validate(cfg: TrainConfig) -> None:
         (0.0 < m.width <= 4.0, "model.width", f"must be in (0, 4], got {m.width}"),
         (o.lr > 0 and o.base_batch > 0, "optim.lr", "and optim.base_batch must be positive"),
         (o.weight_decay >= 0 and o.clip_grad >= 0, "optim.weight_decay", "and optim.clip_grad must be >= 0"),
-        (s.epochs >= 1, "sched.epochs", f"must be >= 1, got {s.epochs}"),
+        (1 <= s.epochs <= MAX_EPOCHS, "sched.epochs", f"must be between 1 and {MAX_EPOCHS:,}, got {s.epochs}"),
         (0 <= s.warmup_epochs <= s.epochs, "sched.warmup_epochs", "must be between 0 and sched.epochs"),
         (0 < a.scale[0] <= a.scale[1] <= 1.0, "aug.scale", f"must satisfy 0 < lo <= hi <= 1, got {a.scale}"),
         (0 < a.ratio[0] <= a.ratio[1], "aug.ratio", f"must satisfy 0 < lo <= hi, got {a.ratio}"),
@@ -334,7 +351,7 @@ def validate(cfg: TrainConfig) -> None:
                          "distill.cache_shard_rows >= 1"),
         (k.mode == "none" or bool(k.teacher or k.teacher_ckpt), "distill.mode",
          f"{k.mode} needs a teacher: set distill.teacher NAME and/or distill.teacher_ckpt PATH"),
-        (r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}"),
+        (1 <= r.batch_size <= MAX_BATCH, "run.batch_size", f"must be between 1 and {MAX_BATCH:,}, got {r.batch_size}"),
         (r.accum_steps >= 1, "run.accum_steps", f"must be >= 1 (1: no accumulation), got {r.accum_steps}"),
         (r.log_every >= 1 and r.ckpt_every >= 0 and r.eval_every >= 1, "run.log_every",
          "and run.eval_every must be >= 1, run.ckpt_every >= 0"),

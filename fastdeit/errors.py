@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import reprlib
+
+# How much of a value a user gave is echoed in a message: enough to recognise it, never the
+# whole of a huge or deeply shared one (a YAML alias bomb expands exponentially when printed).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 4
+_SHOWN.maxlevel = 2
+
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and what to do.
@@ -42,3 +51,14 @@ def differences(ours: object, theirs: object, prefix: str = "") -> list[tuple[st
             out += differences(ours.get(key), theirs.get(key), f"{prefix}{key}.")
         return out
     return [] if ours == theirs else [(prefix.rstrip("."), ours, theirs)]
+
+
+def shown(value: object) -> str:
+    """A value as an error line quotes it: its repr, cut to a few dozen characters and a few
+    items per level (reprlib: the whole repr is never built)."""
+    return _SHOWN.repr(value)
+
+
+def clipped(text: str, limit: int = 80) -> str:
+    """A name or word a user gave, quoted as it is, cut to `limit` characters."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."

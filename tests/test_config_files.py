@@ -3,6 +3,11 @@ unchanged, a run's config.json reruns it, and a bad file is one line naming the 
 key or line. The order: recipe < --config < flags < --set."""
 
 import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -71,14 +76,26 @@ def test_a_yaml_file_is_read_as_toml_is(tiny_data, tmp_path):
     ("run:\n  seed: abc\n", ".yml", "run.seed must be an integer"),
     ("model: deit_tiny\n", ".yaml", "model = 'deit_tiny' is not a section"),  # timm's flat args.yaml
     ("!!python/object/apply:os.system ['true']\n", ".yaml", "not valid YAML"),  # no tags that run code
+    ('{"run": {"seed": 1, "seed": 2}}', ".json", "'seed' appears twice"),  # not last-wins
+    ('{"run": {"seed": 1}, "run": {"seed": 2}}', ".json", "'run' appears twice"),
+    ("run:\n  seed: 1\n  seed: 2\n", ".yaml", "'seed' appears twice"),
+    ("[optim]\nlr = inf\n", ".toml", "optim.lr must be a finite number, got inf"),
+    ('{"optim": {"lr": 1e309}}', ".json", "optim.lr must be a finite number"),
+    ("optim:\n  betas: [0.9, .nan]\n", ".yaml", "optim.betas must be a finite number"),
+    ("[sched]\nepochs = 1e26\n", ".toml", "sched.epochs must be at most"),
+    ('{"run": ' + "[" * 5000 + "]" * 5000 + "}", ".json", "nested too deeply"),
+    ('{"run": {"seed": ' + "[" * 20 + "]" * 20 + "}}", ".json", "nested more than 8 levels"),
+    ("[run]\n" + "# padding\n" * 120_000, ".toml", "larger than 1024 KiB"),
+    ('{"run": {"' + "k" * 2 * 10**6 + '": 1}}', ".json", "larger than 1024 KiB"),
+    ('{"run": {"' + "k" * 10**5 + '": 1}}', ".json", "unknown config key run.kkkkk"),  # quoted, cut short
 ])
 def test_a_bad_file_is_one_line_naming_it(tiny_data, tmp_path, text, suffix, words):
     bad = tmp_path / f"bad{suffix}"
     bad.write_text(text)
     res = runner.invoke(app, ["train", "--config", str(bad), "--data", str(tiny_data), "--out", str(tmp_path / "r")])
     line = res.stderr.strip().splitlines()[-1]
-    assert res.exit_code == 2 and line.startswith(f"error: --config {bad}") and words in line, res.output
-    assert not (tmp_path / "r").exists()
+    assert res.exit_code == 2 and line.startswith(f"error: --config {bad}") and words in line, res.output[-2000:]
+    assert len(line) < 1000 and not (tmp_path / "r").exists()
 
 
 def test_a_file_that_is_not_text_is_one_line(tiny_data, tmp_path):
@@ -89,3 +106,48 @@ def test_a_file_that_is_not_text_is_one_line(tiny_data, tmp_path):
     assert res.exit_code == 2 and line == (f"error: --config {bad}: not a text file (not UTF-8): give a TOML, YAML or "
                                                  "JSON file")
     assert not (tmp_path / "r").exists()
+
+
+def _fastdeit(args: list[str], memory_gib: int = 3, timeout: int = 120) -> subprocess.CompletedProcess:
+    """The installed command, its heap capped (a config that makes it allocate without end fails
+    the test instead of the machine) and its time bounded (one that hangs fails too)."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_gib << 30, memory_gib << 30))
+
+    return subprocess.run([str(Path(sys.executable).with_name("fastdeit")), *args], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=cap)
+
+
+def _alias_bomb(path: Path, key: str, width: int, levels: int) -> None:
+    """About 1 KB of YAML whose value under `key` expands to width**levels strings (shared until
+    printed: 9**9 of them took fastdeit to 23 GB)."""
+    lines = ["run:", f"  x0: &a0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"  x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+    section, name = key.split(".")
+    lines += [f"{section}:" if section != "run" else "", f"  {name}: *a{levels - 1}"]
+    path.write_text("\n".join(line for line in lines if line) + "\n")
+
+
+@pytest.mark.parametrize("key", ["run.seed", "optim.betas"])
+@pytest.mark.parametrize("width, levels, words", [
+    (9, 9, "nested more than 8 levels; a config is sections of keys"),
+    (40, 4, "more than 10,000 values (YAML aliases counted as copies); a config is about a hundred"),
+])
+def test_an_alias_bomb_is_refused_in_bounded_memory(tiny_data, tmp_path, key, width, levels, words):
+    bomb = tmp_path / "bomb.yaml"
+    _alias_bomb(bomb, key, width, levels)
+    assert bomb.stat().st_size < 1200
+    res = _fastdeit(["train", "--config", str(bomb), "--data", str(tiny_data), "--out", str(tmp_path / "r")])
+    assert res.returncode == 2 and res.stderr.strip() == f"error: --config {bomb}: {words}", res.stderr[-2000:]
+
+
+def test_special_files_are_refused_at_once(tiny_data, tmp_path):
+    """A FIFO would block the open for ever, /dev/zero read without end, a folder is no file."""
+    fifo = tmp_path / "c.toml"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero"), tmp_path):
+        res = _fastdeit(["train", "--config", str(path), "--data", str(tiny_data), "--out", str(tmp_path / "r")],
+                        timeout=60)
+        assert res.returncode == 2 and res.stderr.strip() == (f"error: --config {path}: not a regular file (a "
+                                                              f"folder, FIFO or device): give a TOML, YAML or JSON "
+                                                              f"file"), res.stderr
