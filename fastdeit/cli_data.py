@@ -11,6 +11,7 @@ from rich.progress import Progress
 from fastdeit.cli_base import app, cache_dir, command, err
 from fastdeit.config import Loader, check_choice
 from fastdeit.errors import UserError
+from fastdeit.rundir import atomic_write_text
 
 
 @app.command("make-data")
@@ -123,7 +124,7 @@ def check_data(
     for line in bad:
         print(line)
     if out is not None:
-        out.write_text("".join(f"{line}\n" for line in bad))
+        atomic_write_text("".join(f"{line}\n" for line in bad), out)
     err.print(f"{len(bad)} unreadable of {len(train) + len(val)} images ("
               + ", ".join(f"{d} refused {n}" for d, n in refused.items()) + ")"
               + (f"; skip them with --set data.skip_list={out}" if out is not None and bad else ""))

@@ -14,6 +14,7 @@ safetensors: the state dict alone, timm's keys.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from torch import nn
@@ -23,6 +24,7 @@ from fastdeit.errors import UserError
 from fastdeit.evaluation import load_for_inference
 from fastdeit.hf_keys import hf_state_dict
 from fastdeit.models import is_distilled, timm_name
+from fastdeit.rundir import write_failed
 
 
 def _vit_shape(model: nn.Module) -> dict[str, int]:
@@ -77,6 +79,7 @@ def _export_timm(model: nn.Module, classes: list[str], img_size: int, crop_pct: 
 
 def export(ckpt: Path, fmt: str, out: Path, ema: bool = False) -> list[Path]:
     """Write the checkpoint's student in `fmt` into `out`; returns the files written."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     loaded = load_for_inference(ckpt, None, use_ema=ema)
@@ -85,12 +88,23 @@ def export(ckpt: Path, fmt: str, out: Path, ema: bool = False) -> list[Path]:
         raise UserError(f"--format {fmt} exports DeiT/ViT students; {name} is not one: use --format safetensors")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: pick a new folder")
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if fmt == "hf":
-        _export_hf(model, loaded.classes, loaded.img_size, loaded.crop_pct, out)
-    elif fmt == "timm":
-        _export_timm(model, loaded.classes, loaded.img_size, loaded.crop_pct, out)
-    else:
-        save_file(state, str(out / "model.safetensors"), metadata={"architecture": name})
+    try:
+        if fmt == "hf":
+            _export_hf(model, loaded.classes, loaded.img_size, loaded.crop_pct, out)
+        elif fmt == "timm":
+            _export_timm(model, loaded.classes, loaded.img_size, loaded.crop_pct, out)
+        else:
+            save_file(state, str(out / "model.safetensors"), metadata={"architecture": name})
+    except (OSError, SafetensorError) as e:  # a full disk: no half export is left to be read back
+        for part in out.iterdir():
+            if part.is_dir():
+                shutil.rmtree(part)
+            else:
+                part.unlink()
+        if made:
+            out.rmdir()
+        raise UserError(write_failed(out / "model.safetensors", e)) from None
     return sorted(p for p in out.iterdir() if p.is_file())

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastdeit.errors import UserError
 from fastdeit.report_page import DASHES, RAW_OPACITY, FigureData, Spec, Style, ema, page, run_styles, series_labels
-from fastdeit.rundir import RunDir
+from fastdeit.rundir import RunDir, atomic_write_bytes, atomic_write_text
 
 # Marks the pages and PNGs `write_report` writes: only files bearing it are written over, so
 # a mistyped --out (a checkpoint, someone's figures) is refused instead of lost.
@@ -224,7 +224,7 @@ def write_report(paths: list[Path], out: Path, smooth: float = 0.6) -> dict[str,
     drawn = {}
     for name, data in figures.items():
         drawn[name] = _draw(data, specs()[name], styles, smooth)
-        (pngs / f"{name}.png").write_bytes(drawn[name])
-    out.write_text(page(_MARK, _header(runs, rows, notes, styles), figures, specs(), styles, smooth, drawn))
+        atomic_write_bytes(drawn[name], pngs / f"{name}.png")
+    atomic_write_text(page(_MARK, _header(runs, rows, notes, styles), figures, specs(), styles, smooth, drawn), out)
     return {"figures": figures, "rows": rows, "notes": notes, "pngs": sorted(str(p) for p in pngs.glob("*.png")),
             "colours": {n: s.colour for n, s in styles.items()}}

@@ -52,18 +52,52 @@ _CHECKPOINT_KEYS = ("format", "meta", "config", "state", "rng")
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write` fills a temporary file beside `path`, which then replaces `path` in one step.
-    When the write fails (a full disk), the temporary file is removed and the previous
-    `path`, if any, is kept."""
+    When the write fails (a full disk), the temporary file is removed, the previous `path`, if
+    any, is kept, and one line says how much space the folder needs."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes writing the same file never share one
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
-        kept = f"; the previous {path.name} is kept" if path.exists() else ""
-        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise UserError(f"cannot write {path}: {why}{kept}") from None
+        raise UserError(write_failed(path, e, written)) from None
+
+
+# errno values that mean "no room": the disk, or this user's quota on it.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_failed(path: Path, error: BaseException, written: int = 0) -> str:
+    """The one line for a write of `path` that failed: a full disk names the folder, the space
+    left and what the file needs (its previous version's size, or what was written before the
+    failure); the previous file, if any, is kept."""
+    path = Path(path)
+    kept = f"; the previous {path.name} is kept" if path.exists() else ""
+    text = str(error)
+    full = (getattr(error, "errno", None) in NO_SPACE or "No space left on device" in text  # safetensors' Rust error
+            or (isinstance(error, RuntimeError) and "write" in text.lower()))  # torch.save's
+    if not full:
+        why = getattr(error, "strerror", None) or (text.splitlines() or [type(error).__name__])[0]
+        return f"cannot write {path}: {why}{kept}"
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = 0
+    needed = max(written, path.stat().st_size if path.exists() else 0)
+    need = f", at least {_size(needed)} needed" if needed else ""
+    return (f"cannot write {path}: the disk holding {path.parent} is full ({_size(free)} free{need}){kept}: "
+            f"free some space, then run the same command (--resume continues a run)")
+
+
+def _size(n: float) -> str:
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while n >= 1024 and power < len(units) - 1:
+        n /= 1024
+        power += 1
+    return f"{int(n):,} bytes" if power == 0 else f"{n:.1f} {units[power]}"
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -166,9 +200,12 @@ class RunDir:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                 .encode())
+        try:  # who holds it, for the line another run prints; the lock holds without it (a full disk)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        except OSError:
+            pass
         return fd
 
     def resume_path(self, resume: str | None, console: Console) -> Path | None:
@@ -214,8 +251,19 @@ class RunDir:
         atomic_write_text(save_json(cfg, {"fastdeit": __version__, **(picked or {})}), self.config)
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """One line appended to metrics.jsonl, whole or not at all: a write cut short (a full
+        disk) is undone, so the next record never glues onto half a line."""
+        line = memoryview((json.dumps(record) + "\n").encode())
+        fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        start = os.fstat(fd).st_size
+        try:
+            while line:
+                line = line[os.write(fd, line):]
+        except OSError as e:
+            os.ftruncate(fd, start)
+            raise UserError(write_failed(self.metrics, e, len(line))) from None
+        finally:
+            os.close(fd)
 
     def last_record(self) -> dict[str, Any] | None:
         """The last record of metrics.jsonl (a `stop` record: the run stopped on request)."""

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastdeit.errors import UserError
+
 VERSION = 2  # 2: names as file-system bytes, NUL-separated (1 held UTF-8 text split on newlines)
 
 
@@ -51,9 +53,14 @@ def save(path: Path, paths: list[str], sizes: np.ndarray, nbytes: np.ndarray, mt
     # A Linux file name may hold any byte but NUL and "/": names kept as their bytes (os.fsencode
     # of names that are not UTF-8 gives back their bytes) joined by NUL, which no name holds.
     names = b"\0".join(os.fsencode(p) for p in paths)
-    np.savez(tmp, version=np.array(VERSION), paths=np.frombuffer(names, np.uint8),
-             sizes=sizes, nbytes=nbytes, mtimes=mtimes)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, version=np.array(VERSION), paths=np.frombuffer(names, np.uint8),
+                 sizes=sizes, nbytes=nbytes, mtimes=mtimes)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot store the index of the data set in {path.parent} ({e.strerror}): free some "
+                        f"space there, or set run.cache_dir to another folder") from None
 
 
 def reuse(stored: dict[str, np.ndarray] | None, paths: list[str], nbytes: np.ndarray,

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from fastdeit.errors import UserError
+
 CLASSES: tuple[str, ...] = (
     "disk", "square", "triangle", "star", "cross", "ring", "crescent", "stripes", "checker", "dots",
 )
@@ -218,8 +220,13 @@ def write_synthetic(
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{i:05d}.jpg"
         tmp = path.with_suffix(".jpg.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write {path} ({e.strerror}): free some space, then run the same command "
+                            f"(it finishes what is missing)") from None
 
     done = 0
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
