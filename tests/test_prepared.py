@@ -154,6 +154,26 @@ def test_check_data_finds_a_corrupted_shard(tiny_data, tmp_path):
     assert res.exit_code == 0 and load_dataset(out)[0].paths[5] in res.stdout.split("train/")[1], res.output
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_cut_shard_is_refused_at_open_by_every_command(tiny_data, tmp_path, split):
+    """A shard shorter than its index trained with 'unreadable image' warnings and evaluated
+    8 of 32 images with exit 0; check-data was a traceback. Now every reader refuses the set in
+    one line naming the shard, and prepare-data repairs it."""
+    out = tmp_path / "p"
+    prepare_data(tiny_data, out, PrepareOptions(max_side=0, shard_rows=16, workers=1))
+    whole = files(out)
+    shard = out / split / "shard-00000.tar"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 3)
+    words = f"the prepared data set's {shard} is cut short or missing"
+    run = tmp_path / "run"
+    fails(["train", *TINY_RUN, *TINY_MODEL, "--model", "deit_tiny", "--data", str(out), "--out", str(run)], words)
+    fails(["check-data", str(out), "--loader", "torch"], words)
+    fails(["eval", "--data", str(out), "--weights", str(shard), "--model", "deit_tiny"], words)
+    ok(["prepare-data", str(tiny_data), str(out), "--max-side", "0", "--shard-rows", "16"])
+    assert files(out) == whole  # rebuilt byte for byte
+
+
 RUN = [*TINY_RUN, *TINY_MODEL, "--model", "deit_tiny_distilled", "--set", "run.log_every=1",
        "--set", "aug.mixup=0.8", "--set", "aug.rand_augment=rand-m9-mstd0.5-inc1", "--set", "model.drop_path=0.0"]
 

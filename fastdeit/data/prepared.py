@@ -126,4 +126,27 @@ def load_split(root: Path, split: str, manifest: dict[str, Any]) -> tuple[tuple[
         raise UserError(f"cannot read the index of {folder}: {e}: prepare the data set again") from None
     if rows.dtype != ROW_DTYPE or len(paths) != len(rows) or len(rows) != info["rows"]:
         raise UserError(f"the index of {folder} does not match its manifest: prepare the data set again")
+    check_shard_sizes(folder, rows)
     return tuple(info["classes"]), paths, rows, PackedStore(folder, rows)
+
+
+def check_shard_sizes(folder: Path, rows: np.ndarray) -> None:
+    """Every shard holds the bytes its rows' offsets and lengths reach (one stat a shard: a cut
+    or missing shard is refused at open, not found image by image; a changed byte is the crc's,
+    `fastdeit check-data`)."""
+    if not len(rows):
+        return
+    ends = np.zeros(int(rows["shard"].max()) + 1, np.int64)
+    np.maximum.at(ends, rows["shard"], rows["offset"] + rows["length"])
+    for shard in np.flatnonzero(ends):
+        path = folder / shard_name(int(shard))
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            size, why = -1, e.strerror
+        else:
+            why = f"{size:,} bytes, its index reaches {int(ends[shard]):,}"
+        if size < ends[shard]:
+            raise UserError(f"the prepared data set's {path} is cut short or missing ({why}): run fastdeit "
+                            f"prepare-data again with the same arguments (it rebuilds each shard whose size is not "
+                            f"its table's)")
