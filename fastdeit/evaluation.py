@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -123,12 +124,19 @@ def check_finite(weights: dict[str, torch.Tensor], ckpt: Path) -> None:
                         f"run's checkpoint-last.pt (the last good state) or checkpoint-best.pt")
 
 
+def _note_on_stderr(text: str) -> None:
+    sys.stderr.write(f"note: {text}\n")
+
+
 def load_for_inference(ckpt: Path, arch: Architecture | None, num_classes: int | None = None,
-                       use_ema: bool = False) -> Loaded:
+                       use_ema: bool = False, note: Callable[[str], None] = _note_on_stderr) -> Loaded:
     """A fastdeit checkpoint as it was trained (its model, classes, image size and crop), or
     weights from elsewhere (official DeiT, timm, safetensors) built as `arch` describes, with
-    `num_classes` outputs (default: the file's head)."""
+    `num_classes` outputs (default: the file's head). Where a saved folder's config and its
+    weights disagree (an edited config), `note` is told, a line each."""
     weights, meta = read_weights(ckpt)
+    for text in meta.get("notes", ()):
+        note(f"{ckpt}: {text}")
     folder = meta.get("folder")  # a saved transformers / timm folder: its config names the shape
     if use_ema and folder:
         raise UserError(f"--ema: {ckpt} is a saved {folder} folder and holds no EMA weights")
@@ -143,7 +151,7 @@ def load_for_inference(ckpt: Path, arch: Architecture | None, num_classes: int |
         else:
             model.load_state_dict(weights)
         return Loaded(model.eval(), list(meta["classes"]), meta["img_size"], meta["crop_pct"],
-                      name=name)
+                      named=meta.get("named", True), name=name)
     if arch is None or not arch.name:
         raise UserError(f"{ckpt} is not a fastdeit checkpoint and does not name its model: pass --model NAME "
                         f"(e.g. deit_small_distilled)")

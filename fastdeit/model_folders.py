@@ -11,6 +11,7 @@ plain ViT folder) but never another shape.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,32 @@ def _timm_meta(config: dict[str, Any], sd: dict[str, torch.Tensor]) -> dict[str,
 
 def _meta(model: dict[str, Any], img: int, sd: dict[str, torch.Tensor], labels: list[Any], crop: float,
           folder: str) -> dict[str, Any]:
+    """The folder's meta; `notes`: where its config and its weights disagree (an edited config),
+    said once when the folder is loaded (evaluation.load_for_inference)."""
     classes = int(sd["head.weight"].shape[0])
-    names = [str(c) for c in labels] if len(labels) == classes and None not in labels else [
-        f"class {i}" for i in range(classes)]
+    notes = []
+    named = len(labels) == classes and None not in labels
+    names = [str(c) for c in labels] if named else [f"class {i}" for i in range(classes)]
+    if not named:
+        notes.append(f"its config names {len(labels) - labels.count(None)} classes, its head has {classes}: the "
+                     f"classes are shown as 'class N' and not checked against the data's")
+    trained = _trained_size(model, sd)
+    if trained and trained != img:
+        notes.append(f"its config says image size {img}, its weights were trained at {trained} px: it runs at "
+                     f"{img} px with the position embedding resampled (accuracy is usually lower)")
     return {"model": model, "img_size": img, "num_classes": classes, "classes": names, "crop_pct": crop,
-            "dataset": None, "folder": folder}
+            "dataset": None, "folder": folder, "notes": notes, "named": named}
+
+
+def _trained_size(model: dict[str, Any], sd: dict[str, torch.Tensor]) -> int | None:
+    """The image size the weights' position embedding was made for (a square grid of patches
+    after the class and distillation tokens), or None where it cannot tell."""
+    pos, patch = sd.get("pos_embed"), model.get("patch_size")
+    if pos is None or pos.dim() != 3 or not patch:
+        return None
+    cells = pos.shape[1] - 1 - ("dist_token" in sd)
+    grid = math.isqrt(max(cells, 0))
+    return grid * int(patch) if grid * grid == cells else None
 
 
 def _processor(path: Path) -> dict[str, Any]:

@@ -363,6 +363,9 @@ def weights_of(source: Path) -> Path:
         return found[0]
     if len(found := sorted(source.glob("*.safetensors"))) == 1:
         return found[0]
+    if found:
+        raise UserError(f"{source} holds {len(found)} .safetensors files ({', '.join(f.name for f in found[:3])}"
+                        f"{', ...' if len(found) > 3 else ''}) and no config.json saying what they are: name one")
     raise UserError(f"{source} holds no checkpoint (checkpoint-best.pt or checkpoint-last.pt) and no saved model")
 
 

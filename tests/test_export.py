@@ -143,3 +143,39 @@ def test_an_export_folder_is_read_back_as_it_was_trained(runs, tiny_data, tmp_pa
         (out / "config.json").write_text(js.dumps({**config, "id2label": ["a", "b", "c"]}))
         with pytest.raises(UserError, match="not a ViT / DeiT image classifier folder"):
             load_for_inference(out, None)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "timm"])
+def test_an_edited_export_says_where_its_config_and_weights_disagree(runs, tiny_data, tmp_path, fmt):
+    """An export whose image size was edited evaluated at the new size, its position embedding
+    resampled, without a word; labels that do not match the head became 'class N' silently."""
+    import json as js
+
+    out = tmp_path / fmt
+    assert runner.invoke(app, ["export", str(runs["deit_tiny"]), "--format", fmt, "--out", str(out)]).exit_code == 0
+    config = js.loads((out / "config.json").read_text())
+    if fmt == "hf":
+        config.update(image_size=64, id2label={"0": "a", "1": "b"})
+    else:
+        config["model_args"]["img_size"] = 64
+        config["label_names"] = ["a", "b"]
+    (out / "config.json").write_text(js.dumps(config))
+    res = runner.invoke(app, ["eval", "--data", str(tiny_data), "--ckpt", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    notes = [line for line in res.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {out}: its config names 2 classes, its head has 3: the classes are shown as 'class N' "
+                     f"and not checked against the data's",
+                     f"note: {out}: its config says image size 64, its weights were trained at 32 px: it runs at 64 "
+                     f"px with the position embedding resampled (accuracy is usually lower)"], res.stderr
+
+
+def test_a_folder_of_several_safetensors_is_named_as_such(runs, tmp_path):
+    out = tmp_path / "two"
+    assert runner.invoke(app, ["export", str(runs["deit_tiny"]), "--format", "safetensors", "--out",
+                               str(out)]).exit_code == 0
+    (out / "model.safetensors").rename(out / "a.safetensors")
+    (out / "b.safetensors").write_bytes((out / "a.safetensors").read_bytes())
+    res = runner.invoke(app, ["eval", "--data", str(tmp_path), "--ckpt", str(out), "--model", "deit_tiny"])
+    assert res.exit_code == 2 and res.stderr.strip().splitlines()[-1] == (
+        f"error: {out} holds 2 .safetensors files (a.safetensors, b.safetensors) and no config.json saying what "
+        f"they are: name one"), res.output
