@@ -92,9 +92,24 @@ def load_live(cfg: TrainConfig, num_classes: int, device: torch.device, amp: tor
     needs no more of the teacher than its name and weights' hash."""
     where = device if run else torch.device("cpu")
     teacher = load_teacher(cfg.distill, num_classes, cfg.data.img_size, where)
+    check_input_size(teacher, cfg)
     if run:
         teacher = ready_teacher(teacher, device, cfg.run.compile)
     return LiveTeacher(teacher, amp, cfg.distill.teacher_img_size)
+
+
+def check_input_size(teacher: nn.Module, cfg: TrainConfig) -> None:
+    """A teacher built for one image size (a ViT: its position embedding fixes the grid) sees
+    the size it was built for, or the run says in one line how to give it that size (it was a
+    92-line AssertionError from inside timm at the first batch)."""
+    built = getattr(getattr(teacher, "patch_embed", None), "img_size", None)
+    strict = getattr(getattr(teacher, "patch_embed", None), "strict_img_size", False)
+    sees = cfg.distill.teacher_img_size or cfg.data.img_size
+    if strict and built is not None and tuple(built) != (sees, sees):
+        size = int(built[0])
+        raise UserError(f"the teacher takes {size} px images (its weights were trained at {size} px) and would see "
+                        f"{sees} px ones: add --teacher-img-size {size} (the teacher then sees each batch resized "
+                        f"to {size} px)")
 
 
 def agreement(live: LiveTeacher, images: torch.Tensor, plan: BatchPlan, teacher: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,20 @@ def test_teacher_with_other_class_count(tiny_data, tmp_path):
           "teacher predicts 7 classes but the data has 3")
 
 
+def test_a_teacher_trained_at_another_size_is_one_line(tiny_data, tmp_path):
+    """A 64 px DeiT teacher under a 32 px student was a 92-line AssertionError from timm; now one
+    line naming --teacher-img-size, with which the run trains."""
+    teacher = tmp_path / "teacher"
+    res = runner.invoke(app, tiny_train(tiny_data, teacher, "--model", "deit_tiny", *TINY_MODEL, "--img-size", "64"))
+    assert res.exit_code == 0, res.output
+    student = tiny_train(tiny_data, tmp_path / "s", "--model", "deit_tiny_distilled", *TINY_MODEL, "--distill",
+                         "hard", "--teacher-ckpt", str(teacher))
+    fails(student, "the teacher takes 64 px images (its weights were trained at 64 px) and would see 32 px ones: "
+                   "add --teacher-img-size 64")
+    res = runner.invoke(app, [*student, "--teacher-img-size", "64"])
+    assert res.exit_code == 0, res.output
+
+
 def test_a_teacher_named_otherwise_than_its_checkpoint_is_one_line(tiny_data, tmp_path):
     """--teacher must not contradict a fastdeit checkpoint's own model; weights that do not fit
     the --teacher named point at --teacher, not at the student's --model."""
