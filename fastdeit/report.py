@@ -11,11 +11,12 @@ from __future__ import annotations
 import html
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastdeit.errors import UserError
+from fastdeit.errors import UserError, shown
 from fastdeit.report_page import DASHES, RAW_OPACITY, FigureData, Spec, Style, ema, page, run_styles, series_labels
 from fastdeit.rundir import RunDir, atomic_write_bytes, atomic_write_text
 
@@ -56,28 +57,22 @@ class RunData:
 
 
 def read_run(path: Path) -> RunData:
-    """A run folder's metrics (and config); what it lacks is noted, never raised, unless it is
-    not a run folder at all."""
+    """A run folder's metrics (and config); what it lacks or cannot read is noted, line by line,
+    never raised, unless it is not a run folder at all."""
     run = RunDir(path)
     if not run.metrics.is_file():
         raise UserError(f"{path} is not a run folder (no metrics.jsonl): pass the --out folder of a fastdeit train")
     data = RunData(name=Path(path).name)
-    lines = run.metrics.read_text().splitlines()
-    for n, line in enumerate(lines):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            data.notes.append(f"line {n + 1} of metrics.jsonl is not whole (a run still writing, or cut): left out")
-            continue
-        if rec.get("kind") == "step":
-            data.steps[int(rec.get("updates", len(data.steps)))] = rec
-        elif rec.get("kind") == "epoch":
-            data.epochs[int(rec["epoch"])] = rec
-    for attr, path in (("config", run.config), ("summary", run.summary)):
-        try:
-            setattr(data, attr, json.loads(path.read_text()) if path.is_file() else {})
-        except ValueError:
-            data.notes.append(f"{path.name} is not valid JSON")
+    try:
+        raw = run.metrics.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {run.metrics}: {e.strerror}") from None
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        why = _add_record(data, line) if line.strip() else None
+        if why:
+            data.notes.append(f"line {n} of metrics.jsonl {why}: left out")
+    data.config = _json_object(run.config, data.notes)
+    data.summary = _json_object(run.summary, data.notes)
     if not data.steps:
         data.notes.append("no training step logged yet")
     if not any("top1" in r for r in data.epochs.values()):
@@ -85,14 +80,75 @@ def read_run(path: Path) -> RunData:
     return data
 
 
+# The values of an epoch record that the report reads as numbers: a record holding anything else
+# there is left out whole, so a junk line cannot replace the real one of its epoch.
+EPOCH_NUMBERS = ("top1", "top5", "top1_cls", "top1_dist", "train_img_s", "data_wait", "target_agreement")
+
+
+def _add_record(data: RunData, line: bytes) -> str | None:
+    """Keep one line's record; else why it is left out."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    except ValueError:
+        return "is not whole (a run still writing, or cut)"
+    if not isinstance(rec, dict):
+        return f"is not a record but {type(rec).__name__}"
+    kind = rec.get("kind")
+    if kind == "step":
+        updates = rec.get("updates", len(data.steps))
+        if not _is_count(updates):
+            return f"has updates = {shown(updates)}, not a count"
+        data.steps[updates] = rec
+    elif kind == "epoch":
+        if not _is_count(rec.get("epoch")):
+            return f"is an epoch record with epoch = {shown(rec.get('epoch'))}"
+        bad = [k for k in EPOCH_NUMBERS if k in rec and not _is_number(rec[k])]
+        if bad:
+            return f"has {bad[0]} = {shown(rec[bad[0]])}, not a number"
+        data.epochs[rec["epoch"]] = rec
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_object(path: Path, notes: list[str]) -> dict[str, Any]:
+    """config.json or summary.json as a JSON object, {} (noted) where it is something else."""
+    if not path.is_file():
+        return {}
+    try:
+        found = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        found = None
+    if not isinstance(found, dict):
+        notes.append(f"{path.name} is not a JSON object: left out")
+        return {}
+    return found
+
+
+def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
+    found = config.get(name)
+    return found if isinstance(found, dict) else {}
+
+
 def summary_row(run: RunData) -> dict[str, Any]:
     c = run.config
     tops = [r["top1"] for r in run.epochs.values() if isinstance(r.get("top1"), (int, float))]
     speeds = [r["train_img_s"] for r in run.epochs.values() if isinstance(r.get("train_img_s"), (int, float))]
-    return {"run": run.name, "model": c.get("model", {}).get("name", "?"),
-            "distillation": c.get("distill", {}).get("mode", "?"), "targets": c.get("distill", {}).get("targets", "?"),
+    wall = run.summary.get("wall_s")
+    return {"run": run.name, "model": _section(c, "model").get("name", "?"),
+            "distillation": _section(c, "distill").get("mode", "?"),
+            "targets": _section(c, "distill").get("targets", "?"),
             "epochs": len(run.epochs), "best top-1": max(tops) if tops else None,
-            "img/s": sum(speeds) / len(speeds) if speeds else None, "wall s": run.summary.get("wall_s")}
+            "img/s": sum(speeds) / len(speeds) if speeds else None,
+            "wall s": wall if _is_number(wall) else None}
 
 
 def figure_data(runs: list[RunData]) -> dict[str, dict[str, dict[str, tuple[list[float], list[float]]]]]:

@@ -293,3 +293,29 @@ def test_the_page_draws_in_a_headless_browser(tmp_path):
     for name, colour in result["colours"].items():  # each run's line on screen, in its own colour
         near = np.abs(colours - [int(colour[i:i + 2], 16) for i in (1, 3, 5)]).sum(axis=1) < 12
         assert counts[near].sum() > 300, name
+
+
+def test_bad_lines_in_metrics_are_noted_and_left_out(tmp_path):
+    """One bad line crashed the whole report (non-UTF-8 bytes, a value that is not an object, an
+    epoch record without its fields), and a junk value hid the real top-1 of its epoch."""
+    run = sweep_run(tmp_path / "none-a", 0, epochs=3)
+    good = (run / "metrics.jsonl").read_bytes()
+    junk = [b"\xff\xfe not text", b"[1, 2]", b'{"kind": "epoch", "top1": 50}',
+            b'{"kind": "epoch", "epoch": 2, "top1": "junk"}', b'{"kind": "step", "updates": "x"}',
+            b'{"kind": "epoch", "epoch": 1, "top1": NaN}']
+    (run / "metrics.jsonl").write_bytes(good + b"\n".join(junk) + b"\n")
+    (run / "summary.json").write_text("[]")
+    first = len(good.splitlines()) + 1
+    res = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    data = read_run(run)
+    assert data.notes == [
+        f"line {first} of metrics.jsonl is not UTF-8 text: left out",
+        f"line {first + 1} of metrics.jsonl is not a record but list: left out",
+        f"line {first + 2} of metrics.jsonl is an epoch record with epoch = None: left out",
+        f"line {first + 3} of metrics.jsonl has top1 = 'junk', not a number: left out",
+        f"line {first + 4} of metrics.jsonl has updates = 'x', not a count: left out",
+        f"line {first + 5} of metrics.jsonl has top1 = nan, not a number: left out",
+        "summary.json is not a JSON object: left out"]
+    assert data.series("epoch", "top1")[1] == [20.0, 28.0, 36.0]  # the real values, none hidden
+    assert "not UTF-8 text" in (tmp_path / "r.html").read_text()
