@@ -32,7 +32,7 @@ from fastdeit.cli_base import cache_dir
 from fastdeit.cli_options import key_flags
 from fastdeit.config import TrainConfig, apply_overrides, coerce_key, validate, with_section
 from fastdeit.config_files import apply_config_file
-from fastdeit.errors import UserError
+from fastdeit.errors import Requeue, Stopped, UserError
 from fastdeit.fetch import is_url, local_weights
 from fastdeit.recipes import recipe
 
@@ -166,7 +166,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, gpus: int | None =
     elif resume is not None and resume is not False:
         resume = argument("resume", resume, "path")
     topo = topology(gpus, procs, device=cfg.run.device)
-    summary = start(cfg, topo, str(resume) if resume else None, console or Console(stderr=True))
+    try:
+        summary = start(cfg, topo, str(resume) if resume else None, console or Console(stderr=True))
+    except Stopped as e:  # said as a Python caller continues: the same call with resume=True
+        kind = "for a requeue " if isinstance(e, Requeue) else ""
+        raise type(e)(f"stopped {kind}{e.where}: fastdeit.train(cfg, resume=True) continues", e.where) from None
     if summary is None and RunDir(cfg.run.out).summary.is_file():
         import json
 

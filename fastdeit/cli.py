@@ -49,6 +49,7 @@ def train(given: Given) -> None:
 def cache_teacher(given: Given) -> None:
     """Cache the teacher's outputs on disk, so that distillation runs read instead of computing them."""
     from fastdeit.launch import start_cache_teacher, topology
+    from fastdeit.teacher_cache import check_cache_out
 
     g = given
     topo = topology(g.gpus, g.procs, device=g.device)
@@ -59,6 +60,7 @@ def cache_teacher(given: Given) -> None:
     if not (g.teacher or g.teacher_ckpt):
         raise UserError("cache-teacher needs a teacher: --teacher NAME and/or --teacher-ckpt PATH")
     cfg = build_train_config(g.recipe_name, {**g.settings(), "distill.mode": "hard"}, g.overrides)
+    check_cache_out(Path(g.out), Path(cfg.data.path))
     if g.verify_batches:
         from fastdeit.caching import cache_teacher as run
 

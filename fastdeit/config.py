@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -386,7 +387,11 @@ def scaled_lr(cfg: TrainConfig) -> float:
 
 def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
     b, g, k = cfg.run.batch_size, cfg.aug.mix_group, cfg.run.accum_steps
-    if b % world_size or (b // world_size) % g:
+    if b % world_size:
+        raise ConfigError("run.batch_size", f"{b} does not split into {world_size} ranks: make it a multiple of "
+                                            f"{world_size}")
+    mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0  # without it, groups pair nothing: a rank needs no whole one
+    if mixing and (b // world_size) % g:
         raise ConfigError("run.batch_size", f"{b} does not split into {world_size} ranks of whole mix groups "
                                             f"of {g}: make it a multiple of {world_size * g}, or set aug.mix_group "
                                             f"to a divisor of the rank batch (mixup/cutmix pair samples within one)")
@@ -396,10 +401,26 @@ def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
     return b // world_size
 
 
+# The keys that name files or folders: a run's config.json stores them absolute, so that it
+# reruns from any working directory (`fastdeit train --config RUN/config.json`).
+PATH_KEYS = (("data", "path"), ("data", "skip_list"), ("run", "out"), ("run", "cache_dir"), ("model", "init"),
+             ("distill", "teacher_ckpt"), ("distill", "teacher_cache"))
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with every relative path made absolute against the working directory (URLs and
+    empty values as they are)."""
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if value and "://" not in value:
+            cfg = with_section(cfg, section, **{key: os.path.abspath(value)})
+    return cfg
+
+
 def save_json(cfg: TrainConfig, provenance: dict[str, str] | None = None) -> str:
-    """The config as JSON; `provenance` (a run's config.json: the fastdeit version, what the run
-    picked and why) under its own key, which reading a config skips."""
-    out = cfg.to_dict() | ({PROVENANCE: provenance} if provenance else {})
+    """The config as JSON, its paths absolute; `provenance` (a run's config.json: the fastdeit
+    version, what the run picked and why) under its own key, which reading a config skips."""
+    out = with_absolute_paths(cfg).to_dict() | ({PROVENANCE: provenance} if provenance else {})
     return json.dumps(out, indent=2, sort_keys=True)
 
 

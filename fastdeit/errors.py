@@ -15,8 +15,14 @@ _SHOWN.maxlevel = 2
 class UserError(Exception):
     """Bad input: the message says what is wrong and what to do.
 
-    The CLI prints it as one line and exits with code 2, without a traceback.
+    The CLI prints it as one line and exits with code 2, without a traceback. A message is cut
+    to MAX characters, whatever value it quotes.
     """
+
+    MAX = 2000
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(clipped(message, self.MAX))
 
 
 class ConfigError(UserError):
@@ -30,7 +36,12 @@ class ConfigError(UserError):
 
 class Stopped(Exception):
     """The run stopped on request (Ctrl-C, SIGTERM) at a step boundary, its checkpoint saved:
-    not an error. The CLI exits with code 3."""
+    not an error. The CLI exits with code 3. An Exception, not a KeyboardInterrupt: the stop was
+    handled, and what was in progress is saved (`where` says where it stopped)."""
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
 
 
 class Requeue(Stopped):

@@ -95,11 +95,12 @@ class BatchPlan:
         return len(self.index)
 
     def rows(self, lo: int, hi: int) -> BatchPlan:
-        """Rows [lo, hi) — whole mix groups, so partners stay inside."""
+        """Rows [lo, hi): their mixing partners inside (whole mix groups where mixup or cutmix
+        pairs rows; any rows where they are off, and every row is its own partner)."""
         arrays = {f.name: getattr(self, f.name)[lo:hi] for f in fields(self)
                   if isinstance(getattr(self, f.name), np.ndarray)}
         arrays["partner"] = self.partner[lo:hi] - lo
-        if lo % self.group or hi % self.group:
+        if len(arrays["partner"]) and (arrays["partner"].min() < 0 or arrays["partner"].max() >= hi - lo):
             raise ValueError("a shard must hold whole mix groups")
         return BatchPlan(seed=self.seed, epoch=self.epoch, step=self.step, group=self.group, **arrays)
 

@@ -278,8 +278,9 @@ class RunDir:
         what training raises, and what a launcher reads back from its workers' run."""
         where = f"at epoch {record['epoch']} step {record['step']}; saved {self.last}"
         if record.get("reason") == REQUEUE:
-            return Requeue(f"stopped for a requeue {where}: requeue the job (exit code 4); --resume continues")
-        return Stopped(f"stopped {where}: continue with --resume")
+            return Requeue(f"stopped for a requeue {where}: requeue the job (exit code 4); --resume continues",
+                           where)
+        return Stopped(f"stopped {where}: continue with --resume", where)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(json.dumps(summary, indent=2), self.summary)

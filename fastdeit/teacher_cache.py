@@ -33,7 +33,7 @@ from fastdeit.data.folder import ImageIndex
 from fastdeit.errors import UserError, differences
 from fastdeit.fetch import sha256_of
 from fastdeit.models import teacher_sha256
-from fastdeit.rundir import atomic_write, atomic_write_bytes
+from fastdeit.rundir import RunDir, atomic_write, atomic_write_bytes
 
 FORMAT = 2  # 2: shard checksums keyed by the cache identity
 MANIFEST = "manifest.json"
@@ -82,6 +82,16 @@ def identity(cfg: TrainConfig, mode: CacheMode, index: ImageIndex, teacher: Teac
     out = {"format": FORMAT, "mode": mode, "teacher": teacher.name, "teacher_sha256": teacher.sha256,
            "dataset": index.fingerprint(), "num_classes": len(index.classes), **own}
     return json.loads(json.dumps(out))  # as the manifest stores it (tuples become lists)
+
+
+def check_cache_out(out: Path, data: Path) -> None:
+    """A cache gets a folder of its own: not a run folder (its shards would mix with the run's
+    files) and not inside the data set (they would be read as images or classes)."""
+    out, data = Path(out).resolve(), Path(data).resolve()
+    if out == data or data in out.parents:
+        raise UserError(f"--out {out} is inside the data set {data}: pick a folder outside it")
+    if out.is_dir() and any((out / name).exists() for name in RunDir.NAMES if name != ".lock"):
+        raise UserError(f"--out {out} is a training run's folder: give the cache a folder of its own")
 
 
 def is_complete(root: Path, rows: int) -> bool:

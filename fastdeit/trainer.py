@@ -71,6 +71,12 @@ def train(cfg: TrainConfig, console: Console, world: World = SINGLE, resume: Pat
         return Trainer(build_run(cfg, world, console), run_dir, console, stop, on_step).fit(resume)
 
 
+def _may_change(config: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run may change and says it changed: the optimizer, the schedule, and the
+    micro-batches of an update (the same samples, another memory and speed trade)."""
+    return {"optim": config["optim"], "sched": config["sched"], "run": {"accum_steps": config["run"]["accum_steps"]}}
+
+
 class Trainer:
     def __init__(self, parts: RunParts, run_dir: RunDir, console: Console, stop: StopSignal,
                  on_step: Sequence[StepHook] = ()) -> None:
@@ -285,9 +291,8 @@ class Trainer:
             group.update(fresh)
         self.state = RunState(**ck["state"])
         p.scheduler.step_update(self.state.updates)
-        old = TrainConfig.from_dict(ck["config"]).to_dict()
-        changed = differences({k: old[k] for k in ("optim", "sched")},
-                              {k: self.cfg.to_dict()[k] for k in ("optim", "sched")})
+        old, now = TrainConfig.from_dict(ck["config"]).to_dict(), self.cfg.to_dict()
+        changed = differences(_may_change(old), _may_change(now))
         if changed:
             self.console.print("resuming with a changed schedule: " + ", ".join(
                 f"{k} {a} -> {b}" for k, a, b in changed) + f" (applies from update {self.state.updates + 1})",

@@ -1,6 +1,7 @@
 """The Python API: the README's example runs as printed (on a tiny data set standing in for
 `fastdeit make-data demo-data`), and bad input raises UserError instead of exiting."""
 
+import os
 import re
 import shutil
 
@@ -9,7 +10,7 @@ import torch
 
 from fastdeit.errors import UserError
 
-from tiny import ROOT
+from tiny import ROOT, TINY_MODEL
 
 
 def test_the_readmes_python_example_runs(tiny_data, tmp_path, monkeypatch):
@@ -103,3 +104,35 @@ def test_arguments_of_the_wrong_type_are_one_user_error_naming_them(tiny_data, t
             call()
     with pytest.raises(UserError, match=re.escape("weights file")):  # "16" was taken as 16: the weights are next
         fastdeit.evaluate(tmp_path / "none.pt", tiny_data, batch_size="16")
+
+
+def test_a_stop_in_python_says_how_python_continues(tiny_data, tmp_path):
+    """SIGTERM during fastdeit.train raises fastdeit.errors.Stopped once the checkpoint is saved,
+    worded for a Python caller (it said "continue with --resume"); resume=True continues."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    sets = [s for s in TINY_MODEL if s != "--set"] + ["run.progress=false", "aug.mix_group=8", "run.log_every=1",
+                                                      "run.ckpt_every=1", "data.workers=0", "data.img_size=32",
+                                                      "run.batch_size=16", "data.eval_batch_size=32"]
+    script = (f"import fastdeit\nfrom fastdeit.errors import Stopped\n"
+              f"cfg = fastdeit.config_from('demo', data={str(tiny_data)!r}, model='deit_tiny', out={str(out)!r}, "
+              f"epochs=3, sets={sets!r})\n"
+              f"try:\n    fastdeit.train(cfg)\nexcept Stopped as e:\n    print(type(e).__name__, '|', e, flush=True)\n"
+              f"    print('epochs', fastdeit.train(cfg, resume=True)['epochs'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not ((out / "metrics.jsonl").exists() and '"kind": "step"' in (out / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    first, second = stdout.strip().splitlines()[-2:]
+    assert first.startswith("Stopped | stopped at epoch ") and first.endswith(
+        f"; saved {out / 'checkpoint-last.pt'}: fastdeit.train(cfg, resume=True) continues"), first
+    assert second == "epochs 3"

@@ -207,3 +207,29 @@ def test_a_flag_that_does_not_parse_is_one_line_too(args, words):
     see = err.rsplit(" (see ", 1)[-1]  # the command's help where the command is known
     known = args[0] in ("train", "eval")
     assert err.startswith("error: ") and see.endswith(" --help)") and (args[0] in see) == known, err
+
+
+def test_python_dash_m_fastdeit_is_the_command():
+    res = subprocess.run([sys.executable, "-m", "fastdeit", "--version"], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0 and res.stdout.startswith("fastdeit "), res.stderr
+
+
+def test_a_cache_gets_a_folder_of_its_own(tiny_data, tmp_path):
+    """cache-teacher --out into a run folder mixed its shards among the run's files; into the
+    data set, among the images."""
+    run = tmp_path / "teacher"
+    assert runner.invoke(app, tiny_train(tiny_data, run, "--model", "resnet10t")).exit_code == 0
+    cache = ["cache-teacher", "--data", str(tiny_data), "--teacher-ckpt", str(run), *TINY_RUN[:8]]
+    fails([*cache, "--out", str(run)], "is a training run's folder: give the cache a folder of its own")
+    fails([*cache, "--out", str(tiny_data / "train" / "cache")], "is inside the data set")
+
+
+def test_a_huge_value_is_quoted_short(tiny_data, tmp_path):
+    """An error line once echoed a value whole, however large."""
+    err = fails(tiny_train(tiny_data, tmp_path / "r", "--model", "deit_tiny", "--set", "run.seed=" + "9x" * 50_000),
+                "run.seed must be an integer")
+    assert len(err) < 300, len(err)
+    from fastdeit.errors import UserError
+
+    assert len(str(UserError("x" * 50_000_000))) <= UserError.MAX

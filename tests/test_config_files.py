@@ -151,3 +151,21 @@ def test_special_files_are_refused_at_once(tiny_data, tmp_path):
         assert res.returncode == 2 and res.stderr.strip() == (f"error: --config {path}: not a regular file (a "
                                                               f"folder, FIFO or device): give a TOML, YAML or JSON "
                                                               f"file"), res.stderr
+
+
+def test_a_runs_config_json_reruns_from_another_folder(tiny_data, tmp_path):
+    """A run started with relative paths stored them relative: a rerun from elsewhere found no data."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    (work / "data").symlink_to(tiny_data)
+    cli = [sys.executable, "-c", "from fastdeit.cli import main; main()"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.run([*cli, "train", *TINY_RUN, *TINY_MODEL, "--data", "data", "--model", "deit_tiny",
+                            "--out", "runs/a"], cwd=work, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    config = json.loads((work / "runs" / "a" / "config.json").read_text())
+    assert config["data"]["path"] == str(work / "data") and config["run"]["out"] == str(work / "runs" / "a")
+    again = subprocess.run([*cli, "train", "--config", str(work / "runs" / "a" / "config.json"), "--out", "b"],
+                           cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]

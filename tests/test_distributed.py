@@ -346,3 +346,16 @@ def test_accumulation_all_reduces_once_per_update_and_trains_like_one_batch(tmp_
     one, two = (torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in (1, 2))
     assert two["calls"] == one["calls"] > 0  # the same number of bucket all-reduces: once per update
     assert all(torch.allclose(p, two["params"][n], atol=1e-5) for n, p in one["params"].items())
+
+
+def test_without_mixing_a_rank_needs_no_whole_mix_group(tiny_data, tmp_path):
+    """Mix groups of 16 with mixup and cutmix off (as the demo recipe has them): two ranks of 8
+    train as one process does, where the whole-groups rule used to refuse the batch."""
+    args = [*TINY_RUN, *TINY_MODEL, "--model", "deit_tiny", "--data", str(tiny_data), "--set", "aug.mix_group=16",
+            "--set", "run.log_every=1", "--set", "model.drop_path=0.0"]
+    two = fastdeit("train", *args, "--out", str(tmp_path / "two"), "--gpus", "0", "--procs", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = fastdeit("train", *args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)

@@ -155,3 +155,13 @@ def test_lamb_trains_and_an_apex_optimizer_without_apex_is_one_line(tiny_data, t
                               "--out", str(tmp_path / "fused"), "--set", "optim.opt=fusedlamb"])
     line = res.stderr.strip().splitlines()[-1]
     assert res.exit_code == 2 and "apex" in line and "optim.opt=lamb" in line, res.output
+
+
+def test_a_resume_names_a_changed_accumulation(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train("--data", str(tiny_data), "--model", "deit_tiny", *TINY_MODEL, "--out", str(out))
+    res = runner.invoke(app, ["train", *TINY_RUN, *TINY_MODEL, "--data", str(tiny_data), "--model", "deit_tiny",
+                              "--out", str(out), "--epochs", "2", "--accum-steps", "2", "--resume=auto"])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.stderr.splitlines() if x.startswith("resuming with a changed schedule"))
+    assert "run.accum_steps 1 -> 2" in line and "sched.epochs 1 -> 2" in line, line
