@@ -31,7 +31,7 @@ from fastdeit.dist import World, in_torchrun
 from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_STOPPED, Requeue, Stopped, UserError
 from fastdeit.relay import Relay
 from fastdeit.rundir import RunDir, atomic_write_text
-from fastdeit.signals import StopSignal, die_with_parent, exit_after_work, ignore_stops_at_exit, say, stop_notice
+from fastdeit.signals import StopSignal, die_with_parent, exit_after_work, ignore_stops_at_exit, say
 
 SUMMARY_KEYS = ("top1", "top5", "train_img_s", "wall_s")  # the summary line a run prints on stdout
 
@@ -318,10 +318,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     die_with_parent()  # a launcher killed with kill -9 must not leave ranks writing into the run folder
     rank = int(os.environ.get("RANK", 0))
-    say = Console(stderr=True, soft_wrap=True, markup=False, highlight=False, quiet=rank != 0)
     try:
         cfg = load_json(a.config)
-        with StopSignal(stop_notice(say), cfg.run.requeue_signal) as stop:
+        # The launcher (relay.py) says what a stop does, once for the group: its ranks keep quiet.
+        with StopSignal(requeue=cfg.run.requeue_signal, quiet=True) as stop:
             if a.cache_teacher:
                 result = run_cache_worker(cfg, a.cache_teacher, a.out)
                 if result is not None:

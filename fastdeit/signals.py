@@ -61,10 +61,13 @@ class StopSignal:
     (exit 130). The requeue signal
     sets `requested` to "requeue"; the launcher's relayed requests set it too; neither counts
     as a second signal. Only the main thread can handle signals: elsewhere the block runs
-    unchanged."""
+    unchanged. `quiet`: nothing is said at the second signal either (a launcher's worker: the
+    launcher speaks for its group)."""
 
-    def __init__(self, notice: Callable[[str], None] = lambda reason: None, requeue: str = "USR1") -> None:
+    def __init__(self, notice: Callable[[str], None] = lambda reason: None, requeue: str = "USR1",
+                 quiet: bool = False) -> None:
         self.notice = notice
+        self.quiet = quiet
         self.requested: str | None = None
         self._seen = 0
         self._old: dict[int, object] = {}
@@ -83,7 +86,8 @@ class StopSignal:
             # At once, as kill -9 would (every file is written atomically; the soak shows a run
             # survives that anywhere), not by raising: a KeyboardInterrupt that lands in a
             # __del__ (a DataLoader shutting its workers down) is printed and then ignored.
-            say("interrupted: stopped at once; the last checkpoint is kept (--resume continues from it)")
+            if not self.quiet:
+                say("interrupted: stopped at once; the last checkpoint is kept (--resume continues from it)")
             os._exit(EXIT_INTERRUPTED)
         self._request(STOP)
 
