@@ -321,7 +321,8 @@ def validate(cfg: TrainConfig) -> None:
     _check_choices(cfg)
     d, m, o, s, a, k, r = cfg.data, cfg.model, cfg.optim, cfg.sched, cfg.aug, cfg.distill, cfg.run
     checks: list[tuple[bool, str, str]] = [
-        (8 <= d.img_size <= MAX_IMG_SIZE, "data.img_size", f"must be between 8 and {MAX_IMG_SIZE}, got {d.img_size}"),
+        (d.img_size >= 8, "data.img_size", f"must be at least 8, got {d.img_size}"),
+        (d.img_size <= MAX_IMG_SIZE, "data.img_size", f"must be at most {MAX_IMG_SIZE}, got {d.img_size}"),
         (0.1 < d.crop_pct <= 1.0, "data.crop_pct", f"must be in (0.1, 1], got {d.crop_pct}"),
         (d.workers >= 0, "data.workers", "must be >= 0"),
         (d.read_workers >= 0, "data.read_workers", "must be >= 0 (0: read in the training thread)"),
@@ -332,7 +333,8 @@ def validate(cfg: TrainConfig) -> None:
         (0.0 < m.width <= 4.0, "model.width", f"must be in (0, 4], got {m.width}"),
         (o.lr > 0 and o.base_batch > 0, "optim.lr", "and optim.base_batch must be positive"),
         (o.weight_decay >= 0 and o.clip_grad >= 0, "optim.weight_decay", "and optim.clip_grad must be >= 0"),
-        (1 <= s.epochs <= MAX_EPOCHS, "sched.epochs", f"must be between 1 and {MAX_EPOCHS:,}, got {s.epochs}"),
+        (s.epochs >= 1, "sched.epochs", f"must be >= 1, got {s.epochs}"),
+        (s.epochs <= MAX_EPOCHS, "sched.epochs", f"must be at most {MAX_EPOCHS:,}, got {s.epochs}"),
         (0 <= s.warmup_epochs <= s.epochs, "sched.warmup_epochs", "must be between 0 and sched.epochs"),
         (0 < a.scale[0] <= a.scale[1] <= 1.0, "aug.scale", f"must satisfy 0 < lo <= hi <= 1, got {a.scale}"),
         (0 < a.ratio[0] <= a.ratio[1], "aug.ratio", f"must satisfy 0 < lo <= hi, got {a.ratio}"),
@@ -352,7 +354,8 @@ def validate(cfg: TrainConfig) -> None:
                          "distill.cache_shard_rows >= 1"),
         (k.mode == "none" or bool(k.teacher or k.teacher_ckpt), "distill.mode",
          f"{k.mode} needs a teacher: set distill.teacher NAME and/or distill.teacher_ckpt PATH"),
-        (1 <= r.batch_size <= MAX_BATCH, "run.batch_size", f"must be between 1 and {MAX_BATCH:,}, got {r.batch_size}"),
+        (r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}"),
+        (r.batch_size <= MAX_BATCH, "run.batch_size", f"must be at most {MAX_BATCH:,}, got {r.batch_size}"),
         (r.accum_steps >= 1, "run.accum_steps", f"must be >= 1 (1: no accumulation), got {r.accum_steps}"),
         (r.log_every >= 1 and r.ckpt_every >= 0 and r.eval_every >= 1, "run.log_every",
          "and run.eval_every must be >= 1, run.ckpt_every >= 0"),
@@ -387,14 +390,14 @@ def scaled_lr(cfg: TrainConfig) -> float:
 
 def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
     b, g, k = cfg.run.batch_size, cfg.aug.mix_group, cfg.run.accum_steps
+    mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0  # without it, groups pair nothing: a rank needs no whole one
+    if mixing and b % (world_size * g):
+        raise ConfigError("run.batch_size", f"{b} does not split into {world_size} ranks of whole mix groups of {g}: "
+                                            f"make it a multiple of {world_size * g}, or set aug.mix_group to a "
+                                            f"divisor of the rank batch (mixup/cutmix pair samples within one)")
     if b % world_size:
         raise ConfigError("run.batch_size", f"{b} does not split into {world_size} ranks: make it a multiple of "
                                             f"{world_size}")
-    mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0  # without it, groups pair nothing: a rank needs no whole one
-    if mixing and (b // world_size) % g:
-        raise ConfigError("run.batch_size", f"{b} does not split into {world_size} ranks of whole mix groups "
-                                            f"of {g}: make it a multiple of {world_size * g}, or set aug.mix_group "
-                                            f"to a divisor of the rank batch (mixup/cutmix pair samples within one)")
     if (b // world_size) % k:  # the tail mixes the whole rank batch first: micro-batches need not be whole groups
         raise ConfigError("run.accum_steps", f"{k} does not split a rank's batch of {b // world_size} into equal "
                                              f"micro-batches: pick a divisor of {b // world_size}")
