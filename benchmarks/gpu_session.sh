@@ -107,11 +107,12 @@ run_part() {
       fi
       if [ "$dry" = 1 ]; then
         # every kind and prepared set of the GPU call below, at toy size
-        $py benchmarks/loader.py --make-data 40 --device cpu --workers 1 --batch-size 8 --img-size 32 \
+        $py benchmarks/loader.py --make-data 56 --device cpu --workers 1 --batch-size 8 --img-size 32 \
           --steps 1 --warmup 1 --repeats 1 --loader dali,dali-full,dali-hw,dali-inline,torch,baseline \
           --prepared 64,32 --out "$out/loader-$tag.json"
       else
-        $py benchmarks/loader.py --make-data 4000 --device cuda --workers 16 --batch-size 256 --img-size 224 \
+        # one epoch holds the window: the torch loader's 16 workers x 4 prefetched + 1 warm-up, 30 timed
+        $py benchmarks/loader.py --make-data 25600 --device cuda --workers 16 --batch-size 256 --img-size 224 \
           --steps 30 --warmup 5 --repeats 3 --loader dali,dali-full,dali-hw,dali-inline,torch,baseline \
           --prepared 512,256 --out "$out/loader-$tag.json"
       fi ;;

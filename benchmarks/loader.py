@@ -13,12 +13,11 @@ workers), and prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +47,30 @@ def recipe_config(data: Path, img_size: int, batch: int, device: torch.device) -
     return with_section(cfg, "run", batch_size=batch, device=device.type)
 
 
-def timed_rate(batches: Iterator, consume: Callable[[Any], int], warmup: int, steps: int,
-               device: torch.device) -> float:
-    """Images per second over `steps` batches in steady state: the clock starts after `warmup`
-    batches (callers pass at least the loader's prefetch depth, so the batches decoded before
-    the clock started are used up first); `batches` may run over several epochs. Fewer timed
-    batches than asked for is an error, never a figure."""
+@dataclass
+class Rate:
+    """One loader's measurement: img/s in steady state, inside one epoch, and what starting
+    an epoch costs (from asking for it to its first batch: workers, pipeline, first decodes)."""
+
+    img_s: float
+    epoch_start_s: float
+
+
+def timed_rate(epoch: Iterable, consume: Callable[[Any], int], warmup: int, steps: int,
+               device: torch.device) -> Rate:
+    """Images per second over `steps` batches of ONE epoch, in steady state: the clock starts
+    after `warmup` batches (callers pass at least the loader's prefetch depth + 1, so the
+    batches decoded before the clock started are used up first). An epoch's start (new reader
+    processes or workers, a new pipeline) is timed apart, never inside the window. An epoch
+    shorter than warmup + steps batches is an error, never a figure."""
     timed = images = 0
     t0 = 0.0
-    for k, batch in enumerate(batches):
+    asked = time.perf_counter()
+    start_s = None
+    for k, batch in enumerate(epoch):
+        if start_s is None:
+            sync(device)
+            start_s = time.perf_counter() - asked
         if k == warmup:
             sync(device)
             t0 = time.perf_counter()
@@ -66,14 +80,21 @@ def timed_rate(batches: Iterator, consume: Callable[[Any], int], warmup: int, st
         if timed == steps:
             break
     if timed < steps:
-        raise SystemExit(f"the loader gave {warmup + timed} batches, {warmup + steps} are needed: use more data "
-                         f"(--make-data) or fewer --steps")
+        raise SystemExit(f"an epoch gave {warmup + timed} batches, {warmup + steps} are needed in one epoch: use "
+                         f"more data (--make-data) or fewer --steps")
     sync(device)
-    return images / (time.perf_counter() - t0)
+    return Rate(images / (time.perf_counter() - t0), start_s or 0.0)
+
+
+def warmup_for(kind: str, workers: int, warmup: int) -> int:
+    """At least the loader's prefetch depth + 1: DALI's queue (2), DataLoader's prefetch_factor
+    (4 in fastdeit's torch loader, 2 in the official one) per worker."""
+    depth = {"baseline": 2 * max(workers, 1)}.get(kind, 2 if kind.startswith("dali") else 4 * max(workers, 1))
+    return max(warmup, depth + 1)
 
 
 def fastdeit_rate(kind: str, cfg: TrainConfig, index: ImageIndex, device: torch.device, workers: int, steps: int,
-                  warmup: int) -> float:
+                  warmup: int) -> Rate:
     """kind: torch, dali (region-of-interest decoding), dali-full (whole image, then crop),
     dali-hw (as dali, with nvJPEG's hardware decoder taking its share: A100/H100 class GPUs) or
     dali-inline (as dali, with the plan and the file reads in the training thread instead of
@@ -83,9 +104,8 @@ def fastdeit_rate(kind: str, cfg: TrainConfig, index: ImageIndex, device: torch.
                    read_workers=0 if kind == "dali-inline" else cfg.data.read_workers)
     loaders = Loaders("dali" if kind.startswith("dali") else kind, data, PlanSpec.from_config(cfg), device)
     step = make_step(cfg, device, amp_dtype(cfg.run.amp, device), len(index.classes))
-    depth = 2 if kind.startswith("dali") else 4 * max(workers, 1)  # DALI's queue; DataLoader's prefetch_factor 4
-    epochs = itertools.chain.from_iterable(loaders.train(index, e, 0) for e in itertools.count())
-    return timed_rate(epochs, lambda b: len(step.prepare(b).soft_labels), max(warmup, depth + 1), steps, device)
+    return timed_rate(loaders.train(index, 0, 0), lambda b: len(step.prepare(b).soft_labels),
+                      warmup_for(kind, workers, warmup), steps, device)
 
 
 def _posterize_zero_bits_is_black() -> None:
@@ -103,7 +123,7 @@ def _posterize_zero_bits_is_black() -> None:
 
 
 def baseline_rate(root: Path, img_size: int, batch: int, device: torch.device, workers: int, steps: int,
-                  warmup: int, num_classes: int) -> float:
+                  warmup: int, num_classes: int) -> Rate:
     """The official DeiT data path: timm transforms in DataLoader workers, Mixup on the device."""
     from timm.data import Mixup, create_transform
     from torchvision.datasets import ImageFolder
@@ -123,8 +143,7 @@ def baseline_rate(root: Path, img_size: int, batch: int, device: torch.device, w
         _, y = mixup(batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
         return len(y)
 
-    epochs = (b for _ in itertools.count() for b in loader)
-    return timed_rate(epochs, consume, max(warmup, 2 * max(workers, 1) + 1), steps, device)  # prefetch_factor 2
+    return timed_rate(loader, consume, warmup_for("baseline", workers, warmup), steps, device)
 
 
 def make_data(n: int, root: Path | None) -> Path:
@@ -155,9 +174,12 @@ def print_table(report: dict, title: str) -> None:
     table.add_column("img/s (median)", justify="right")
     table.add_column("min-max", justify="right")
     table.add_column("vs baseline", justify="right")
+    table.add_column("epoch start s", justify="right")
     for k, v in results.items():
         ratio = report["ratios"].get(f"{k}/baseline")
-        table.add_row(k, f"{v:.0f}", f"{min(runs[k]):.0f}-{max(runs[k]):.0f}", "" if ratio is None else f"{ratio:.2f}x")
+        start = report["epoch_start_s"].get(k)
+        table.add_row(k, f"{v:.0f}", f"{min(runs[k]):.0f}-{max(runs[k]):.0f}", "" if ratio is None else f"{ratio:.2f}x",
+                      "" if start is None else f"{start:.2f}")
     Console().print(table)
 
 
@@ -205,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                                                    a.prepared_dir, console)}
     cases = [(k, v) for k in kinds for v in variants if k != "baseline" or not v]  # the baseline reads the tree
     runs: dict[str, list[float]] = {f"{k}, {v}" if v else k: [] for k, v in cases}
+    starts: dict[str, list[float]] = {name: [] for name in runs}  # each epoch's start, timed apart
+    need = max(warmup_for(k, a.workers, a.warmup) for k in kinds) + a.steps
+    if len(index) // a.batch_size < need:
+        p.error(f"one epoch is {len(index) // a.batch_size} batches; the timed window needs {need} in one epoch "
+                f"(the largest warm-up + --steps): use --make-data {need * a.batch_size} or more")
     def make_report() -> dict:
         results = {k: float(np.median(v)) for k, v in runs.items() if v}
         return {
@@ -212,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {"batch_size": a.batch_size, "img_size": a.img_size, "workers": a.workers,
                          "read_workers": a.read_workers, "steps": a.steps,
                          "warmup": a.warmup, "warmup_rule": "at least the loader's prefetch depth + 1",
+                         "window": "inside one epoch; an epoch's start (workers, pipeline) is epoch_start_s",
                          "repeats": a.repeats, "images": len(index),
                          "prepared": {v: {"max_side": int(v.split()[1][:-2]), "mean_bytes": float(ix.nbytes.mean())}
                                       for v, ix in variants.items() if v} or None,
@@ -220,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                          "recipe": "deit (RandAugment m9, mixup/cutmix, erasing)"},
             "img_per_s": results,
             "img_per_s_runs": runs,
+            "epoch_start_s": {k: float(np.median(v)) for k, v in starts.items() if v},
             "ratios": {f"{k}/baseline": v / results["baseline"] for k, v in results.items()
                        if k != "baseline" and "baseline" in results},
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -233,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                                      len(index.classes))
             else:
                 rate = fastdeit_rate(kind, cfg, variants[variant], device, a.workers, a.steps, a.warmup)
-            runs[name].append(rate)
+            runs[name].append(rate.img_s)
+            starts[name].append(rate.epoch_start_s)
             write_report(make_report(), a.out)  # a call cut short keeps what it measured
     report = make_report()
     print_table(report, f"train pipeline, {report['device']}, {a.img_size} px, batch {a.batch_size}, "

@@ -152,10 +152,21 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
             img = apply_layer(img, *(inputs[name] for name in _layer(k)), device, size)
         return img, inputs["tag"]
 
-    # Spawned readers do not inherit this process's CUDA state; forking is faster where there is none.
-    start = "spawn" if torch.cuda.is_initialized() else "fork"
     return graph(batch_size=batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=prefetch,
-                 seed=0, exec_dynamic=True, py_num_workers=max(readers, 1), py_start_method=start)
+                 seed=0, exec_dynamic=True, py_num_workers=max(readers, 1), py_start_method=reader_start_method())
+
+
+def reader_start_method() -> str:
+    """How DALI starts the reader processes: "fork" (fast) unless the CUDA driver is initialised
+    in this process, which DALI checks itself and then refuses to fork. torch's own flag is not
+    that check: `torch.cuda.is_available()` initialises the driver without setting
+    `torch.cuda.is_initialized()`."""
+    from nvidia.dali import backend
+
+    driver_up = getattr(backend, "IsDriverInitialized", None)
+    if driver_up is None:  # a DALI without the check: spawn wherever a GPU could be in use
+        return "spawn" if torch.cuda.is_available() else "fork"
+    return "spawn" if driver_up() else "fork"
 
 
 def _to_torch(out, device: torch.device) -> torch.Tensor:

@@ -20,6 +20,8 @@ def test_loader_benchmark_runs_and_writes_json(tiny_data, tmp_path):
     assert report["settings"]["prepared"]["prepared 24px"]["max_side"] == 24
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"  # its bar chart beside it
     assert "torch/baseline" in report["ratios"]
+    assert set(report["epoch_start_s"]) == set(report["img_per_s"]) and all(
+        v > 0 for v in report["epoch_start_s"].values())  # an epoch's start, timed apart from the window
 
 
 def test_plot_redraws_the_committed_results(tmp_path):
@@ -98,18 +100,21 @@ def test_loader_timing_starts_after_the_prefetched_batches_and_never_reports_too
     seen = []
     rate = loader.timed_rate(iter(range(100)), lambda b: seen.append(b) or 4, warmup=5, steps=10,
                              device=torch.device("cpu"))
-    assert seen == list(range(15)) and rate > 0  # 5 untimed (the prefetch depth), 10 timed
-    with pytest.raises(SystemExit, match="gave 8 batches, 15 are needed"):
+    assert seen == list(range(15)) and rate.img_s > 0  # 5 untimed (the prefetch depth), 10 timed
+    with pytest.raises(SystemExit, match="an epoch gave 8 batches, 15 are needed in one epoch"):
         loader.timed_rate(iter(range(8)), lambda b: 4, warmup=5, steps=10, device=torch.device("cpu"))
 
 
-def test_loader_benchmark_times_across_epochs(tiny_data, tmp_path):
-    """More timed batches than one epoch holds: the benchmark runs on into the next epochs."""
-    out = tmp_path / "loader.json"
-    rc = load("loader").main(["--data", str(tiny_data), "--device", "cpu", "--workers", "0", "--batch-size", "16",
-                              "--img-size", "32", "--steps", "6", "--warmup", "1", "--repeats", "1",
-                              "--loader", "torch", "--out", str(out)])  # 4 batches an epoch
-    assert rc == 0 and json.loads(out.read_text())["img_per_s"]["torch"] > 0
+def test_the_loader_window_never_spans_an_epoch(tiny_data, tmp_path, capsys):
+    """A window past an epoch's end timed the next epoch's start (new pipeline, new workers) as
+    if it were steady state: refused up front, naming the data the window needs."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        load("loader").main(["--data", str(tiny_data), "--device", "cpu", "--workers", "0", "--batch-size", "16",
+                             "--img-size", "32", "--steps", "6", "--warmup", "1", "--repeats", "1",
+                             "--loader", "torch"])  # 4 batches an epoch
+    assert "one epoch is 4 batches; the timed window needs 11 in one epoch" in capsys.readouterr().err
 
 
 def test_the_gpu_session_script_runs_every_part_dry(tmp_path):

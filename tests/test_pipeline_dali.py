@@ -264,3 +264,36 @@ def test_plans_and_file_reads_run_in_reader_processes(tiny_data, tmp_path, monke
     parallel = [b.images for b in dali.DaliTrainLoader(index, s, CPU, threads=2, readers=2).epoch(0)]
     assert str(os.getpid()) not in log.read_text().split()
     assert len(parallel) == len(inline) == 3 and all(torch.equal(a, b) for a, b in zip(inline, parallel))
+
+
+def test_readers_are_spawned_once_the_cuda_driver_is_up(tiny_data, monkeypatch):
+    """DALI refuses to fork readers once the CUDA driver is initialised (its own check), which
+    `torch.cuda.is_available()` does without setting `torch.cuda.is_initialized()`: the choice
+    followed torch's flag, so a GPU run that had asked is_available() stopped at its first
+    epoch. Here the driver is reported up, as on a GPU: the readers are spawned (the index and
+    the plan source pickled, fastdeit imported afresh in each), and they give the batches of
+    in-thread reading, from any step (a resume)."""
+    from nvidia.dali import backend
+
+    index, s = scan_split(tiny_data, "train"), spec(rand_augment="rand-m9-mstd0.5-inc1")
+    inline = [b.images for b in dali.DaliTrainLoader(index, s, CPU, threads=2, readers=0).epoch(0)]
+    monkeypatch.setattr(backend, "IsDriverInitialized", lambda: True)
+    assert dali.reader_start_method() == "spawn"
+    spawned = dali.DaliTrainLoader(index, s, CPU, threads=2, readers=2)
+    got = [b.images for b in spawned.epoch(0)]
+    assert len(got) == len(inline) == 3 and all(torch.equal(a, b) for a, b in zip(inline, got))
+    resumed = [b.images for b in spawned.epoch(0, 1)]
+    assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(inline[1:], resumed))
+
+
+@pytest.mark.gpu
+def test_gpu_readers_start_after_cuda_is_up(tiny_data):
+    """On a GPU, after torch has used CUDA (as a run has, building its model), the readers of a
+    DALI GPU graph start (spawned) and give the batches of in-thread reading."""
+    gpu = torch.device("cuda")
+    torch.zeros(1, device=gpu)  # the driver and a context are up
+    index, s = scan_split(tiny_data, "train"), spec(rand_augment="")
+    assert dali.reader_start_method() == "spawn"
+    inline = [b.images for b in dali.DaliTrainLoader(index, s, gpu, threads=2, readers=0).epoch(0)]
+    spawned = [b.images for b in dali.DaliTrainLoader(index, s, gpu, threads=2, readers=2).epoch(0)]
+    assert len(spawned) == len(inline) == 3 and all(torch.equal(a, b) for a, b in zip(inline, spawned))
