@@ -300,8 +300,8 @@ def test_a_full_disk_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    one_line(train(data, out, "--resume=auto", "--epochs", "2"),
-             "the disk is full; the previous checkpoint-last.pt is kept")
+    line = one_line(train(data, out, "--resume=auto", "--epochs", "2"), f"the disk holding {out} is full (")
+    assert "the previous checkpoint-last.pt is kept: free some space, then run the same command" in line, line
     monkeypatch.setattr(torch, "save", real)
     assert (out / "checkpoint-last.pt").read_bytes() == before and not list(out.glob("*.tmp"))
 
