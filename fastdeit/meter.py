@@ -14,6 +14,7 @@ class Meter:
         self.clock = clock
         self.running = False  # within an epoch
         self.t0 = self.tick = 0.0  # epoch start; end of the last step (or pause)
+        self.asked = 0.0  # when the loop last asked the loader for a batch (`asking`)
         self.images, self.wait, self.paused_s = 0, 0.0, 0.0
         self._window(0.0)
 
@@ -27,9 +28,15 @@ class Meter:
     def _window(self, now: float) -> None:
         self.w_t, self.w_images, self.w_wait, self.w_paused = now, 0, 0.0, 0.0
 
+    def asking(self) -> None:
+        """The loop asks the loader for its next batch now: what it did since the step ended
+        (logging's device sync, the stop vote, a hook) is not waiting for data."""
+        self.asked = self.clock()
+
     def data_ready(self) -> None:
-        """The loader handed over a batch: the time since the last step ended was waiting."""
-        waited = self.clock() - self.tick
+        """The loader handed over a batch: the time since the loop asked for it (else since the
+        last step or pause ended) was waiting."""
+        waited = self.clock() - max(self.tick, self.asked)
         self.wait += waited
         self.w_wait += waited
 

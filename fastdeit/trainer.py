@@ -160,6 +160,7 @@ class Trainer:
                     self.save()
             for hook in self.on_step:
                 hook(st.updates)
+            self.meter.asking()  # the next batch is asked for now: what this step did after it is not data wait
         stats = self.meter.end_epoch()
         st.elapsed += stats["seconds"]
         agree = dist.all_reduce(agree, self.world).tolist()

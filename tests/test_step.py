@@ -117,6 +117,23 @@ def test_the_live_teacher_runs_as_the_student_does(tiny_data, tmp_path):
     assert steps["live"].teacher.teacher._compiled_call_impl is None  # --compile none: eager, as the student
 
 
+def test_data_wait_is_the_wait_for_the_loader_alone():
+    """A logged step's device sync (and the stop vote, hooks) after the step ended was booked as
+    waiting for data: on a GPU the data-wait figure would have held the wait for the GPU."""
+    now = [0.0]
+    meter = Meter(clock=lambda: now[0])
+    meter.start_epoch()
+    for _ in range(2):
+        now[0] += 0.5  # waiting for the loader
+        meter.data_ready()
+        now[0] += 1.0  # the step
+        meter.step_done(10)
+        now[0] += 0.5  # logging: .tolist() waits for the device
+        meter.asking()
+    assert meter.window() == (pytest.approx(20 / 3.5), pytest.approx(1.0 / 3.5))  # up to the last step's end
+    assert meter.end_epoch()["data_wait"] == pytest.approx(1.0 / 4.0)
+
+
 def test_meter_counts_training_time_only():
     now = [0.0]
     meter = Meter(clock=lambda: now[0])
