@@ -130,7 +130,7 @@ def build_replay(cfg: TrainConfig, index: ImageIndex, out: Path, epochs: int, co
                 "built_with": {"loader": kind, "device": str(step.device), "amp": str(step.amp)}}
     writer = _open_writer(out, manifest, dtype, world)
     total = epochs * steps * b
-    loaders = Loaders(kind, cfg.data, spec, step.device)
+    loaders = Loaders(kind, cfg.data, spec, step.device, epochs=epochs)
 
     def make(first: int, last: int, tick: Callable[[int], None]) -> np.ndarray:
         parts, g = [], first // b

@@ -136,10 +136,12 @@ class Loaders:
     """The trainer's data source for one run: train batches per epoch and eval batches."""
 
     def __init__(self, kind: Loader, data: DataConfig, spec: PlanSpec | None, device: torch.device,
-                 rank: int = 0, world: int = 1) -> None:
-        """`spec`: the plan of training batches; None for a loader that only evaluates."""
+                 rank: int = 0, world: int = 1, epochs: int | None = None) -> None:
+        """`spec`: the plan of training batches; None for a loader that only evaluates.
+        `epochs`: how many epochs the run trains, when known; DALI reads nothing past them."""
         self.kind, self.data, self.spec, self.device = kind, data, spec, device
         self.rank, self.world = rank, world
+        self.epochs = epochs
         self._dali: dali.DaliTrainLoader | None = None
         self._val_checked: tuple[ImageIndex, ImageIndex] | None = None  # (val index, with PIL's rejects skipped)
 
@@ -150,7 +152,7 @@ class Loaders:
             if self._dali is None:
                 self._dali = dali.DaliTrainLoader(index, self.spec, self.device, self.data.workers, self.rank,
                                                   self.world, self.data.roi_decode, self.data.hw_decode,
-                                                  self.data.read_workers)
+                                                  self.data.read_workers, self.epochs)
             return self._dali.epoch(epoch, start_step)
         return train_loader(index, self.spec, epoch, start_step, self.data.workers, self.rank, self.world,
                             pin=self.device.type == "cuda")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,11 +69,13 @@ def _quiet_reader(owner: int) -> None:
 @dataclass(frozen=True)
 class PlanSource:
     """The fn.external_source callback of a train pipeline: a pure function of the iteration,
-    which is step `start + iteration` of `epoch` (this rank's shard). It computes the step's
-    plan and reads its files, so with parallel=True DALI runs it in worker processes, ahead of
-    and away from the training thread. Its outputs are named (`names`): the files, crop starts
-    and shapes, flips, a tag per row (epoch, step, whether the row's file was replaced), then
-    the parameters of each RandAugment layer."""
+    which is the batch `iteration` positions after (epoch, start) of this rank's shard, running
+    on into the following epochs (one pipeline serves a whole run) and stopping before epoch
+    `end` (None: never). It computes the batch's plan and reads its files, so with
+    parallel=True DALI runs it in worker processes, ahead of and away from the training thread.
+    Its outputs are named (`names`): the files, crop starts and shapes, flips, a tag per row
+    (epoch, step, whether the row's file was replaced), then the parameters of each
+    RandAugment layer."""
 
     index: ImageIndex
     spec: PlanSpec
@@ -81,6 +84,7 @@ class PlanSource:
     skip: frozenset[int] = frozenset()
     epoch: int = 0
     start: int = 0
+    end: int | None = None
     owner: int = field(default_factory=os.getpid)  # the training process (pickled to spawned workers)
 
     @property
@@ -93,15 +97,20 @@ class PlanSource:
         """The outputs, in the order DALI's external source carries them to the graph."""
         return ("files", "start", "shape", "flip", "tag", *(n for k in range(self.layers) for n in _layer(k)))
 
-    def plan(self, step: int) -> BatchPlan:
-        return make_plan(self.spec, self.index.sizes, self.epoch, step).shard(self.rank, self.world)
+    def position(self, iteration: int) -> tuple[int, int]:
+        """(epoch, step) of the batch `iteration` batches after this source's first."""
+        epoch, step = divmod(self.start + iteration, steps_per_epoch(self.spec, len(self.index)))
+        return self.epoch + epoch, step
+
+    def plan(self, epoch: int, step: int) -> BatchPlan:
+        return make_plan(self.spec, self.index.sizes, epoch, step).shard(self.rank, self.world)
 
     def __call__(self, info) -> tuple:
         _quiet_reader(self.owner)
-        step = self.start + info.iteration
-        if step >= steps_per_epoch(self.spec, len(self.index)):
+        epoch, step = self.position(info.iteration)
+        if self.end is not None and epoch >= self.end:
             raise StopIteration
-        plan = self.plan(step)
+        plan = self.plan(epoch, step)
         data, refused = {}, set()
         for i in dict.fromkeys(int(i) for i in plan.index if i not in self.skip):
             data[i] = self.index.read(i)
@@ -178,82 +187,117 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
 
 
+@dataclass
+class _Live:
+    """The pipeline in use and the position (epoch, step) of the next batch it will give."""
+
+    pipe: Any
+    next: tuple[int, int]
+
+
 class DaliTrainLoader:
     """Batches of the plan, decoded and augmented by DALI, as LoadedBatch on `device`.
 
-    Each `epoch()` call runs a fresh pipeline from its (epoch, step): nothing prefetched for
-    another position can come out of it, and every batch's tag is checked against the step it
-    was planned for. With `readers` > 0 the plan and the file reads run in that many worker
-    processes (DALI's parallel external source), off the training thread. A file DALI cannot
-    decode is found, reported in `bad`, skipped from then on, and the epoch continues from the
-    first batch not yet delivered."""
+    One pipeline (and its reader processes) serves the run: its source runs on from epoch to
+    epoch, so the next epoch's first batches are decoded while this one ends, and nothing is
+    started again. An `epoch()` call that does not continue where the pipeline is (a resume, a
+    repeated epoch) gets a fresh pipeline from its (epoch, step): nothing prefetched for
+    another position can come out of it, and every batch's tag is checked against the
+    position it was planned for. `epochs`, when given, is the run's length: nothing past it is
+    read. With `readers` > 0 the plan and the file reads run in that many worker processes
+    (DALI's parallel external source), off the training thread. A file DALI cannot decode is
+    found, reported in `bad`, skipped from then on, and the epoch continues from the first
+    batch not yet delivered."""
 
     def __init__(self, index: ImageIndex, spec: PlanSpec, device: torch.device, threads: int,
                  rank: int = 0, world: int = 1, roi_decode: bool = True, hw_decode: bool = False,
-                 readers: int = 0) -> None:
+                 readers: int = 0, epochs: int | None = None) -> None:
         if not available():
             raise RuntimeError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
-        self.index, self.spec, self.device = index, spec, device
-        self.threads, self.readers = max(1, threads), readers
-        self.rank, self.world = rank, world
+        self.index = index
+        self.spec = spec
+        self.device = device
+        self.threads = max(1, threads)
+        self.readers = readers
+        self.rank = rank
+        self.world = world
+        self.epochs = epochs
         self.skip = set(index.skip)
         self.batch = spec.batch_size // world
-        self.roi_decode, self.hw_decode = roi_decode, hw_decode
+        self.steps = steps_per_epoch(spec, len(index))
+        self.roi_decode = roi_decode
+        self.hw_decode = hw_decode
         self.generation = 0  # counts epoch() calls: an iterator of an earlier call stops
+        self.builds = 0  # pipelines built (one per run unless resumed, repeated or a file failed)
+        self._live: _Live | None = None
 
     def _device_id(self) -> int | None:
         return (self.device.index or 0) if self.device.type == "cuda" else None
 
     def _source(self, epoch: int, start: int) -> PlanSource:
-        return PlanSource(self.index, self.spec, self.rank, self.world, frozenset(self.skip), epoch, start)
+        end = None if self.epochs is None else max(self.epochs, epoch + 1)
+        return PlanSource(self.index, self.spec, self.rank, self.world, frozenset(self.skip), epoch, start, end)
 
-    def _pipeline(self, source: PlanSource):
-        pipe = build_train_pipeline(source, self.batch, "gpu" if self._device_id() is not None else "cpu",
-                                    self.threads, self._device_id(), roi_decode=self.roi_decode,
-                                    hw_decode=self.hw_decode, readers=self.readers)
+    def _pipeline(self, epoch: int, step: int) -> _Live:
+        """The pipeline whose next batch is (epoch, step): the live one, or a fresh one."""
+        if self._live is not None and self._live.next == (epoch, step):
+            return self._live
+        self._live = None  # the old pipeline (and its readers) goes before the new one starts
+        pipe = build_train_pipeline(self._source(epoch, step), self.batch,
+                                    "gpu" if self._device_id() is not None else "cpu", self.threads,
+                                    self._device_id(), roi_decode=self.roi_decode, hw_decode=self.hw_decode,
+                                    readers=self.readers)
         with workers_start_quiet():  # the read workers start here
             pipe.build()
-        return pipe
+        self.builds += 1
+        self._live = _Live(pipe, (epoch, step))
+        return self._live
+
+    def _after(self, epoch: int, step: int) -> tuple[int, int]:
+        return (epoch + 1, 0) if step + 1 == self.steps else (epoch, step + 1)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[LoadedBatch]:
         self.generation += 1
         return self._batches(epoch, start_step, self.generation)
 
     def _batches(self, epoch: int, step: int, generation: int) -> Iterator[LoadedBatch]:
-        source = self._source(epoch, step)
-        pipe = self._pipeline(source)
-        while True:
+        while step < self.steps:
             if generation != self.generation:
                 raise RuntimeError("this iterator belongs to an earlier epoch() call; another epoch was started")
+            live = self._pipeline(epoch, step)
             try:
-                out, tag = pipe.run()
+                out, tag = live.pipe.run()
             except StopIteration:
                 return
             except RuntimeError:
                 # A file of the batches in flight failed to decode: find it, skip it from now
                 # on, and start again at the first batch not yet delivered.
-                if not self._skip_culprits(source, step):
+                if not self._skip_culprits(epoch, step):
                     raise
-                FAILED.append(pipe)
-                source = self._source(epoch, step)
-                pipe = self._pipeline(source)
+                FAILED.append(live.pipe)
+                self._live = None
                 continue
-            yield self._batch(source, step, out, np.array(tag.as_tensor()))
+            live.next = self._after(epoch, step)
+            yield self._batch(epoch, step, out, np.array(tag.as_tensor()))
             step += 1
 
-    def _skip_culprits(self, source: PlanSource, step: int) -> bool:
+    def _skip_culprits(self, epoch: int, step: int) -> bool:
         """Find the files DALI refuses among the batches that may be in flight; True if any."""
-        last = min(step + 4 + self.readers, steps_per_epoch(self.spec, len(self.index)))
-        rows = sorted({int(i) for s in range(step, last) for i in source.plan(s).index} - self.skip)
+        source = self._source(epoch, step)
+        ahead = [source.position(k) for k in range(4 + self.readers)]
+        if self.epochs is not None:
+            ahead = [(e, s) for e, s in ahead if e < source.end]
+        rows = sorted({int(i) for e, s in ahead for i in source.plan(e, s).index} - self.skip)
         culprits = dali_unreadable(self.index, rows, self._device_id())
         self.skip.update(culprits)
         return bool(culprits)
 
-    def _batch(self, source: PlanSource, step: int, out, tag: np.ndarray) -> LoadedBatch:
-        if (int(tag[0, 0]), int(tag[0, 1])) != (source.epoch, step):  # never a batch of another position
+    def _batch(self, epoch: int, step: int, out, tag: np.ndarray) -> LoadedBatch:
+        if (int(tag[0, 0]), int(tag[0, 1])) != (epoch, step):  # never a batch of another position
             raise RuntimeError(f"DALI produced the batch of (epoch, step) {tuple(int(v) for v in tag[0, :2])} "
-                               f"where {(source.epoch, step)} was expected")
-        plan, bad = source.plan(step), tag[:, 2].astype(bool)
+                               f"where {(epoch, step)} was expected")
+        plan = make_plan(self.spec, self.index.sizes, epoch, step).shard(self.rank, self.world)
+        bad = tag[:, 2].astype(bool)
         self.skip.update(int(i) for i in plan.index[bad])  # files a reader refused: skipped from now on
         return LoadedBatch.of(_to_torch(out, self.device), self.index, plan, bad)
 

@@ -233,6 +233,37 @@ def test_a_new_epoch_after_a_partial_one_yields_only_its_own_batches(tiny_data):
         next(partial)  # an iterator of an earlier epoch() call is finished, not silently wrong
 
 
+def test_one_pipeline_serves_the_run(tiny_data, tmp_path, monkeypatch):
+    """Epoch after epoch, the same pipeline and the same reader processes (a rebuild costs new
+    readers, the index pickled again and the decoder set up: seconds per epoch on a GPU run),
+    giving the batches of a fresh pipeline per epoch; a resume mid-epoch gets a fresh one; with
+    the run's length known, nothing past it is planned or read."""
+    import os
+
+    index, s = scan_split(tiny_data, "train"), spec(rand_augment="")
+    fresh = [[b.images for b in dali.DaliTrainLoader(index, s, CPU, threads=2).epoch(e)] for e in range(3)]
+    real = dali.PlanSource.__call__
+    log = tmp_path / "calls"
+
+    def logged(self, info):
+        out = real(self, info)  # a position past the run raises StopIteration: not logged
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {self.position(info.iteration)[0]}\n")
+        return out
+
+    monkeypatch.setattr(dali.PlanSource, "__call__", logged)  # forked readers inherit it
+    loader = dali.DaliTrainLoader(index, s, CPU, threads=2, readers=2, epochs=3)
+    for e in range(3):
+        got = [b.images for b in loader.epoch(e)]
+        assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(fresh[e], got, strict=True))
+    assert loader.builds == 1
+    calls = [line.split() for line in log.read_text().splitlines()]
+    assert len({pid for pid, _ in calls}) <= 2 and str(os.getpid()) not in {pid for pid, _ in calls}
+    assert max(int(e) for _, e in calls) == 2  # epoch 3 is past the run: never planned
+    resumed = [b.images for b in loader.epoch(1, 1)]
+    assert loader.builds == 2 and all(torch.equal(a, b) for a, b in zip(fresh[1][1:], resumed, strict=True))
+
+
 @pytest.mark.gpu
 def test_gpu_batches_do_not_depend_on_the_world_size(tiny_data):
     """With the default decoder options (no nvJPEG hardware share), a rank's shard decodes to
