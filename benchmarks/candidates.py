@@ -8,8 +8,11 @@ memory it saves). Each row holds the training step's img/s (the run's own Step a
 optimizer on random tensors, bf16 autocast on a GPU; median of interleaved repeats), its MFU,
 peak memory, and the seconds to its first step apart (compilation, autotuning: Inductor's
 cache keeps what it found for the next call on the same machine). The first variant is also
-profiled (torch.profiler, a few steps): its top kernels by device time. The JSON is written
-after every variant; `--budget-s` stops starting new variants, so a call fits its window.
+profiled (torch.profiler, a few steps): its top kernels by device time. Before the variants,
+the batch tail (normalise, random erasing, mixup/cutmix; `Step.prepare`'s device work) is
+timed at `--tail-batch` with the deit recipe's erasing and without it: what erasing's per-pixel
+hash costs a step. The JSON is written after every part; `--budget-s` stops starting new
+variants, so a call fits its window.
 
     python benchmarks/candidates.py --device cuda --out benchmarks/results/candidates-nvidia-h200.json
     python benchmarks/candidates.py --device cpu --variants ti:8:none --img-size 32 --depth 2  # smoke
@@ -28,8 +31,10 @@ import torch
 
 from fastdeit.build import make_optimizer
 from fastdeit.config import with_section
-from fastdeit.device import amp_dtype, sync
+from fastdeit.device import amp_dtype, sync, to_device
 from fastdeit.models import build_model, compile_model, set_attention
+from fastdeit.pipelines.tail import apply_tail, tail_inputs
+from fastdeit.plan import PlanSpec, make_plan
 from fastdeit.provenance import measured_on, write_report
 from fastdeit.recipes import recipe
 from fastdeit.step import Prepared, make_step
@@ -111,6 +116,32 @@ def top_kernels(step, inputs: Prepared, device: torch.device, steps: int = 3, to
             for e in sorted(events, key=key, reverse=True)[:top]]
 
 
+def tail_cost(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """ms per batch of the tail at the deit recipe (erasing p 0.25, mixup/cutmix), and of the
+    same tail with erasing off: their difference is what erasing costs a step."""
+    b, s = a.tail_batch, a.img_size
+    sizes = np.random.default_rng(0).integers(s, 2 * s, size=(4 * b, 2))
+    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, CLASSES, (b,))
+    amp = amp_dtype("auto", device) or torch.float32
+    out: dict[str, Any] = {"batch": b, "img_size": s}
+    for name, reprob in (("tail_ms", 0.25), ("tail_no_erasing_ms", 0.0)):
+        aug = with_section(recipe("deit"), "aug", reprob=reprob, mix_group=min(64, b)).aug
+        plan = make_plan(PlanSpec(seed=0, img_size=s, batch_size=b, aug=aug), sizes, 0, 0)
+        inputs = to_device(tail_inputs(plan, labels.numpy()), device)
+        times = []
+        for _ in range(a.warmup + a.steps):
+            sync(device)
+            t0 = time.perf_counter()
+            apply_tail(images, labels, plan, CLASSES, 0.1, amp, inputs)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out[name] = float(np.median(times[a.warmup:])) * 1e3
+        out["erased_rows" if reprob else "rows"] = int((plan.erase[:, 2] > 0).sum()) if reprob else b
+    out["erasing_ms"] = out["tail_ms"] - out["tail_no_erasing_ms"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -123,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=220, help="no variant starts after this many seconds")
+    p.add_argument("--tail-batch", type=int, default=256, help="the batch of the tail's timing (DeiT-Ti's)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     device, t0 = torch.device(a.device), time.perf_counter()
     report: dict[str, Any] = {"benchmark": "candidates", **measured_on(device),
                               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
                               "settings": {k: v for k, v in vars(a).items() if k != "out"}, "rows": [], "skipped": []}
+    report["tail"] = tail_cost(a, device)
+    print(f"tail {report['tail']['tail_ms']:.2f} ms a batch, erasing {report['tail']['erasing_ms']:.2f} ms of it",
+          file=sys.stderr, flush=True)
+    write_report(report, a.out)
     for k, variant in enumerate(a.variants.split(",")):
         if time.perf_counter() - t0 > a.budget_s:
             report["skipped"].append(variant)

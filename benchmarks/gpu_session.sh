@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
 # The GPU measurements, one part per call of at most ten minutes, for a lent GPU machine whose
-# image has torch, timm and triton but not fastdeit (nor DALI: see below). GPU time is scarce
-# (fifteen minutes a session, machine start included). DALI arrives in three carried parts, so
-# the first two calls only carry (seconds each) and the product, end to end, is the first
-# measurement. A warm machine goes back after 30 s idle, taking /tmp/gw with it: make calls
-# 1-3 back to back. The next window's calls, in this order:
+# image has torch, timm and triton but not fastdeit (nor DALI: see below). GPU time is scarce:
+# fifteen minutes a session, the machine's start (1-2 min) and every idle second included. DALI
+# arrives in three carried parts, so the first two calls only carry (seconds each) and the
+# product, end to end, is the first measurement. A warm machine goes back after 30 s idle,
+# taking /tmp/gw with it: make the calls of a window back to back. Each call's timeout_s is its
+# budget (a part cut there keeps what it measured: every JSON is rewritten after each variant,
+# phase or round). Window 1's budgets, with 90 s for the start, fit its 900 s (the tests check
+# this table); the calls of window 2 wait for the next session, in their order:
 #
-#   1. bash benchmarks/gpu_session.sh carry       # seconds  carries .gpuwheels/x0; device and versions
-#   2. bash benchmarks/gpu_session.sh carry       # seconds  carries .gpuwheels/x1
-#   3. bash benchmarks/gpu_session.sh e2e         # ~5 min   carries x2 (DALI unpacked): JPEGs -> prepare-data ->
-#                                                 #          cache-teacher -> fastdeit train --gpus 1 (DALI,
-#                                                 #          compiled), vs the step alone
-#   4. bash benchmarks/gpu_session.sh candidates  # ~4 min   step candidates vs today's compiled step + profile
-#   5. bash benchmarks/gpu_session.sh loader      # ~2 min   DALI (ROI, full, hardware share, inline reads) vs
-#                                                 #          the official pipeline, source JPEGs and prepared 512/256
-#   6. bash benchmarks/gpu_session.sh tests       # ~1 min   pytest -m gpu (DALI GPU graph, compile modes, no sync)
-#   7. bash benchmarks/gpu_session.sh step-triton # ~2 min   DeiT-S/B with --attn triton, eager and compiled
+#   call  part         window  timeout_s  what
+#   1.    carry        1       60         carries .gpuwheels/x0; device and versions
+#   2.    carry        1       60         carries .gpuwheels/x1
+#   3.    e2e          1       360        carries x2 (DALI unpacked): JPEGs -> prepare-data -> cache-teacher ->
+#                                         fastdeit train --gpus 1 (DALI, spawned readers, compiled) vs the step alone
+#   4.    tests        1       180        pytest -m "gpu and not slow": DALI GPU graphs and evaluation, readers
+#                                         spawned after CUDA, no host sync in the step, one wait per cached
+#                                         batch, Triton backward under Inductor, compiled drop path
+#   5.    loader       1       150        DALI (ROI, full, hardware share, inline reads) vs the official pipeline,
+#                                         source JPEGs and prepared 512/256; 25,600 generated JPEGs (~20 s on
+#                                         16 cores: 2,000 took 23 s on 2 here); round 1 of every loader is kept
+#   6.    candidates   2       270        the batch tail's cost (erasing) + step candidates vs today's compiled
+#                                         step + profile (--budget-s 220)
+#   7.    tests-slow   2       360        pytest -m "gpu and slow": max-autotune-no-cudagraphs (over 5 min for
+#                                         DeiT-S on the H200; a 4-block DeiT-Ti here), FlexAttention's compile
+#   8.    step-triton  2       180        DeiT-S/B with --attn triton, eager and compiled
 #
-# Calls 3-6 carry nothing but the repo: DALI stays unpacked in /tmp/site while the machine is
+# Calls 3-8 carry nothing but the repo: DALI stays unpacked in /tmp/site while the machine is
 # held. A machine that went back between calls takes DALI with it: start again at call 1.
 #
 # Parts measured before (results in benchmarks/results/*nvidia-h200*, H200 of 2026-11-30):
@@ -37,7 +46,7 @@
 set -euo pipefail
 dry=0
 if [ "${1:-}" = "--dry" ]; then dry=1; shift; fi
-part=${1:?"which part: carry | e2e | candidates | loader | tests | step-triton | step-s | step-b | step-ti | attention | distill | all (with --dry)"}
+part=${1:?"which part: carry | e2e | tests | loader | candidates | tests-slow | step-triton | step-s | step-b | step-ti | attention | distill | all (with --dry)"}
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 py=${PYTHON:-python}
@@ -76,11 +85,13 @@ run_part() {
   case "$1" in
     carry)  # a DALI part came with this call; the device and versions are printed above
       echo "DALI parts here: $(ls /tmp/gw 2>/dev/null | tr '\n' ' ')$([ -d /tmp/site/nvidia/dali ] && echo '(unpacked)')" ;;
-    tests)
-      if [ "$dry" = 1 ]; then
-        $py -m pytest -q -m gpu tests/test_pipeline_dali.py -p no:cacheprovider 2>&1 | tail -3  # collected, skipped on a CPU
+    tests|tests-slow)
+      marks="gpu and not slow"
+      [ "$1" = tests-slow ] && marks="gpu and slow"
+      if [ "$dry" = 1 ]; then  # collected (and skipped) on a CPU
+        $py -m pytest -q -m "$marks" tests/test_pipeline_dali.py tests/test_step.py -p no:cacheprovider 2>&1 | tail -3
       else
-        $py -m pytest -q -m gpu tests 2>&1 | tee "$out/pytest-gpu.txt" | tail -20
+        $py -m pytest -q -m "$marks" tests 2>&1 | tee "$out/pytest-$1.txt" | tail -20
       fi ;;
     step-s) step step-s deit_small_distilled sdpa "$compiled" ;;
     step-b) step step-b deit_base_distilled sdpa "$compiled" ;;
@@ -113,7 +124,7 @@ run_part() {
       else
         # one epoch holds the window: the torch loader's 16 workers x 4 prefetched + 1 warm-up, 30 timed
         $py benchmarks/loader.py --make-data 25600 --device cuda --workers 16 --batch-size 256 --img-size 224 \
-          --steps 30 --warmup 5 --repeats 3 --loader dali,dali-full,dali-hw,dali-inline,torch,baseline \
+          --steps 30 --warmup 5 --repeats 2 --loader dali,dali-full,dali-hw,dali-inline,torch,baseline \
           --prepared 512,256 --out "$out/loader-$tag.json"
       fi ;;
     e2e)
@@ -130,14 +141,14 @@ run_part() {
         $py benchmarks/candidates.py --device cuda --out "$out/candidates-$tag.json"
       fi ;;
     *)
-      echo "unknown part $1: carry | e2e | candidates | loader | tests | step-triton | step-s | step-b | step-ti | attention | distill"
+      echo "unknown part $1: carry | e2e | tests | loader | candidates | tests-slow | step-triton | step-s | step-b | step-ti | attention | distill"
       return 2 ;;
   esac
 }
 
 if [ "$part" = all ]; then
   [ "$dry" = 1 ] || { echo "'all' is for --dry: on a GPU, one part per call"; exit 2; }
-  for p in carry e2e candidates loader tests step-triton step-s step-b step-ti attention distill; do
+  for p in carry e2e tests loader candidates tests-slow step-triton step-s step-b step-ti attention distill; do
     echo "== $p"
     run_part "$p"
   done

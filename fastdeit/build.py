@@ -35,7 +35,7 @@ from fastdeit.caching import BUILDS
 from fastdeit.config import TrainConfig, per_rank_batch, scaled_lr
 from fastdeit.data.folder import ImageIndex, load_dataset
 from fastdeit.device import amp_dtype, resolve_device
-from fastdeit.dist import SINGLE, World
+from fastdeit.dist import SINGLE, World, cuda_index
 from fastdeit.errors import ConfigError
 from fastdeit.loaders import Loaders, choose_loader, read_skip_list
 from fastdeit.models import (
@@ -104,7 +104,7 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
     """A run's parts, phase by phase (see the module docstring)."""
     device = resolve_device(cfg.run.device)
     if device.type == "cuda" and world.distributed:
-        device = torch.device("cuda", world.local_rank)
+        device = torch.device("cuda", cuda_index(world))
     amp = amp_dtype(cfg.run.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # static shapes: each convolution's fastest algorithm, found once

@@ -25,7 +25,7 @@ from fastdeit import signals
 from fastdeit.config import CacheMode, TrainConfig
 from fastdeit.data.folder import ImageIndex, load_dataset
 from fastdeit.device import amp_dtype, autocast, resolve_device, sync
-from fastdeit.dist import SINGLE, World, all_reduce, barrier
+from fastdeit.dist import SINGLE, World, all_reduce, barrier, cuda_index
 from fastdeit.errors import Requeue, Stopped, UserError
 from fastdeit.loaders import Loaders, choose_loader, read_skip_list
 from fastdeit.pipelines.tail import normalize
@@ -200,7 +200,7 @@ BUILDS: dict[str, Callable[..., dict]] = {"replay": _replay_for_the_run, "labelm
 def world_device(cfg: TrainConfig, world: World) -> torch.device:
     """The run's device; on CUDA, this rank's GPU."""
     device = resolve_device(cfg.run.device)
-    return torch.device("cuda", world.local_rank) if device.type == "cuda" else device
+    return torch.device("cuda", cuda_index(world)) if device.type == "cuda" else device
 
 
 def verify_steps(cfg: TrainConfig, index: ImageIndex, cache: Path) -> tuple[Step, Step]:

@@ -43,6 +43,20 @@ def in_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def cuda_index(world: World) -> int:
+    """This rank's GPU among those the process sees: LOCAL_RANK where every GPU of the node is
+    visible (torchrun), 0 where the scheduler shows each task only its own
+    (`srun --gpus-per-task=1`, CUDA_VISIBLE_DEVICES set per task)."""
+    visible = torch.cuda.device_count()
+    if visible <= 1:
+        return 0
+    if world.local_rank < visible:
+        return world.local_rank
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    raise UserError(f"LOCAL_RANK is {world.local_rank} but this process sees {visible} GPUs "
+                    f"(CUDA_VISIBLE_DEVICES={shown}): show each task all of its node's GPUs, or exactly one")
+
+
 def init_from_env(device_type: str, timeout_s: float = 1800) -> World:
     """Join the process group torchrun describes; a world of one needs no group."""
     if not in_torchrun():
@@ -54,7 +68,7 @@ def init_from_env(device_type: str, timeout_s: float = 1800) -> World:
         if not dist.is_nccl_available():
             raise UserError("this torch build has no NCCL: multi-GPU training needs a CUDA build of torch "
                             "with NCCL (or train on CPUs with --gpus 0 --procs P)")
-        torch.cuda.set_device(world.local_rank)
+        torch.cuda.set_device(cuda_index(world))
     if not dist.is_initialized():
         from torch.distributed.rendezvous import rendezvous
 
@@ -62,9 +76,12 @@ def init_from_env(device_type: str, timeout_s: float = 1800) -> World:
         # died (its peers' addresses) would be read by the new one, so each attempt has its own.
         store, _, _ = next(rendezvous("env://", world.rank, world.size, timeout=timedelta(seconds=timeout_s)))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        # device_id binds NCCL's communicator to this rank's GPU at once, so no collective has
+        # to guess the device (barrier() would otherwise warn and may pick the wrong one).
+        bound = {"device_id": torch.device("cuda", cuda_index(world))} if device_type == "cuda" else {}
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.PrefixStore(
             f"fastdeit/attempt-{attempt}", store), rank=world.rank, world_size=world.size,
-            timeout=timedelta(seconds=timeout_s))
+            timeout=timedelta(seconds=timeout_s), **bound)
     return world
 
 

@@ -106,6 +106,23 @@ def test_bf16_on_the_gpu(n):
         assert rel_err(got, want) < 5e-2
 
 
+
+@pytest.mark.gpu
+def test_inductor_compiles_the_triton_backward_on_a_gpu():
+    """Training compiles the backward too: Inductor places the kernel's backward op in the
+    backward graph, and the gradients are those of float64 math."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    q, k, v = qkv(4, 6, 198, 64, torch.bfloat16)
+    g = torch.randn(4, 6, 198, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(DEVICE)
+    compiled = torch.compile(lambda a, b, c: (A.triton_attention(a, b, c).float() * g).sum(), fullgraph=True)
+    compiled(q, k, v).backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    (A.reference_attention(q64, k64, v64) * g.double()).sum().backward()
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel_err(got, want) < 5e-2
+
 def test_grid_keeps_batch_times_heads_on_the_unlimited_axis():
     """Grid axes 1 and 2 hold at most 65,535 programs: DeiT-B's 12 heads at an eval batch of
     8,192 already need 98,304 (batch x head) programs."""

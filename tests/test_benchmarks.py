@@ -145,6 +145,23 @@ def test_the_gpu_session_script_runs_every_part_dry(tmp_path):
     assert all(r["train_img_s"] > 0 for r in candidates["rows"]) and candidates["rows"][0]["top_kernels"]
 
 
+def test_the_gpu_windows_budgets_fit_a_session():
+    """The header's plan: the calls in order, the product first (after the two that carry DALI),
+    the fast GPU tests right after it and the slow compile modes after everything else; each
+    window's budgets, with 90 s for the machine's start, fit a session's 900 s of device time;
+    and every part named exists in the script."""
+    import re
+
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    rows = [m.groups() for m in re.finditer(r"^#\s+(\d+)\.\s+(\S+)\s+(\d)\s+(\d+)\s", script, re.M)]
+    parts = [part for _, part, _, _ in rows]
+    assert [int(n) for n, *_ in rows] == list(range(1, len(rows) + 1))
+    assert parts[:4] == ["carry", "carry", "e2e", "tests"] and parts.index("tests-slow") > parts.index("candidates")
+    for window in {w for _, _, w, _ in rows}:
+        assert 90 + sum(int(t) for _, _, w, t in rows if w == window) <= 900, window
+    assert all(re.search(rf"^\s+([a-z-]+\|)*{part}(\|[a-z-]+)*\)", script, re.M) for part in set(parts)), parts
+
+
 @pytest.mark.slow
 def test_the_soak_kills_and_resumes_a_training_that_ends_as_its_reference(tmp_path):
     """benchmarks/soak.py at toy size: a training of 6 updates killed (SIGKILL or SIGTERM, to the

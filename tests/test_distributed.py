@@ -359,3 +359,35 @@ def test_without_mixing_a_rank_needs_no_whole_mix_group(tiny_data, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = steps(tmp_path / "one"), steps(tmp_path / "two")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+
+
+@pytest.mark.parametrize(("visible", "local_rank", "want"), [(8, 3, 3), (1, 3, 0), (2, 3, None)])
+def test_each_rank_takes_its_gpu_however_the_scheduler_shows_them(monkeypatch, visible, local_rank, want):
+    """torchrun shows every rank all the node's GPUs (LOCAL_RANK picks one); a scheduler that
+    sets CUDA_VISIBLE_DEVICES per task shows each rank only its own, where set_device(LOCAL_RANK)
+    failed for every rank but the first. The process group is bound to that GPU (device_id)."""
+    import importlib
+
+    from torch.distributed import HashStore
+
+    from fastdeit import dist as fdist
+    from fastdeit.errors import UserError
+
+    rdzv = importlib.import_module("torch.distributed.rendezvous")  # the module; the package exports a function
+    chosen, group = [], {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(fdist.dist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(fdist.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(fdist.dist, "init_process_group", lambda backend, **kw: group.update(kw, backend=backend))
+    monkeypatch.setattr(rdzv, "rendezvous", lambda *a, **kw: iter([(HashStore(), local_rank, 16)]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(visible)))
+    for name, value in (("RANK", local_rank), ("WORLD_SIZE", 16), ("LOCAL_RANK", local_rank)):
+        monkeypatch.setenv(name, str(value))
+    if want is None:
+        with pytest.raises(UserError, match="LOCAL_RANK is 3 but this process sees 2 GPUs"):
+            fdist.init_from_env("cuda")
+        return
+    world = fdist.init_from_env("cuda")
+    assert fdist.cuda_index(world) == want and chosen == [want]
+    assert group["backend"] == "nccl" and group["device_id"] == torch.device("cuda", want)

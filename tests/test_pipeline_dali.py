@@ -196,6 +196,19 @@ def test_eval_matches_the_reference(tiny_data):
         assert per_sample_mad(x, rx).max() < 1.0
 
 
+
+@pytest.mark.gpu
+def test_gpu_eval_matches_the_reference(tiny_data):
+    """Evaluation with the mixed decoder on the GPU (the end of a real run's first epoch) gives
+    the reference's labels and images, on the GPU, up to nvJPEG's differences."""
+    index = scan_split(tiny_data, "val")
+    ours = list(dali.dali_eval_batches(index, 40, 0.875, 8, torch.device("cuda"), 2))
+    ref = list(eval_loader(index, 40, 0.875, 8, 0))
+    assert len(ours) == len(ref) == 3
+    for (x, y, ok), (rx, ry, _rok) in zip(ours, ref):
+        assert x.is_cuda and torch.equal(y.cpu(), ry) and ok.all() and x.shape == rx.shape
+        assert per_sample_mad(x.cpu(), rx).mean() < 3.0
+
 @pytest.mark.gpu
 def test_gpu_graph_matches_the_cpu_graph(tiny_data):
     index = scan_split(tiny_data, "train")

@@ -56,6 +56,7 @@ def test_flex_training_on_a_cpu_is_a_clear_error():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # FlexAttention compiles its kernels: last in a GPU window
 def test_flex_backend_trains_like_timms_on_a_gpu():
     ref, fast = (m.cuda() for m in model_pair("flex"))
     x = torch.randn(3, 3, 32, 32, device="cuda")

@@ -196,8 +196,13 @@ def test_on_cuda_the_teacher_runs_channels_last_with_cudnn_benchmark(tiny_data, 
     assert torch.backends.cudnn.benchmark and conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+# max-autotune spends minutes autotuning: last in a GPU window (`-m "gpu and not slow"` leaves it out)
+COMPILE_MODES = ["default", "reduce-overhead",
+                 pytest.param("max-autotune-no-cudagraphs", marks=pytest.mark.slow)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+@pytest.mark.parametrize("mode", COMPILE_MODES)
 def test_each_compiled_step_candidate_trains_like_the_eager_step(mode):
     """benchmarks/candidates.py's compile modes (CUDA graphs, autotuned GEMMs) are timed only if
     they train as the eager step does: the losses of 4 updates in fp32 (TF32 off), to 1e-4."""
@@ -226,6 +231,44 @@ def test_each_compiled_step_candidate_trains_like_the_eager_step(mode):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     assert losses[mode] == pytest.approx(losses["eager"], abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_drop_path_draws_per_update_under_each_mode(mode):
+    """With drop path the step reseeds torch's RNG per update (a resumed run draws what an
+    uninterrupted one would). Compiled, and replayed as a CUDA graph under reduce-overhead, the
+    masks must still follow the seed: two runs give the same losses, and an update given
+    another number draws another mask (a mask frozen into the graph would give the same)."""
+    from fastdeit.build import make_optimizer
+    from fastdeit.config import ModelConfig
+    from fastdeit.models import build_model, compile_model
+    from fastdeit.recipes import recipe
+    from fastdeit.step import Prepared, make_step
+
+    gpu = torch.device("cuda")
+    cfg = with_section(recipe("deit"), "distill", mode="hard")
+    g = torch.Generator(device=gpu).manual_seed(0)
+    batch = Prepared(torch.randn(32, 3, 64, 64, device=gpu, generator=g),
+                     torch.softmax(torch.randn(32, 10, device=gpu, generator=g), 1),
+                     torch.randint(0, 10, (32,), device=gpu, generator=g), None, ())
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="deit_tiny_distilled", depth=4, drop_path=0.5), 10, 64).to(gpu)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    compile_model(model, mode)  # once: each run below starts from the same weights in place
+
+    def losses(numbers: list[int]) -> list[float]:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(start[k])
+        step = make_step(cfg, gpu, None, 10, model=model, optimizer=make_optimizer(cfg, model, gpu))
+        assert step.reseed is not None
+        return [float(step.update(batch, n)["loss"]) for n in numbers]
+
+    first, again, other = losses([1, 2, 3, 4]), losses([1, 2, 3, 4]), losses([1, 2, 3, 9])
+    assert again == first and other[:3] == first[:3]
+    assert other[3] != first[3]
 
 
 @pytest.mark.parametrize("accum", [2, 4])

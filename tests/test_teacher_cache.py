@@ -266,3 +266,30 @@ def test_verify_with_dali_agrees_fully_with_a_dali_built_cache(tiny_data, teache
     out = ok(["cache-teacher", "--data", str(tiny_data), "--teacher-ckpt", str(teacher), "--out", str(cache),
               "--verify", "6", "--loader", "dali", *PLAN])
     assert json.loads(out.splitlines()[-1]) == {"verify_batches": 6, "agreement": 1.0}
+
+
+@pytest.mark.gpu
+def test_a_batch_of_records_waits_for_the_gpu_once():
+    """cache-teacher turns each batch of teacher logits into records: the copies to the host
+    are queued together and waited for once (four .cpu() calls waited four times), and the
+    records are those computed on the CPU."""
+    import warnings
+
+    from fastdeit.teachers import replay_records
+
+    logits = torch.randn(256, 1000, generator=torch.Generator().manual_seed(0))
+    dtype = replay_dtype(10, 1000)
+    want = replay_records(logits, 10, dtype)
+    on_gpu = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = replay_records(on_gpu, 10, dtype)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    waits = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(waits) <= 1, [str(w.message) for w in waits]
+    for name in dtype.names:
+        assert np.array_equal(got[name], want[name]) if name in ("label", "idx") else np.allclose(got[name], want[name])
