@@ -32,13 +32,13 @@ import torch
 from ablation_report import HEADS, draw, print_table  # benchmarks/, beside this script
 from rich.console import Console
 
-from fastdeit.config import TrainConfig, apply_overrides, load_json
+from fastdeit.config.recipes import recipe
+from fastdeit.config.schema import TrainConfig, apply_overrides, load_json
 from fastdeit.data.synthetic import SyntheticSet
 from fastdeit.demo import DemoRun, ensure_data, run_config, train_run
 from fastdeit.errors import UserError, differences
-from fastdeit.provenance import measured_on, write_report
-from fastdeit.recipes import recipe
-from fastdeit.rundir import RunDir
+from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.training.rundir import RunDir
 
 CONVNET = ("model.width=0.5", "optim.lr=0.016", "run.batch_size=64")  # the demo's teacher recipe
 

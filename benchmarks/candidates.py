@@ -29,15 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastdeit.build import make_optimizer
-from fastdeit.config import with_section
-from fastdeit.device import amp_dtype, sync, to_device
-from fastdeit.models import build_model, compile_model, set_attention
+from fastdeit.config.recipes import recipe
+from fastdeit.config.schema import with_section
+from fastdeit.data.plan import PlanSpec, make_plan
+from fastdeit.models.factory import build_model, compile_model, set_attention
 from fastdeit.pipelines.tail import apply_tail, tail_inputs
-from fastdeit.plan import PlanSpec, make_plan
-from fastdeit.provenance import measured_on, write_report
-from fastdeit.recipes import recipe
-from fastdeit.step import Prepared, make_step
+from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.runtime.device import amp_dtype, sync, to_device
+from fastdeit.training.build import make_optimizer
+from fastdeit.training.step import Prepared, make_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import forward_gmacs, peak_flops  # a sibling script, as scaling.py is

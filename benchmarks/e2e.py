@@ -36,8 +36,8 @@ import timm
 import torch
 
 from fastdeit.pipelines import dali
-from fastdeit.provenance import measured_on, write_report
-from fastdeit.rundir import RunDir, atomic_save
+from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.training.rundir import RunDir, atomic_save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from startup import make_tree  # sibling scripts, as scaling.py is
@@ -55,7 +55,8 @@ def cli(args: list[str], log: Path, timeout: float = 1800) -> float:
     the benchmark with the log's tail."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        code = subprocess.run([sys.executable, "-m", "fastdeit.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+        code = subprocess.run([sys.executable, "-m", "fastdeit.cli.commands", *args], stdout=f,
+                              stderr=subprocess.STDOUT,
                               timeout=timeout).returncode
     if code != 0:
         raise SystemExit(f"fastdeit {args[0]} failed ({code}):\n{log.read_text()[-3000:]}")
@@ -93,7 +94,8 @@ def train_until(a: argparse.Namespace, args: list[str], run: Path, log: Path) ->
     sampler = gpu_sampler(samples, stop) if a.device == "cuda" else None
     first = timed_from = None
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "fastdeit.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "fastdeit.cli.commands", *args], stdout=f,
+                                stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             while proc.poll() is None:

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdeit.config import DistillConfig
+from fastdeit.config.schema import DistillConfig
 from fastdeit.data.folder import load_dataset
-from fastdeit.models import load_teacher
+from fastdeit.distill.sources import cell_probs
+from fastdeit.models.factory import load_teacher
 from fastdeit.pipelines.tail import normalize
 from fastdeit.pipelines.torch import square_loader
-from fastdeit.provenance import measured_on, write_report
-from fastdeit.teachers import cell_probs
+from fastdeit.report.provenance import measured_on, write_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,18 +26,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fastdeit.charts import chart
-from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, with_section
+from fastdeit.config.recipes import recipe
+from fastdeit.config.schema import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, with_section
 from fastdeit.data.folder import ImageIndex, load_dataset
+from fastdeit.data.loaders import Loaders
+from fastdeit.data.plan import PlanSpec
+from fastdeit.data.preparing import PrepareOptions, prepare_data
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
-from fastdeit.device import amp_dtype, sync
-from fastdeit.loaders import Loaders
 from fastdeit.pipelines import dali
-from fastdeit.plan import PlanSpec
-from fastdeit.preparing import PrepareOptions, prepare_data
-from fastdeit.provenance import measured_on, write_report
-from fastdeit.recipes import recipe
-from fastdeit.step import make_step
+from fastdeit.report.charts import chart
+from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.runtime.device import amp_dtype, sync
+from fastdeit.training.step import make_step
 
 
 def recipe_config(data: Path, img_size: int, batch: int, device: torch.device) -> TrainConfig:

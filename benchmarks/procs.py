@@ -48,5 +48,5 @@ def alive(pid: int, cmd: str) -> bool:
 def ranks(launcher: int) -> dict[int, int]:
     """{rank: pid} of the launcher's worker processes (torchrun starts them, each in its own session)."""
     envs = {pid: read(f"/proc/{pid}/environ").split("\0") for pid in children(launcher)
-            if "fastdeit.launch" in cmdline(pid)}
+            if "fastdeit.runtime.launch" in cmdline(pid)}
     return {int(next((v[5:] for v in env if v.startswith("RANK=")), -1)): pid for pid, env in envs.items()}

@@ -36,12 +36,12 @@ def worker(a: argparse.Namespace) -> None:
     """One rank: DDP student, random batches, timed steps; rank 0 writes the JSON."""
     import torch.distributed as dist
 
-    from fastdeit.build import make_optimizer
-    from fastdeit.config import with_section
-    from fastdeit.device import amp_dtype
-    from fastdeit.models import build_model
-    from fastdeit.recipes import recipe
-    from fastdeit.step import Prepared, make_step
+    from fastdeit.config.recipes import recipe
+    from fastdeit.config.schema import with_section
+    from fastdeit.models.factory import build_model
+    from fastdeit.runtime.device import amp_dtype
+    from fastdeit.training.build import make_optimizer
+    from fastdeit.training.step import Prepared, make_step
 
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(a.device, int(os.environ.get("LOCAL_RANK", 0)) if a.device == "cuda" else None)
@@ -146,8 +146,8 @@ def allreduce_seconds(params: float, ranks: int, busbw_gbs: float, bytes_per_par
 def project(model: str, img_s: float | None, epochs: int = 300) -> list[dict]:
     """Projected wall time of `epochs` ImageNet-1k epochs at each documented topology, from a
     single-device training img/s (None: only the communication term can be computed)."""
-    from fastdeit.config import ModelConfig
-    from fastdeit.models import build_model
+    from fastdeit.config.schema import ModelConfig
+    from fastdeit.models.factory import build_model
 
     params = sum(p.numel() for p in build_model(ModelConfig(name=model), 1000, 224).parameters())
     rows = []

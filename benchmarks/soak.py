@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from fastdeit.data.synthetic import SyntheticSet, write_synthetic
-from fastdeit.provenance import measured_on, write_report
-from fastdeit.rundir import RunDir, read_weights
+from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.training.rundir import RunDir, read_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procs import alive, descendants, ranks, read  # a sibling script, as scaling.py is
@@ -71,7 +71,7 @@ class Scenario:
 
     def command(self, out: Path, restart: bool) -> list[str]:
         resume = ["--resume"] if restart and self.training else []  # alone: the last checkpoint, or a start
-        return [sys.executable, "-m", "fastdeit.entry", *self.args(out), *resume]  # as the installed command
+        return [sys.executable, "-m", "fastdeit.cli.entry", *self.args(out), *resume]  # as the installed command
 
 
 def scenarios(work: Path, data: Path, epochs: int) -> dict[str, Scenario]:

@@ -63,10 +63,10 @@ if what in ("scan", "indexed", "prepared"):
     train, val = load_dataset(data, cache_dir=cache)
     print(json.dumps({{"seconds": time.perf_counter() - t0, "train": len(train), "val": len(val)}}))
     sys.exit()
-from fastdeit.build import build_run
-from fastdeit.cli import build_train_config
-from fastdeit.config import with_section
-from fastdeit.dist import SINGLE
+from fastdeit.training.build import build_run
+from fastdeit.cli.commands import build_train_config
+from fastdeit.config.schema import with_section
+from fastdeit.runtime.distributed import SINGLE
 from rich.console import Console
 import os
 cfg = build_train_config("deit", {{"data.path": data, "model.name": "deit_tiny", "run.out": cache + "/run",
@@ -92,7 +92,7 @@ def prepare(root: Path) -> tuple[Path, dict]:
     file read, checked to decode at 1/8 scale, packed), made once; its wall time."""
     import time
 
-    from fastdeit.preparing import PrepareOptions, prepare_data
+    from fastdeit.data.preparing import PrepareOptions, prepare_data
 
     out = root.with_name(root.name + "-prepared")
     if (out / "manifest.json").exists():
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from fastdeit.provenance import measured_on, write_report
+    from fastdeit.report.provenance import measured_on, write_report
 
     base = a.root or Path(tempfile.gettempdir()) / "fastdeit-startup"
     sizes = {k: make_tree(base / f"tree-{k}", k) for k in (a.small, a.files)}

@@ -46,20 +46,20 @@ from rich.console import Console
 from tables import print_distill, print_model, print_scaling  # a sibling script, as scaling.py is
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastdeit.build import Data, load_data, make_optimizer, open_teacher
-from fastdeit.caching import build_labelmap, build_replay
-from fastdeit.charts import chart
-from fastdeit.config import TeacherTargets, TrainConfig, apply_overrides, choices, with_section
+from fastdeit.config.recipes import recipe
+from fastdeit.config.schema import TeacherTargets, TrainConfig, apply_overrides, choices, with_section
+from fastdeit.data.loaders import Loaders
+from fastdeit.data.plan import PlanSpec
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
-from fastdeit.device import amp_dtype, sync
-from fastdeit.dist import SINGLE
-from fastdeit.loaders import Loaders
-from fastdeit.models import build_model
-from fastdeit.plan import PlanSpec
-from fastdeit.provenance import measured_on, write_report
-from fastdeit.recipes import recipe
-from fastdeit.rundir import atomic_save
-from fastdeit.step import Prepared, Step, make_step
+from fastdeit.distill.cache_build import build_labelmap, build_replay
+from fastdeit.models.factory import build_model
+from fastdeit.report.charts import chart
+from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.runtime.device import amp_dtype, sync
+from fastdeit.runtime.distributed import SINGLE
+from fastdeit.training.build import Data, load_data, make_optimizer, open_teacher
+from fastdeit.training.rundir import atomic_save
+from fastdeit.training.step import Prepared, Step, make_step
 
 
 def forward_gmacs(model: torch.nn.Module, size: int, device: torch.device) -> float:
@@ -198,7 +198,7 @@ def measure_student(a: argparse.Namespace, name: str, batch: int, attn: str, com
     """Forward-only and training-step img/s of one student variant, with FLOPs and memory: the
     training step is the run's own Step (make_step, make_optimizer) on random inputs, in
     `accum` micro-batches (peak memory with and without gradient accumulation)."""
-    from fastdeit.models import compile_model, set_attention
+    from fastdeit.models.factory import compile_model, set_attention
 
     amp, classes, peak = amp_dtype("auto", device), 1000, peak_flops(device)
     cfg = with_section(recipe("deit"), "model", name=name, patch_size=a.patch_size, drop_path=0.1, depth=a.depth)

@@ -1,6 +1,6 @@
 """`python -m fastdeit ...`: the `fastdeit` command, started as the console script starts it."""
 
-from fastdeit.entry import main
+from fastdeit.cli.entry import main
 
 if __name__ == "__main__":
     main()

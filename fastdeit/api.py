@@ -28,13 +28,13 @@ from typing import Any, TypeVar
 from rich.console import Console
 from torch import nn
 
-from fastdeit.cli_base import cache_dir
-from fastdeit.cli_options import key_flags
-from fastdeit.config import TrainConfig, apply_overrides, coerce_key, validate, with_section
-from fastdeit.config_files import apply_config_file
+from fastdeit.cli.base import cache_dir
+from fastdeit.cli.options import key_flags
+from fastdeit.config.files import apply_config_file
+from fastdeit.config.recipes import recipe
+from fastdeit.config.schema import TrainConfig, apply_overrides, coerce_key, validate, with_section
 from fastdeit.errors import Requeue, Stopped, UserError
-from fastdeit.fetch import is_url, local_weights
-from fastdeit.recipes import recipe
+from fastdeit.models.fetch import is_url, local_weights
 
 # The train command's flags by their Python names (--batch-size: batch_size) -> config keys.
 SETTINGS = {flag.removeprefix("--").replace("-", "_"): key for key, flag in key_flags("train").items()}
@@ -155,8 +155,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, gpus: int | None =
     """Train `cfg` (from `resume`: a checkpoint, a run folder, or "auto"); the summary. With
     `gpus`, a worker group through torchrun, as `--gpus N` (`gpus=0, procs=P`: CPU workers);
     the summary is then the run folder's summary.json."""
-    from fastdeit.launch import start, topology
-    from fastdeit.rundir import RunDir
+    from fastdeit.runtime.launch import start, topology
+    from fastdeit.training.rundir import RunDir
 
     if not isinstance(cfg, TrainConfig):
         raise UserError(f"train takes a TrainConfig, got {type(cfg).__name__}: build one with "
@@ -184,8 +184,8 @@ def evaluate(weights: str | Path, data: str | Path, *, model: str = "", img_size
              batch_size: int = 256, workers: int = 2, ema: bool = False, loader: str = "auto") -> dict[str, Any]:
     """Top-1 / top-5 per head on the val split of `data`: a run folder (its best checkpoint),
     a checkpoint, or weights from elsewhere with `model`."""
-    from fastdeit.evaluation import Architecture, check_eval_args, evaluate_checkpoint
-    from fastdeit.rundir import weights_of
+    from fastdeit.training.evaluate import Architecture, check_eval_args, evaluate_checkpoint
+    from fastdeit.training.rundir import weights_of
 
     check_eval_args(device, batch_size, workers, loader)  # before any weights are fetched
     res = evaluate_checkpoint(weights_of(local_weights(str(weights), cache_dir())), Path(data), device, batch_size,
@@ -199,8 +199,8 @@ def load(source: str | Path, *, model: str = "", img_size: int = 224, ema: bool 
     """The trained model as timm's nn.Module, in eval mode on the CPU: a run folder (its best
     checkpoint), a checkpoint, or weights from elsewhere with `model`. Its class names are in
     `model.fastdeit_classes`."""
-    from fastdeit.evaluation import Architecture, load_for_inference
-    from fastdeit.rundir import weights_of
+    from fastdeit.training.evaluate import Architecture, load_for_inference
+    from fastdeit.training.rundir import weights_of
 
     path = weights_of(local_weights(str(source), cache_dir()))
     loaded = load_for_inference(path, Architecture(model, img_size) if model else None, use_ema=ema)

@@ -19,9 +19,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from fastdeit.build import load_data
-from fastdeit.caching import BUILDS
-from fastdeit.config import (
+from fastdeit.config.recipes import recipe
+from fastdeit.config.schema import (
     CacheMode,
     Head,
     TeacherTargets,
@@ -32,13 +31,14 @@ from fastdeit.config import (
     with_section,
 )
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
+from fastdeit.distill.cache_build import BUILDS
+from fastdeit.distill.sources import TARGETS
 from fastdeit.pipelines import dali
-from fastdeit.provenance import git_commit
-from fastdeit.recipes import recipe
-from fastdeit.report import write_report
-from fastdeit.rundir import RunDir
-from fastdeit.teachers import TARGETS
-from fastdeit.trainer import train
+from fastdeit.report.provenance import git_commit
+from fastdeit.report.run_report import write_report
+from fastdeit.training.build import load_data
+from fastdeit.training.rundir import RunDir
+from fastdeit.training.trainer import train
 
 TEACHER = "resnet18"
 

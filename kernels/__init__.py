@@ -1,9 +1,9 @@
 """Fused kernels (installed as fastdeit.kernels).
 
 Imported as bare `kernels` (Python started in the repository root finds this folder first), it
-gives way to the installed distribution of that name: fastdeit.shadowing."""
+gives way to the installed distribution of that name: fastdeit.runtime.shadowing."""
 
 if "." not in __name__:
-    from fastdeit.shadowing import give_way
+    from fastdeit.runtime.shadowing import give_way
 
     give_way(__name__, __path__[0])

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastdeit.config import AttnBackend, choices
+from fastdeit.config.schema import AttnBackend, choices
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = tuple(b for b in choices(AttnBackend) if b != "auto")  # the config's choices, less the measured one

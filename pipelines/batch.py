@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from fastdeit.config import IMAGENET_MEAN
+from fastdeit.config.schema import IMAGENET_MEAN
 from fastdeit.data.folder import ImageIndex
-from fastdeit.plan import BatchPlan
+from fastdeit.data.plan import BatchPlan
 
 # What geometric ops fill uncovered pixels with: timm's mean pixel (transforms_factory), uint8.
 FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from fastdeit.data.folder import ImageIndex
+from fastdeit.data.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
 from fastdeit.pipelines.batch import LoadedBatch, substitutes
-from fastdeit.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
-from fastdeit.signals import quiet_worker, workers_start_quiet
+from fastdeit.runtime.signals import quiet_worker, workers_start_quiet
 
 try:  # DALI is a Linux-only dependency; everything else works without it.
     from nvidia.dali import fn, pipeline_def, types
@@ -58,7 +58,7 @@ _quieted: int | None = None
 
 def _quiet_reader(owner: int) -> None:
     """In one of DALI's read worker processes (not `owner`, the training process), once: leave
-    stop signals to the run and die with it (signals.py). DALI offers no worker start hook:
+    stop signals to the run and die with it (runtime/signals.py). DALI offers no worker start hook:
     this runs at the worker's first batch, and the signals stay blocked until then."""
     global _quieted
     if os.getpid() != owner and _quieted != os.getpid():

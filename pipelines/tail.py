@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD
-from fastdeit.device import to_device
-from fastdeit.plan import BatchPlan
+from fastdeit.config.schema import IMAGENET_MEAN, IMAGENET_STD
+from fastdeit.data.plan import BatchPlan
+from fastdeit.runtime.device import to_device
 
 _M32 = 0xFFFFFFFF
 

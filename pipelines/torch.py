@@ -18,9 +18,9 @@ from timm.data.auto_augment import NAME_TO_OP
 from torchvision.transforms import functional as TF
 
 from fastdeit.data.folder import ImageIndex
+from fastdeit.data.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
 from fastdeit.pipelines.batch import FILL, LoadedBatch, substitutes
-from fastdeit.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
-from fastdeit.signals import quiet_worker, workers_start_quiet
+from fastdeit.runtime.signals import quiet_worker, workers_start_quiet
 
 _INTERP = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _NO_ARG_OPS = {"AutoContrast", "Equalize", "Invert"}
@@ -130,7 +130,7 @@ def _one_thread(_: int) -> None:
 
 
 class QuietLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose workers are started with the stop signals blocked (signals.py): a
+    """A DataLoader whose workers are started with the stop signals blocked (runtime/signals.py): a
     scheduler's SIGTERM to every process of the job, or Ctrl-C to the terminal's group, stops
     the run at a step boundary instead of killing a worker under it."""
 

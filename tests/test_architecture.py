@@ -79,4 +79,4 @@ def test_only_rundir_names_run_files_and_reads_checkpoints():
     offenders = [str(f.relative_to(ROOT)) for f in files if f.name != "rundir.py"
                  and (_RUN_NAMES.search(code := _code_without_docstrings(f)) or "torch.load(" in code)]
     assert not offenders
-    assert "torch.load(" in (ROOT / "fastdeit" / "rundir.py").read_text()
+    assert "torch.load(" in (ROOT / "fastdeit" / "training" / "rundir.py").read_text()

@@ -149,8 +149,8 @@ def test_the_compiled_student_with_triton_attention_is_one_graph():
     the compiled model gives the eager forward and gradients."""
     import torch._dynamo
 
-    from fastdeit.config import ModelConfig
-    from fastdeit.models import build_model, set_attention
+    from fastdeit.config.schema import ModelConfig
+    from fastdeit.models.factory import build_model, set_attention
 
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -76,7 +76,7 @@ def test_projection_arithmetic():
 def test_labelmap_scale_reports_each_size(tiny_data, tmp_path):
     from typer.testing import CliRunner
 
-    from fastdeit.cli import app
+    from fastdeit.cli.commands import app
 
     from tiny import TINY_RUN
 

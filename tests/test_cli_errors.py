@@ -11,7 +11,7 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from fastdeit.cli import app, optional_values
+from fastdeit.cli.commands import app, optional_values
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -37,7 +37,7 @@ def copy_data(src: Path, dst: Path) -> Path:
 
 
 def test_real_entry_point_prints_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "fastdeit.cli", "train", "--data", str(tmp_path / "nope"),
+    res = subprocess.run([sys.executable, "-m", "fastdeit.cli.commands", "train", "--data", str(tmp_path / "nope"),
                           "--out", str(tmp_path / "run"), "--model", "deit_tiny"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.strip().count("\n") == 0 and "does not exist" in res.stderr

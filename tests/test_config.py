@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from fastdeit.config import (
+from fastdeit.config.randaugment import parse_rand_augment
+from fastdeit.config.recipes import RECIPES, recipe
+from fastdeit.config.schema import (
     TrainConfig,
     apply_overrides,
     per_rank_batch,
@@ -12,8 +14,6 @@ from fastdeit.config import (
     with_section,
 )
 from fastdeit.errors import UserError
-from fastdeit.randaugment import parse_rand_augment
-from fastdeit.recipes import RECIPES, recipe
 
 
 def test_deit_recipe_is_the_papers():

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fastdeit.cli import app
-from fastdeit.config import TrainConfig
-from fastdeit.config_files import apply_config_file
-from fastdeit.recipes import RECIPES, recipe
+from fastdeit.cli.commands import app
+from fastdeit.config.files import apply_config_file
+from fastdeit.config.recipes import RECIPES, recipe
+from fastdeit.config.schema import TrainConfig
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -159,7 +159,7 @@ def test_a_runs_config_json_reruns_from_another_folder(tiny_data, tmp_path):
     work.mkdir()
     elsewhere.mkdir()
     (work / "data").symlink_to(tiny_data)
-    cli = [sys.executable, "-c", "from fastdeit.cli import main; main()"]
+    cli = [sys.executable, "-c", "from fastdeit.cli.commands import main; main()"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     first = subprocess.run([*cli, "train", *TINY_RUN, *TINY_MODEL, "--data", "data", "--model", "deit_tiny",
                             "--out", "runs/a"], cwd=work, capture_output=True, text=True, timeout=600, env=env)

@@ -2,9 +2,9 @@ import json
 
 from rich.console import Console
 
-from fastdeit.config import apply_overrides
+from fastdeit.config.recipes import recipe
+from fastdeit.config.schema import apply_overrides
 from fastdeit.demo import DemoRun, demo_runs, run_config, run_demo
-from fastdeit.recipes import recipe
 
 from tiny import TINY_SET
 

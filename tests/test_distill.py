@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastdeit.distill import DistillationLoss
+from fastdeit.distill.loss import DistillationLoss
 
 
 def soft_ce64(logits, targets):

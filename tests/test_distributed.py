@@ -24,9 +24,9 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from fastdeit.cli import app
-from fastdeit.dist import SINGLE, World, eval_rows
-from fastdeit.launch import _port_free
+from fastdeit.cli.commands import app
+from fastdeit.runtime.distributed import SINGLE, World, eval_rows
+from fastdeit.runtime.launch import _port_free
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -41,7 +41,7 @@ COMMON = [*TINY_RUN, *TINY_MODEL, "--model", "deit_tiny_distilled", "--epochs", 
 
 def fastdeit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The installed command in a fresh process, as a user runs it."""
-    return subprocess.run([sys.executable, "-c", "from fastdeit.cli import main; main()", *args],
+    return subprocess.run([sys.executable, "-c", "from fastdeit.cli.commands import main; main()", *args],
                           capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
@@ -99,11 +99,11 @@ def test_compiled_ddp_trains_like_eager_ddp(runs, tiny_data):
 
 
 def test_under_a_users_torchrun_each_process_is_one_rank(runs, tiny_data):
-    """`torchrun ... -m fastdeit.cli train ...` (or a scheduler setting RANK/WORLD_SIZE): no
+    """`torchrun ... -m fastdeit.cli.commands train ...` (or a scheduler setting RANK/WORLD_SIZE): no
     second launch, each process trains as its rank, as fastdeit's own launch does."""
     out = runs["root"] / "torchrun"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "fastdeit.cli", "train", *COMMON, "--data", str(tiny_data), "--out", str(out),
+                          "-m", "fastdeit.cli.commands", "train", *COMMON, "--data", str(tiny_data), "--out", str(out),
                           "--epochs", "1"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert len([ln for ln in res.stdout.splitlines() if ln.startswith("{")]) == 1  # rank 0's summary only
@@ -175,10 +175,10 @@ def test_eval_rows_split_whole_batches(world):
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from fastdeit.config import ModelConfig, with_section
-    from fastdeit.models import build_model
-    from fastdeit.recipes import recipe
-    from fastdeit.step import Prepared, make_step
+    from fastdeit.config.recipes import recipe
+    from fastdeit.config.schema import ModelConfig, with_section
+    from fastdeit.models.factory import build_model
+    from fastdeit.training.step import Prepared, make_step
 
     torch.set_num_threads(1)
     if world > 1:
@@ -282,7 +282,7 @@ def test_two_nodes_on_one_machine_train_like_one_process(runs, tiny_data):
     """Two launchers on 127.0.0.1, each one node of one CPU process, joined by the c10d
     rendezvous (what `--nodes 2` does across machines sharing the run folder)."""
     out, port = runs["root"] / "nodes", _free_port()
-    args = ["-c", "from fastdeit.cli import main; main()", "train", *COMMON, "--data", str(tiny_data),
+    args = ["-c", "from fastdeit.cli.commands import main; main()", "train", *COMMON, "--data", str(tiny_data),
             "--out", str(out), "--gpus", "0", "--procs", "1", "--nodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}"]
     def node(rank: int) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, *args, "--node-rank", str(rank)], stdout=subprocess.PIPE,
@@ -310,10 +310,10 @@ def _accum_worker(rank: int, world: int, port: int, out: str, accum: int) -> Non
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from fastdeit.config import ModelConfig, with_section
-    from fastdeit.models import build_model
-    from fastdeit.recipes import recipe
-    from fastdeit.step import Prepared, make_step
+    from fastdeit.config.recipes import recipe
+    from fastdeit.config.schema import ModelConfig, with_section
+    from fastdeit.models.factory import build_model
+    from fastdeit.training.step import Prepared, make_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -370,8 +370,8 @@ def test_each_rank_takes_its_gpu_however_the_scheduler_shows_them(monkeypatch, v
 
     from torch.distributed import HashStore
 
-    from fastdeit import dist as fdist
     from fastdeit.errors import UserError
+    from fastdeit.runtime import distributed as fdist
 
     rdzv = importlib.import_module("torch.distributed.rendezvous")  # the module; the package exports a function
     chosen, group = [], {}

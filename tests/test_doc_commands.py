@@ -75,7 +75,7 @@ SHIMS: dict[str, tuple[str, str]] = {
     "fastdeit": ('case "$1" in train|cache-teacher) exec "$REAL_BIN/fastdeit" "$@" $TOY ;; esac\n'
                  'exec "$REAL_BIN/fastdeit" "$@"',
                  "the real command; train and cache-teacher with TOY_SETS added"),
-    "torchrun": ('if [[ " $* " == *" -m fastdeit.cli train "* ]]; then exec "$REAL_BIN/torchrun" "$@" $TOY; fi\n'
+    "torchrun": ('if [[ " $* " == *" -m fastdeit train "* ]]; then exec "$REAL_BIN/torchrun" "$@" $TOY; fi\n'
                  'exec "$REAL_BIN/torchrun" "$@"',
                  "the real torchrun; fastdeit's train with TOY_SETS added"),
     "python": ('exec "$REAL_BIN/python" "$@"', "the environment's Python"),

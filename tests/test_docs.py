@@ -112,7 +112,7 @@ def test_every_flag_of_every_command_is_in_the_cli_reference():
     flags appears there."""
     import typer.main
 
-    from fastdeit.cli import app
+    from fastdeit.cli.commands import app
 
     doc = (ROOT / "docs" / "cli.md").read_text()
     missing = [f"{name} {opt}" for name, cmd in typer.main.get_command(app).commands.items()

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fastdeit.cli import app
-from fastdeit.evaluation import load_for_inference
-from fastdeit.models import head_logits
+from fastdeit.cli.commands import app
+from fastdeit.models.factory import head_logits
 from fastdeit.pipelines.tail import normalize
+from fastdeit.training.evaluate import load_for_inference
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -77,7 +77,7 @@ def test_timm_and_safetensors_exports_load(runs, tmp_path):
     assert model.pretrained_cfg["label_names"] == ["00_disk", "01_square", "02_triangle"]
     res = runner.invoke(app, ["export", str(ckpt.parent), "--format", "safetensors", "--out", str(tmp_path / "st")])
     assert res.exit_code == 0, res.output
-    from fastdeit.rundir import read_weights
+    from fastdeit.training.rundir import read_weights
 
     got, _ = read_weights(tmp_path / "st" / "model.safetensors")  # a run folder: its best checkpoint
     want = load_for_inference(ckpt.parent / "checkpoint-best.pt", None).model.state_dict()
@@ -90,7 +90,7 @@ def test_a_transformers_folder_is_read_back_as_weights(runs, tiny_data, tmp_path
     """The hf export given to `eval --weights` (with the tiny architecture): fastdeit's own accuracy."""
     import json as js
 
-    from fastdeit.rundir import read_weights, weights_of
+    from fastdeit.training.rundir import read_weights, weights_of
 
     ckpt = runs["deit_tiny_distilled"]
     res = runner.invoke(app, ["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")])
@@ -115,7 +115,7 @@ def test_an_export_folder_is_read_back_as_it_was_trained(runs, tiny_data, tmp_pa
     timm folder names its model, shape, classes, image size and crop (no --model); a
     safetensors folder is its one file, which needs --model."""
     from fastdeit.errors import UserError
-    from fastdeit.rundir import weights_of
+    from fastdeit.training.rundir import weights_of
 
     out = tmp_path / fmt
     assert runner.invoke(app, ["export", str(runs[model]), "--format", fmt, "--out", str(out)]).exit_code == 0

@@ -19,12 +19,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fastdeit.build import make_scheduler
-from fastdeit.cli import app, build_train_config
+from fastdeit.cli.commands import app, build_train_config
 from fastdeit.data.folder import scan_split
+from fastdeit.distill.cache_format import CacheReader
 from fastdeit.pipelines import dali, dali_decode
-from fastdeit.step import Step
-from fastdeit.teacher_cache import CacheReader
+from fastdeit.training.build import make_scheduler
+from fastdeit.training.step import Step
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -344,7 +344,7 @@ def test_more_bad_paths_and_values(data, tmp_path):
 
 
 def test_a_cache_covering_no_epoch_says_so(data, teacher, tmp_path, monkeypatch):
-    from fastdeit.teachers import LiveTeacher
+    from fastdeit.distill.sources import LiveTeacher
 
     cache = tmp_path / "cache"
     real, calls = LiveTeacher.__call__, {"n": 0}
@@ -381,7 +381,7 @@ def test_a_one_class_data_set_is_warned_about(data, tmp_path):
 
 def test_a_run_folder_is_removed_only_when_it_holds_nothing_else(tmp_path):
     from fastdeit.errors import UserError
-    from fastdeit.rundir import RunDir
+    from fastdeit.training.rundir import RunDir
 
     folder = RunDir(tmp_path / "run")
     folder.remove()  # nothing there: nothing to do

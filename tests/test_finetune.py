@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
-from fastdeit.cli import app
+from fastdeit.cli.commands import app
+from fastdeit.config.recipes import recipe
 from fastdeit.data.synthetic import SyntheticSet, write_synthetic
-from fastdeit.recipes import recipe
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -88,9 +88,9 @@ def test_transfer_to_other_classes_with_frozen_parts(tiny_data, tmp_path):
 
 
 def test_vit_family_students_build_at_any_size_or_say_why():
-    from fastdeit.config import ModelConfig
+    from fastdeit.config.schema import ModelConfig
     from fastdeit.errors import ConfigError
-    from fastdeit.models import build_model
+    from fastdeit.models.factory import build_model
 
     for name, patch, tokens in (("deit3_small_patch16_224", 8, 64), ("vit_small_patch32_224", 16, 1 + 4)):
         model = build_model(ModelConfig(name=name, patch_size=patch, depth=1), 3, 64)

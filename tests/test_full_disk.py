@@ -52,8 +52,8 @@ def fill(disk: Path, leave: int = 0) -> Path:
 
 
 def fastdeit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fastdeit.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", "fastdeit.cli.commands", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
 
 
 def train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

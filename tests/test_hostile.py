@@ -18,10 +18,10 @@ from PIL import Image
 from test_faults import one_line, run, train, trained
 
 from fastdeit.data.folder import load_dataset
-from fastdeit.loaders import read_skip_list
+from fastdeit.data.loaders import read_skip_list
+from fastdeit.data.preparing import encode
 from fastdeit.pipelines import dali
 from fastdeit.pipelines.torch import decode, to_rgb
-from fastdeit.preparing import encode
 
 needs_dali = pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed")
 

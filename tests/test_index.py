@@ -8,7 +8,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 import fastdeit.data.folder as folder
-from fastdeit.cli import app
+from fastdeit.cli.commands import app
 from fastdeit.data.folder import scan_split
 from fastdeit.data.stored_index import stored_path
 

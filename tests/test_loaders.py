@@ -7,10 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastdeit.cli import app
+from fastdeit.cli.commands import app
 from fastdeit.data.folder import scan_split
+from fastdeit.data.loaders import choose_loader, read_skip_list
 from fastdeit.errors import UserError
-from fastdeit.loaders import choose_loader, read_skip_list
 from fastdeit.pipelines import dali, dali_decode
 
 from tiny import TINY_MODEL, TINY_RUN
@@ -83,13 +83,13 @@ def test_the_gpu_decoder_keeps_the_plan_world_size_independent():
     assert dali_decode.decoder_options("gpu") == {"device": "mixed", "hw_decoder_load": 0.0}
     assert dali_decode.decoder_options("gpu", hw_decode=True) == {"device": "mixed"}
     assert dali_decode.decoder_options("cpu") == {"device": "cpu"}
-    from fastdeit.config import DataConfig
+    from fastdeit.config.schema import DataConfig
 
     assert DataConfig().hw_decode is False
 
 
 def test_dali_for_a_newer_cuda_than_the_driver_is_one_line(monkeypatch):
-    from fastdeit import loaders
+    from fastdeit.data import loaders
 
     monkeypatch.setattr(dali, "available", lambda: True)
     monkeypatch.setattr(dali, "cuda_major", lambda: 13)

@@ -2,9 +2,9 @@ import pytest
 import timm
 import torch
 
-from fastdeit.config import DistillConfig, ModelConfig
+from fastdeit.config.schema import DistillConfig, ModelConfig
 from fastdeit.errors import UserError
-from fastdeit.models import build_model, head_logits, is_distilled, load_teacher, timm_name
+from fastdeit.models.factory import build_model, head_logits, is_distilled, load_teacher, timm_name
 
 
 def test_names():

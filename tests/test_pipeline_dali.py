@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdeit.config import AugConfig
+from fastdeit.config.schema import AugConfig
 from fastdeit.data.folder import scan_split
+from fastdeit.data.plan import RA_OPS, RA_OPS_INC, PlanSpec, level_to_arg
 from fastdeit.pipelines import dali
 from fastdeit.pipelines.torch import eval_loader, load_plan_rows, rand_augment_op
-from fastdeit.plan import RA_OPS, RA_OPS_INC, PlanSpec, level_to_arg
 
 pytestmark = pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed")
 CPU = torch.device("cpu")

@@ -8,10 +8,10 @@ from PIL import Image
 from timm.data.auto_augment import AugmentOp
 from torchvision import transforms as T
 
-from fastdeit.config import AugConfig
+from fastdeit.config.schema import AugConfig
 from fastdeit.data.folder import scan_split
+from fastdeit.data.plan import RA_OPS, RA_OPS_INC, PlanSpec, level_to_arg, make_plan
 from fastdeit.pipelines.torch import FILL, augment, decode, eval_loader, load_plan_rows, train_loader
-from fastdeit.plan import RA_OPS, RA_OPS_INC, PlanSpec, level_to_arg, make_plan
 
 
 def marker_image(path: Path, w: int, h: int, mx: int, my: int) -> None:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from timm.data import auto_augment as aa
 
-from fastdeit.config import AugConfig
+from fastdeit.config.recipes import recipe
+from fastdeit.config.schema import AugConfig
+from fastdeit.data.plan import RA_OPS, RA_OPS_INC, PlanSpec, epoch_order, level_to_arg, make_plan, steps_per_epoch
 from fastdeit.errors import UserError
-from fastdeit.plan import RA_OPS, RA_OPS_INC, PlanSpec, epoch_order, level_to_arg, make_plan, steps_per_epoch
-from fastdeit.recipes import recipe
 
 RNG = np.random.default_rng(123)
 SIZES = np.stack([RNG.integers(40, 400, 2100), RNG.integers(40, 400, 2100)], 1).astype(np.int32)
@@ -38,7 +38,7 @@ def test_same_inputs_same_plan_and_steps_differ():
 
 def test_same_plan_in_another_process():
     code = ("import numpy as np, sys; sys.path.insert(0, 'tests');"
-            "from test_plan import SIZES, spec, digest; from fastdeit.plan import make_plan;"
+            "from test_plan import SIZES, spec, digest; from fastdeit.data.plan import make_plan;"
             "print(digest(make_plan(spec(), SIZES, 1, 2)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == digest(make_plan(spec(), SIZES, 1, 2))

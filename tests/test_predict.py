@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from fastdeit.cli import app
+from fastdeit.cli.commands import app
 
 from tiny import TINY_MODEL, TINY_RUN
 

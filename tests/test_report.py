@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from fastdeit.cli import app
-from fastdeit.report import figure_data, read_run, write_report
+from fastdeit.cli.commands import app
+from fastdeit.report.run_report import figure_data, read_run, write_report
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -90,9 +90,9 @@ def fake_run(path):
 
 
 def test_without_plotly_the_page_embeds_the_pngs(tmp_path, monkeypatch):
-    import fastdeit.report_page
+    import fastdeit.report.page
 
-    monkeypatch.setattr(fastdeit.report_page, "_has_plotly", lambda: False)
+    monkeypatch.setattr(fastdeit.report.page, "_has_plotly", lambda: False)
     result = write_report([fake_run(tmp_path / "run")], tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert page.count("data:image/png;base64,") == len(result["figures"]) == 3 and "plotly is not installed" in page
@@ -172,8 +172,8 @@ def test_a_sweep_has_one_colour_per_run_in_every_figure_and_smoothed_steps(tmp_p
     pytest.importorskip("plotly")
     from PIL import Image
 
-    from fastdeit.report import specs
-    from fastdeit.report_page import ema, plotly_figure, run_styles
+    from fastdeit.report.page import ema, plotly_figure, run_styles
+    from fastdeit.report.run_report import specs
 
     runs = sweep(tmp_path / "runs", 12)
     out = tmp_path / "r.html"
@@ -266,8 +266,8 @@ def test_the_page_draws_in_a_headless_browser(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from fastdeit.report import specs
-    from fastdeit.report_page import plotly_figure, run_styles
+    from fastdeit.report.page import plotly_figure, run_styles
+    from fastdeit.report.run_report import specs
 
     runs = sweep(tmp_path / "runs", 12)
     out = tmp_path / "report.html"

@@ -37,7 +37,7 @@ def test_a_finished_run_resumed_keeps_its_summary_and_a_failed_resume_leaves_no_
 
 
 def test_a_run_killed_while_evaluating_evaluates_that_epoch_when_resumed(data, tmp_path, monkeypatch):
-    from fastdeit.trainer import Trainer
+    from fastdeit.training.trainer import Trainer
 
     whole = trained(data, tmp_path / "whole", "--epochs", "2")
     real, calls = Trainer.evaluate, {"n": 0}

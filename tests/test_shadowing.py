@@ -50,7 +50,7 @@ def test_without_an_installed_distribution_the_bare_names_are_missing():
             "        print(name, 'missing:', e.name)\n"
             "    else:\n"
             "        print(name, 'imported')\n"
-            "import fastdeit.shadowing\n")
+            "import fastdeit.runtime.shadowing\n")
     out = _python(code, "-S")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["kernels missing: kernels", "pipelines missing: pipelines"]

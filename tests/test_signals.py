@@ -40,7 +40,7 @@ def start(out: Path, *args: str) -> subprocess.Popen:
     """`fastdeit ARGS` as a job: a session and process group of its own."""
     out.parent.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 (closed by finish)
-    return subprocess.Popen([sys.executable, "-c", "from fastdeit.cli import main; main()", *args],
+    return subprocess.Popen([sys.executable, "-c", "from fastdeit.cli.commands import main; main()", *args],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True)
 
 
@@ -81,7 +81,7 @@ def send(proc: subprocess.Popen, sig: int, target: str) -> None:
     if target == "group":
         os.killpg(proc.pid, sig)
     elif target == "rank":  # one rank, as a scheduler preempting one process would
-        ranks = [p for p in children(proc.pid) if b"fastdeit.launch" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        ranks = [p for p in children(proc.pid) if b"fastdeit.runtime.launch" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert ranks, "no rank process found"
         os.kill(max(ranks), sig)
     else:  # the launcher only (the process itself when there is no worker group)
@@ -313,7 +313,7 @@ def test_a_stop_while_a_finished_process_exits_keeps_its_exit_code(tmp_path, cod
     marker, log = tmp_path / "ending", tmp_path / "log"
     script = f"""
 import atexit, os, sys, time
-import fastdeit.entry, fastdeit.launch
+import fastdeit.cli.entry, fastdeit.runtime.launch
 
 MARK = os.open({str(marker)!r}, os.O_WRONLY | os.O_CREAT)
 
@@ -328,16 +328,16 @@ def work(*_):
     if {where!r} == "atexit":
         atexit.register(slow)
     else:
-        fastdeit.launch.held = Slow()  # a module global: destroyed as modules are torn down
+        fastdeit.runtime.launch.held = Slow()  # a module global: destroyed as modules are torn down
     return {code}
 
 if {process!r} == "command":
-    import fastdeit.cli
-    fastdeit.cli.main = lambda: sys.exit(work())
-    fastdeit.entry.main()
+    import fastdeit.cli.commands
+    fastdeit.cli.commands.main = lambda: sys.exit(work())
+    fastdeit.cli.entry.main()
 else:
-    fastdeit.launch.worker_main = work
-    fastdeit.launch.main()
+    fastdeit.runtime.launch.worker_main = work
+    fastdeit.runtime.launch.main()
 """
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT,

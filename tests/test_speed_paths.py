@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch._dynamo
 
-from fastdeit.config import ModelConfig, with_section
-from fastdeit.models import FastAttention, build_model, choose_attention, compile_model, set_attention
-from fastdeit.recipes import recipe
-from fastdeit.step import Prepared, make_step
+from fastdeit.config.recipes import recipe
+from fastdeit.config.schema import ModelConfig, with_section
+from fastdeit.models.factory import FastAttention, build_model, choose_attention, compile_model, set_attention
+from fastdeit.training.step import Prepared, make_step
 
 TINY = ModelConfig(name="deit_tiny_distilled", patch_size=8, depth=2, embed_dim=32, num_heads=2, drop_path=0.0)
 HARD = with_section(recipe("deit"), "distill", mode="hard")  # the step's loss: hard distillation
@@ -102,7 +102,7 @@ def test_train_cli_with_triton_attention_and_compile_matches_eager(tiny_data, tm
     """`fastdeit train --attn triton` and `--compile` give the losses of the eager SDPA run."""
     from typer.testing import CliRunner
 
-    from fastdeit.cli import app
+    from fastdeit.cli.commands import app
 
     from tiny import TINY_MODEL, TINY_RUN
 

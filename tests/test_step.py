@@ -9,14 +9,14 @@ import timm
 import torch
 from rich.console import Console
 
-from fastdeit.build import build_run, load_data
-from fastdeit.caching import verify_steps
-from fastdeit.cli import build_train_config
-from fastdeit.config import with_section
-from fastdeit.dist import SINGLE
-from fastdeit.loaders import Loaders
-from fastdeit.meter import Meter
-from fastdeit.plan import PlanSpec
+from fastdeit.cli.commands import build_train_config
+from fastdeit.config.schema import with_section
+from fastdeit.data.loaders import Loaders
+from fastdeit.data.plan import PlanSpec
+from fastdeit.distill.cache_build import verify_steps
+from fastdeit.runtime.distributed import SINGLE
+from fastdeit.training.build import build_run, load_data
+from fastdeit.training.meter import Meter
 
 from tiny import load_benchmark
 
@@ -77,14 +77,14 @@ def _sources(tiny_data, tmp_path):
 def test_a_step_copies_the_plan_to_the_device_once(tiny_data, tmp_path, monkeypatch):
     """What the tail and the teacher source need of the plan and the cache crosses to the
     device as one buffer: no tensor is made from numpy, nor from Python values, on the way."""
-    import fastdeit.step
+    import fastdeit.training.step
 
     steps, batch = _sources(tiny_data, tmp_path)
     made, packs = [], []
-    real_from_numpy, real_tensor, real_pack = torch.from_numpy, torch.tensor, fastdeit.step.to_device
+    real_from_numpy, real_tensor, real_pack = torch.from_numpy, torch.tensor, fastdeit.training.step.to_device
     monkeypatch.setattr(torch, "from_numpy", lambda *a: made.append("from_numpy") or real_from_numpy(*a))
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append("tensor") or real_tensor(*a, **k))
-    monkeypatch.setattr(fastdeit.step, "to_device", lambda *a: packs.append(1) or real_pack(*a))
+    monkeypatch.setattr(fastdeit.training.step, "to_device", lambda *a: packs.append(1) or real_pack(*a))
     for name, step in steps.items():
         made.clear(), packs.clear()
         step.prepare(batch)
@@ -97,8 +97,8 @@ def test_the_live_teacher_runs_as_the_student_does(tiny_data, tmp_path):
     the weights as trained."""
     import dataclasses
 
-    from fastdeit.models import weights_sha256
-    from fastdeit.rundir import read_weights
+    from fastdeit.models.factory import weights_sha256
+    from fastdeit.training.rundir import read_weights
 
     steps, _ = _sources(tiny_data, tmp_path)
     cfg = build_train_config("demo", {
@@ -206,11 +206,11 @@ COMPILE_MODES = ["default", "reduce-overhead",
 def test_each_compiled_step_candidate_trains_like_the_eager_step(mode):
     """benchmarks/candidates.py's compile modes (CUDA graphs, autotuned GEMMs) are timed only if
     they train as the eager step does: the losses of 4 updates in fp32 (TF32 off), to 1e-4."""
-    from fastdeit.build import make_optimizer
-    from fastdeit.config import ModelConfig
-    from fastdeit.models import build_model, compile_model
-    from fastdeit.recipes import recipe
-    from fastdeit.step import Prepared, make_step
+    from fastdeit.config.recipes import recipe
+    from fastdeit.config.schema import ModelConfig
+    from fastdeit.models.factory import build_model, compile_model
+    from fastdeit.training.build import make_optimizer
+    from fastdeit.training.step import Prepared, make_step
 
     gpu, old = torch.device("cuda"), torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -240,11 +240,11 @@ def test_compiled_drop_path_draws_per_update_under_each_mode(mode):
     uninterrupted one would). Compiled, and replayed as a CUDA graph under reduce-overhead, the
     masks must still follow the seed: two runs give the same losses, and an update given
     another number draws another mask (a mask frozen into the graph would give the same)."""
-    from fastdeit.build import make_optimizer
-    from fastdeit.config import ModelConfig
-    from fastdeit.models import build_model, compile_model
-    from fastdeit.recipes import recipe
-    from fastdeit.step import Prepared, make_step
+    from fastdeit.config.recipes import recipe
+    from fastdeit.config.schema import ModelConfig
+    from fastdeit.models.factory import build_model, compile_model
+    from fastdeit.training.build import make_optimizer
+    from fastdeit.training.step import Prepared, make_step
 
     gpu = torch.device("cuda")
     cfg = with_section(recipe("deit"), "distill", mode="hard")
@@ -275,11 +275,11 @@ def test_compiled_drop_path_draws_per_update_under_each_mode(mode):
 def test_k_micro_batches_update_like_one_batch(accum):
     """run.accum_steps: the same losses and parameters as one batch, to float32 rounding (the
     gradients are summed in another order), over 3 updates of AdamW with clipping."""
-    from fastdeit.build import make_optimizer
-    from fastdeit.config import ModelConfig
-    from fastdeit.models import build_model
-    from fastdeit.recipes import recipe
-    from fastdeit.step import Prepared, make_step
+    from fastdeit.config.recipes import recipe
+    from fastdeit.config.schema import ModelConfig
+    from fastdeit.models.factory import build_model
+    from fastdeit.training.build import make_optimizer
+    from fastdeit.training.step import Prepared, make_step
 
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(0)

@@ -6,9 +6,9 @@ import torch
 from timm.data.mixup import mixup_target
 from torchvision.transforms import functional as TF
 
-from fastdeit.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig
+from fastdeit.config.schema import IMAGENET_MEAN, IMAGENET_STD, AugConfig
+from fastdeit.data.plan import PlanSpec, make_plan
 from fastdeit.pipelines.tail import apply_tail, erase_box_noise, erase_noise, normalize
-from fastdeit.plan import PlanSpec, make_plan
 
 SIZES = np.full((64, 2), 100, np.int32)
 

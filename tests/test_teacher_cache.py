@@ -10,11 +10,11 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from fastdeit.caching import BUILDS
-from fastdeit.cli import app
-from fastdeit.config import CacheMode, TeacherTargets, choices
-from fastdeit.teacher_cache import CacheReader, CacheWriter
-from fastdeit.teachers import TARGETS, LiveTeacher, pooled_scores, replay_dtype, topk_log_probs
+from fastdeit.cli.commands import app
+from fastdeit.config.schema import CacheMode, TeacherTargets, choices
+from fastdeit.distill.cache_build import BUILDS
+from fastdeit.distill.cache_format import CacheReader, CacheWriter
+from fastdeit.distill.sources import TARGETS, LiveTeacher, pooled_scores, replay_dtype, topk_log_probs
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -85,7 +85,7 @@ def test_replay_without_teacher_weights_takes_the_caches_record(tiny_data, teach
     def no_teacher(*args, **kwargs):
         raise AssertionError("a replay run without --teacher-ckpt loaded a teacher")
 
-    monkeypatch.setattr("fastdeit.teachers.load_teacher", no_teacher)
+    monkeypatch.setattr("fastdeit.distill.sources.load_teacher", no_teacher)
     unchecked = tmp_path / "unchecked"
     args = [a for a in student(tiny_data, unchecked, teacher) if a not in ("--teacher-ckpt", str(teacher))]
     res = runner.invoke(app, [*args, "--teacher", "resnet10t", "--targets", "replay", "--teacher-cache", str(replay)])
@@ -249,8 +249,8 @@ def test_two_ranks_build_the_bytes_of_one(tiny_data, teacher, tmp_path):
     for mode in ("replay", "labelmap"):
         one, two = tmp_path / f"{mode}-one", tmp_path / f"{mode}-two"
         ok([*base, "--mode", mode, "--out", str(one), *small])
-        res = subprocess.run([sys.executable, "-c", "from fastdeit.cli import main; main()", *base, "--mode", mode,
-                              "--out", str(two), *small, "--gpus", "0", "--procs", "2"],
+        res = subprocess.run([sys.executable, "-c", "from fastdeit.cli.commands import main; main()", *base,
+                              "--mode", mode, "--out", str(two), *small, "--gpus", "0", "--procs", "2"],
                              capture_output=True, text=True, timeout=600, env=os.environ.copy())
         assert res.returncode == 0, res.stderr[-3000:]
         assert json.loads(res.stdout.strip().splitlines()[-1])["rows"] == CacheReader(one).rows_available()
@@ -275,7 +275,7 @@ def test_a_batch_of_records_waits_for_the_gpu_once():
     records are those computed on the CPU."""
     import warnings
 
-    from fastdeit.teachers import replay_records
+    from fastdeit.distill.sources import replay_records
 
     logits = torch.randn(256, 1000, generator=torch.Generator().manual_seed(0))
     dtype = replay_dtype(10, 1000)

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 import fastdeit
-from fastdeit.cli import app
-from fastdeit.step import Step
+from fastdeit.cli.commands import app
+from fastdeit.training.step import Step
 
 from tiny import TINY_MODEL, TINY_RUN
 

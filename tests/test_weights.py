@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from fastdeit.cli import app
-from fastdeit.config import ModelConfig
+from fastdeit.cli.commands import app
+from fastdeit.config.schema import ModelConfig
 from fastdeit.errors import UserError
-from fastdeit.fetch import local_weights
-from fastdeit.models import build_model
-from fastdeit.rundir import read_weights
+from fastdeit.models.factory import build_model
+from fastdeit.models.fetch import local_weights
+from fastdeit.training.rundir import read_weights
 
 runner = CliRunner()
 
@@ -149,7 +149,7 @@ def test_weights_by_url_download_once_and_are_checked(official, tmp_path):
 def test_random_bytes_are_never_read_as_a_checkpoint(tmp_path):
     """torch's reader fails on garbage in many ways: seeds 2 and 20 made it raise IndexError and
     KeyError (a bare exit 1 in CI, where the file was os.urandom's); each is one UserError."""
-    from fastdeit.rundir import read_weights
+    from fastdeit.training.rundir import read_weights
 
     bad = tmp_path / "r.pt"
     for seed in range(300):
@@ -166,7 +166,7 @@ def test_random_bytes_are_never_read_as_a_checkpoint(tmp_path):
 def test_a_run_folder_is_read_as_its_best_checkpoint(tmp_path):
     """--init RUN and --teacher-ckpt RUN read the run's best checkpoint (its last without one),
     as eval and predict do; a folder without either is one line."""
-    from fastdeit.rundir import RunDir
+    from fastdeit.training.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
     run.create()

@@ -1,0 +1,400 @@
+"""Where the teacher's outputs come from. A TeacherSource maps (the student's input batch, its
+plan) to the teacher's output for exactly those samples: logits [b, classes] (float32), or hard
+labels [b] (int64). (The student's own labels, smoothed and mixed by the tail, are the batch's
+`soft_labels`; "teacher" here always means the distillation teacher's outputs.)
+
+- `live` is the paper's behaviour and the reference: the frozen teacher runs without
+  gradients, in eval mode and the compute dtype, on the same mixed augmented batch.
+- `replay` reads what `fastdeit cache-teacher --mode replay` stored for these (epoch,
+  position) keys: the teacher's argmax, and its top-k logits for soft distillation.
+- `labelmap` pools a cached per-image map of class probabilities over the plan's crop box
+  (RoIAlign) and mixes the pooled distributions with the plan's λ, as ReLabel does.
+
+`TARGETS` declares each source once (its cache, how the cache is checked, whether the run
+builds it, its live-agreement check); `open_teacher_source` opens the one a run's config asks
+for, checking the cache against the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+from torchvision.ops import roi_align
+
+from fastdeit.config.schema import DistillMode, TrainConfig
+from fastdeit.data.folder import ImageIndex
+from fastdeit.data.plan import BatchPlan, PlanSpec
+from fastdeit.distill.cache_format import CacheReader, TeacherId, class_index_dtype, identity
+from fastdeit.errors import ConfigError, UserError
+from fastdeit.models.factory import load_teacher, ready_teacher
+from fastdeit.runtime.device import autocast, to_device
+from fastdeit.training.rundir import RunDir
+
+Inputs = dict[str, torch.Tensor]
+
+
+class TeacherSource(Protocol):
+    name: str
+    live_check: LiveTeacher | None  # the live teacher a run measures this source's agreement with
+
+    def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
+        """What the source needs of the plan and its cache on the device, as host arrays
+        (names prefixed with the source's name): Step.prepare copies them with the tail's in
+        one transfer."""
+        ...
+
+    def __call__(self, images: torch.Tensor, plan: BatchPlan, inputs: Inputs | None = None) -> torch.Tensor:
+        """Teacher logits [b, classes] (float32) or hard labels [b] for the batch's rows;
+        `inputs`: `self.inputs(plan)` already on the device (else copied here)."""
+        ...
+
+
+def _on_device(source: TeacherSource, plan: BatchPlan, inputs: Inputs | None, device: torch.device) -> Inputs:
+    return inputs if inputs is not None else to_device(source.inputs(plan), device)
+
+
+class LiveTeacher:
+    name = "live"
+    live_check = None
+
+    def __init__(self, teacher: nn.Module, amp_dtype: torch.dtype | None, img_size: int = 0) -> None:
+        self.teacher = teacher
+        self.amp_dtype = amp_dtype
+        self.img_size = img_size  # the teacher's resolution; 0: the student's batch as it is
+
+    def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
+        return {}
+
+    def __call__(self, images: torch.Tensor, plan: BatchPlan, inputs: Inputs | None = None) -> torch.Tensor:
+        if self.img_size and images.shape[-1] != self.img_size:  # e.g. a 224 px teacher for a 384 px student
+            images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bicubic", antialias=True,
+                                   align_corners=False)
+        if images.device.type == "cuda":  # the teacher's convolutions run channels_last (models.ready_teacher)
+            images = images.contiguous(memory_format=torch.channels_last)
+        # no_grad rather than inference_mode: the logits are saved by the loss's backward.
+        with torch.no_grad(), autocast(images.device, self.amp_dtype):
+            return self.teacher(images).float()
+
+
+def load_live(cfg: TrainConfig, num_classes: int, device: torch.device, amp: torch.dtype | None,
+              run: bool = True) -> LiveTeacher:
+    """The run's teacher as every use builds it: loaded (models.load_teacher) and made ready on
+    `device` (models.ready_teacher: the same teacher for a live run, a cache build and
+    `--verify`). run=False: only loaded, on the CPU, for a source that just reads a cache and
+    needs no more of the teacher than its name and weights' hash."""
+    where = device if run else torch.device("cpu")
+    teacher = load_teacher(cfg.distill, num_classes, cfg.data.img_size, where)
+    check_input_size(teacher, cfg)
+    if run:
+        teacher = ready_teacher(teacher, device, cfg.run.compile)
+    return LiveTeacher(teacher, amp, cfg.distill.teacher_img_size)
+
+
+def check_input_size(teacher: nn.Module, cfg: TrainConfig) -> None:
+    """A teacher built for one image size (a ViT: its position embedding fixes the grid) sees
+    the size it was built for, or the run says in one line how to give it that size (it was a
+    92-line AssertionError from inside timm at the first batch)."""
+    built = getattr(getattr(teacher, "patch_embed", None), "img_size", None)
+    strict = getattr(getattr(teacher, "patch_embed", None), "strict_img_size", False)
+    sees = cfg.distill.teacher_img_size or cfg.data.img_size
+    if strict and built is not None and tuple(built) != (sees, sees):
+        size = int(built[0])
+        raise UserError(f"the teacher takes {size} px images (its weights were trained at {size} px) and would see "
+                        f"{sees} px ones: add --teacher-img-size {size} (the teacher then sees each batch resized "
+                        f"to {size} px)")
+
+
+def agreement(live: LiveTeacher, images: torch.Tensor, plan: BatchPlan, teacher: torch.Tensor) -> torch.Tensor:
+    """[equal, total] (float64, on the device: reading it is left to the caller) of a source's
+    hard labels for this batch against the live teacher's."""
+    want = live(images, plan).argmax(1)
+    got = teacher if teacher.dim() == 1 else teacher.argmax(1)
+    total = torch.full((), float(len(want)), dtype=torch.float64, device=want.device)  # no host-to-device copy
+    return torch.stack([(want == got).sum().double(), total])
+
+
+def replay_dtype(topk: int, num_classes: int) -> np.dtype:
+    """One row per (epoch, position): the teacher's argmax, its top-k logits (fp16) and their
+    class indices, and the logsumexp of all logits (to rebuild probabilities)."""
+    index = class_index_dtype(num_classes)
+    return np.dtype([("label", "<i4"), ("idx", index, (topk,)), ("val", "<f2", (topk,)), ("lse", "<f4")])
+
+
+def replay_records(logits: torch.Tensor, topk: int, dtype: np.dtype) -> np.ndarray:
+    """What a replay cache stores of a batch of teacher logits."""
+    logits = logits.float()
+    val, idx = logits.topk(topk, dim=1)
+    parts = {"label": logits.argmax(dim=1),  # argmax, not topk's first: ties resolve as live does
+             "idx": idx, "val": val, "lse": torch.logsumexp(logits, dim=1)}
+    # The four copies are queued together and waited for once (a .cpu() each waited four times).
+    host = {name: part.to("cpu", non_blocking=True) for name, part in parts.items()}
+    if logits.is_cuda:
+        torch.cuda.current_stream(logits.device).synchronize()
+    rec = np.empty(len(logits), dtype)
+    for name, part in host.items():
+        rec[name] = part.numpy()
+    return rec
+
+
+def topk_log_probs(idx: torch.Tensor, val: torch.Tensor, lse: torch.Tensor, num_classes: int,
+                   tau: float) -> torch.Tensor:
+    """Rebuild log-probabilities at temperature τ from top-k logits and the logsumexp: the
+    top-k keep their probability, the remaining mass is spread evenly over the other classes,
+    then p ** (1/τ) is renormalised (exact for τ = 1, an approximation otherwise)."""
+    p_top = torch.exp(val.float() - lse.view(-1, 1))
+    rest = (1.0 - p_top.sum(1, keepdim=True)).clamp_min(1e-12) / max(num_classes - idx.shape[1], 1)
+    logp = torch.log(rest).expand(-1, num_classes).clone()
+    logp.scatter_(1, idx.long(), torch.log(p_top.clamp_min(1e-12)))
+    return torch.log_softmax(logp / tau, dim=1)
+
+
+class ReplayTeacher:
+    """The teacher's outputs read from a replay cache; rows are epoch * rows_per_epoch + position."""
+
+    name = "replay"
+    live_check = None
+
+    def __init__(self, reader: CacheReader, rows_per_epoch: int, num_classes: int, mode: DistillMode,
+                 tau: float) -> None:
+        self.reader, self.rows_per_epoch = reader, rows_per_epoch
+        self.num_classes, self.mode, self.tau = num_classes, mode, tau
+
+    def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
+        rec = self.reader.rows(plan.epoch * self.rows_per_epoch + plan.pos)
+        if self.mode == "hard":
+            return {"replay.label": rec["label"].astype(np.int64)}
+        return {"replay.idx": rec["idx"].astype(np.int64), "replay.val": rec["val"].astype(np.float32),
+                "replay.lse": rec["lse"].astype(np.float32)}
+
+    def __call__(self, images: torch.Tensor, plan: BatchPlan, inputs: Inputs | None = None) -> torch.Tensor:
+        d = _on_device(self, plan, inputs, images.device)
+        if self.mode == "hard":
+            return d["replay.label"]
+        logp = topk_log_probs(d["replay.idx"], d["replay.val"], d["replay.lse"], self.num_classes, self.tau)
+        return logp * self.tau  # the loss divides by τ again: log_softmax(logp) == logp
+
+
+def labelmap_dtype(topk: int, num_classes: int, cells: int) -> np.dtype:
+    """One row per image: top-k class scores (fp16) and indices at every cell of the map."""
+    index = class_index_dtype(num_classes)
+    return np.dtype([("idx", index, (cells, topk)), ("val", "<f2", (cells, topk))])
+
+
+def labelmap_records(probs: torch.Tensor, topk: int, dtype: np.dtype) -> np.ndarray:
+    """probs [b, classes, h, w] (softmax over classes at each cell) -> top-k per cell."""
+    b, c, h, w = probs.shape
+    val, idx = probs.permute(0, 2, 3, 1).reshape(b, h * w, c).topk(topk, dim=2)
+    rec = np.empty(b, dtype)
+    rec["idx"] = idx.cpu().numpy()
+    rec["val"] = val.cpu().numpy()
+    return rec
+
+
+def pooling_inputs(rec: np.ndarray, crops: np.ndarray, sizes: np.ndarray, grid: int) -> dict[str, np.ndarray]:
+    """The host side of `pooled`: each sample's crop box in cells of its map (RoIAlign's
+    [batch index, x0, y0, x1, y1]), and the map's top-k classes and scores."""
+    b = len(rec)
+    w_src = np.maximum(sizes[:, 0], 1).astype(np.float32)
+    h_src = np.maximum(sizes[:, 1], 1).astype(np.float32)
+    left, top, cw, ch = (crops[:, k].astype(np.float32) for k in range(4))
+    boxes = np.stack([np.zeros(b, np.float32), left / w_src * grid, top / h_src * grid,
+                      (left + cw) / w_src * grid, (top + ch) / h_src * grid], axis=1)
+    return {"labelmap.boxes": boxes, "labelmap.idx": rec["idx"].astype(np.int64),  # idx, val: [b, cells, k]
+            "labelmap.val": rec["val"].astype(np.float32)}
+
+
+def pooled(inputs: Inputs, grid: int, num_classes: int) -> torch.Tensor:
+    """RoIAlign of each sample's label map over its crop box: [b, classes] class distributions.
+
+    The map covers the whole source image on a grid x grid lattice of cells; RoIAlign is
+    linear, so pooling an identity map gives each cell's weight for the box, and the sparse
+    top-k probabilities are scattered with those weights."""
+    boxes, idx, val = inputs["labelmap.boxes"], inputs["labelmap.idx"], inputs["labelmap.val"]
+    b, device = len(boxes), boxes.device
+    eye = torch.eye(grid * grid, device=device).view(1, grid * grid, grid, grid)
+    weights = roi_align(eye, boxes, output_size=1, spatial_scale=1.0, sampling_ratio=2,
+                        aligned=True).view(b, grid * grid)  # [b, cells]
+    scores = torch.zeros(b, num_classes, device=device)
+    scores.scatter_add_(1, idx.view(b, -1), (weights.unsqueeze(2) * val).view(b, -1))
+    return scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def pooled_scores(rec: np.ndarray, crops: np.ndarray, sizes: np.ndarray, grid: int, num_classes: int,
+                  device: torch.device) -> torch.Tensor:
+    """`pooled` of cache rows and crop boxes given on the host."""
+    return pooled(to_device(pooling_inputs(rec, crops, sizes, grid), device), grid, num_classes)
+
+
+class LabelMapTeacher:
+    """The teacher's outputs pooled from cached label maps over the plan's boxes, mixed with its λ."""
+
+    name = "labelmap"
+    live_check: LiveTeacher | None = None
+
+    def __init__(self, reader: CacheReader, sizes: np.ndarray, grid: int, num_classes: int, mode: DistillMode,
+                 tau: float) -> None:
+        self.reader, self.sizes, self.grid = reader, sizes, grid
+        self.num_classes, self.mode, self.tau = num_classes, mode, tau
+
+    def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
+        return {**pooling_inputs(self.reader.rows(plan.index), plan.crop, self.sizes[plan.index], self.grid),
+                "labelmap.lam": plan.lam.astype(np.float32), "labelmap.partner": plan.partner.astype(np.int64)}
+
+    def __call__(self, images: torch.Tensor, plan: BatchPlan, inputs: Inputs | None = None) -> torch.Tensor:
+        d = _on_device(self, plan, inputs, images.device)
+        scores = pooled(d, self.grid, self.num_classes)
+        if (plan.lam < 1).any():
+            lam = d["labelmap.lam"].view(-1, 1)
+            scores = lam * scores + (1 - lam) * scores[d["labelmap.partner"]]
+        if self.mode == "hard":
+            return scores.argmax(dim=1)
+        return torch.log(scores.clamp_min(1e-8)) * self.tau
+
+
+def cell_probs(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities at every cell of a convnet's last feature map: the classifier
+    applied position by position (its average over cells is the teacher's own logit)."""
+    feats = teacher.forward_features(images)  # [b, features, h, w]
+    fc = teacher.get_classifier()
+    if feats.dim() != 4 or not isinstance(fc, nn.Linear):
+        raise UserError("--targets labelmap needs a convnet teacher (timm forward_features giving [b, c, h, w] "
+                        "and a linear classifier)")
+    logits = torch.einsum("bfhw,kf->bkhw", feats.float(), fc.weight.float()) + fc.bias.float().view(1, -1, 1, 1)
+    return logits.softmax(dim=1)  # [b, classes, h, w]
+
+
+def cache_folder(cfg: TrainConfig) -> Path:
+    """The teacher cache a run reads: distill.teacher_cache, else the one it builds in its run folder."""
+    return Path(cfg.distill.teacher_cache) if cfg.distill.teacher_cache else RunDir(cfg.run.out).labelmap_cache
+
+
+# --- the registry: each value of distill.targets, declared once ------------------------------------
+
+
+@dataclass(frozen=True)
+class Targets:
+    """One value of `distill.targets` (`--targets`): where a run's teacher outputs come from,
+    and all the rest of fastdeit needs to know of it. `TARGETS` declares each source once;
+    config's `TeacherTargets` and `CacheMode` are kept equal to its names and cache kinds by a
+    test. Building a cache runs the training Step, a layer above this module: the build of each
+    cache kind is `distill/cache_build.BUILDS[kind]` (the same test keeps its kinds equal to these)."""
+
+    name: str
+    # The source, from the run's live teacher and, for a cached source, its cache (checked).
+    open: Callable[[TrainConfig, ImageIndex, LiveTeacher | None, CacheReader | None], TeacherSource]
+    cache: str | None = None  # the kind of teacher cache it reads (a manifest's mode); None: no cache
+    # What its cache's rows depend on besides the teacher and the data (teacher_cache.identity).
+    own_identity: Callable[[TrainConfig], dict[str, Any]] | None = None
+    # Checks of an opened cache against the run beyond its identity (reader, amp, device, console).
+    check: Callable[..., None] | None = None
+    # The global batches of the run's plan its cache covers (`--verify` samples among them);
+    # None: every batch of the run's epochs.
+    covered: Callable[[TrainConfig, CacheReader], int] | None = None
+    runs_teacher: bool = True  # False: the teacher's weights only check the cache (loaded on the CPU)
+    built_by_run: bool = False  # a missing cache is built by the training run, in its run folder
+    live_check: bool = False  # a run also runs the live teacher on distill.agreement_batches batches
+
+    def identity(self, cfg: TrainConfig, index: ImageIndex, teacher: TeacherId) -> dict[str, Any]:
+        """What the rows of this source's cache mean, for `cfg`'s run."""
+        own = self.own_identity(cfg) if self.own_identity else {}
+        return identity(cfg, self.cache, index, teacher, own)
+
+    @property
+    def reads_only(self) -> bool:
+        """It only reads a cache someone built: the teacher's weights would only check whose
+        outputs the cache holds."""
+        return self.cache is not None and not (self.runs_teacher or self.built_by_run or self.live_check)
+
+
+def _open_replay(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher | None,
+                 reader: CacheReader) -> ReplayTeacher:
+    d = cfg.distill
+    return ReplayTeacher(reader, int(reader.manifest["rows_per_epoch"]), len(index.classes), d.mode, d.tau)
+
+
+def _replay_identity(cfg: TrainConfig) -> dict[str, Any]:
+    d, out = cfg.distill, {"plan": PlanSpec.from_config(cfg).to_json()}
+    if d.teacher_img_size and d.teacher_img_size != cfg.data.img_size:  # the teacher saw resized views
+        out["teacher_img_size"] = d.teacher_img_size
+    return out
+
+
+def _replay_batches(cfg: TrainConfig, reader: CacheReader) -> int:
+    return reader.rows_available() // cfg.run.batch_size
+
+
+def _check_replay(cfg: TrainConfig, reader: CacheReader, amp: torch.dtype | None, device: torch.device,
+                  console: Console) -> None:
+    covered, cache = reader.rows_available() // int(reader.manifest["rows_per_epoch"]), reader.root
+    if covered < cfg.sched.epochs:
+        has = f"covers epochs 0-{covered - 1}, not epoch {covered}" if covered else "covers no whole epoch"
+        raise UserError(f"teacher cache {cache} {has} of this {cfg.sched.epochs}-epoch run: extend it with "
+                        f"fastdeit cache-teacher --mode replay --epochs {cfg.sched.epochs}")
+    if cfg.distill.mode == "soft":
+        console.print(f"note: soft targets are rebuilt from the cache's top-{reader.manifest['topk']} logits, "
+                      f"the rest of the probability spread evenly over the other classes")
+    built = reader.manifest.get("built_with", {})
+    if built.get("amp") != str(amp) or built.get("device", "").split(":")[0] != device.type:
+        console.print(f"note: {cache} was built on {built.get('device')} ({built.get('amp')}); this run is on "
+                      f"{device} ({amp}): pixels and rounding differ slightly, labels almost never")
+
+
+def _open_labelmap(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher | None,
+                   reader: CacheReader) -> LabelMapTeacher:
+    d = cfg.distill
+    return LabelMapTeacher(reader, index.sizes, int(reader.manifest["grid"]), len(index.classes), d.mode, d.tau)
+
+
+def _labelmap_identity(cfg: TrainConfig) -> dict[str, Any]:
+    return {"labelmap_size": cfg.distill.labelmap_size or cfg.data.img_size}
+
+
+TARGETS = {t.name: t for t in (
+    Targets("live", open=lambda cfg, index, live, reader: live),
+    Targets("replay", open=_open_replay, cache="replay", own_identity=_replay_identity, check=_check_replay,
+            covered=_replay_batches, runs_teacher=False),
+    Targets("labelmap", open=_open_labelmap, cache="labelmap", own_identity=_labelmap_identity, built_by_run=True,
+            live_check=True),
+)}
+
+
+def reading(mode: str) -> Targets:
+    """The source that reads caches of this kind (a manifest's mode)."""
+    found = [t for t in TARGETS.values() if t.cache == mode]
+    if not found:
+        raise UserError(f"a teacher cache of mode {mode!r} is not one this fastdeit reads "
+                        f"({', '.join(t.cache for t in TARGETS.values() if t.cache)})")
+    return found[0]
+
+
+def open_teacher_source(cfg: TrainConfig, index: ImageIndex, live: LiveTeacher | None, device: torch.device,
+                        amp: torch.dtype | None, console: Console) -> TeacherSource:
+    """The run's teacher source (`live_check` set where its entry measures agreement). A
+    cache must exist (one the run builds for itself is built first: build.prepare_cache) and
+    match the run: teacher, data, plan, epochs; otherwise one line says what differs. `live`
+    None (a source that only reads its cache, no --teacher-ckpt): the cache's own record of its
+    teacher is taken (TeacherId.recorded)."""
+    t = TARGETS[cfg.distill.targets]
+    reader = None
+    if t.cache is not None:
+        if not (t.built_by_run or cfg.distill.teacher_cache):
+            raise ConfigError("distill.targets", f"{t.name} needs distill.teacher_cache CACHE (build one with "
+                                                 f"fastdeit cache-teacher --mode {t.cache})")
+        reader = CacheReader(cache_folder(cfg))
+        if reader.manifest.get("mode") != t.cache:
+            raise UserError(f"{reader.root} is a {reader.manifest.get('mode')} cache, not a {t.cache} one")
+        who = TeacherId.of(live.teacher, cfg) if live is not None else TeacherId.recorded(cfg, reader.manifest)
+        reader.validate(t.identity(cfg, index, who))
+        if t.check is not None:
+            t.check(cfg, reader, amp, device, console)
+    source = t.open(cfg, index, live, reader)
+    source.live_check = live if t.live_check else None
+    return source
