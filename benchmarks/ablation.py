@@ -37,7 +37,7 @@ from fastdeit.config.schema import TrainConfig, apply_overrides, load_json
 from fastdeit.data.synthetic import SyntheticSet
 from fastdeit.demo import DemoRun, ensure_data, run_config, train_run
 from fastdeit.errors import UserError, differences
-from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.report.provenance import measured_on, write_results
 from fastdeit.training.rundir import RunDir
 
 CONVNET = ("model.width=0.5", "optim.lr=0.016", "run.batch_size=64")  # the demo's teacher recipe
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "compute_wall_s": sum(r["wall_s"] for r in [*records["teachers"].values(), *records["runs"]]),
               "sitting_wall_s": time.perf_counter() - start}
     results = a.results or a.out / "ablation.json"
-    write_report(report, results)
+    write_results(report, results)
     figures = draw(report, results)
     print_table(report, console)
     console.print(f"wrote {results} and {', '.join(str(f) for f in figures)}")

@@ -34,7 +34,7 @@ from fastdeit.config.schema import with_section
 from fastdeit.data.plan import PlanSpec, make_plan
 from fastdeit.models.factory import build_model, compile_model, set_attention
 from fastdeit.pipelines.tail import apply_tail, tail_inputs
-from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.report.provenance import measured_on, write_results
 from fastdeit.runtime.device import amp_dtype, sync, to_device
 from fastdeit.training.build import make_optimizer
 from fastdeit.training.step import Prepared, make_step
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     report["tail"] = tail_cost(a, device)
     print(f"tail {report['tail']['tail_ms']:.2f} ms a batch, erasing {report['tail']['erasing_ms']:.2f} ms of it",
           file=sys.stderr, flush=True)
-    write_report(report, a.out)
+    write_results(report, a.out)
     for k, variant in enumerate(a.variants.split(",")):
         if time.perf_counter() - t0 > a.budget_s:
             report["skipped"].append(variant)
@@ -178,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        write_report(report, a.out)
+        write_results(report, a.out)
     base = report["rows"][0].get("train_img_s") if report["rows"] else None
     for row in report["rows"]:
         if base and "train_img_s" in row:
             row["vs_first"] = row["train_img_s"] / base
         print(f"{row['variant']:40s} " + (f"{row['train_img_s']:9.0f} img/s  first step {row['first_step_s']:.0f} s"
                                           if "train_img_s" in row else row["error"]))
-    write_report(report, a.out)
+    write_results(report, a.out)
     return 0
 
 

@@ -36,8 +36,9 @@ import timm
 import torch
 
 from fastdeit.pipelines import dali
-from fastdeit.report.provenance import measured_on, write_report
-from fastdeit.training.rundir import RunDir, atomic_save
+from fastdeit.report.provenance import measured_on, write_results
+from fastdeit.runtime.atomic import atomic_save
+from fastdeit.training.rundir import RunDir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from startup import make_tree  # sibling scripts, as scaling.py is
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"benchmark": "e2e", **measured_on(torch.device(a.device)), "command": command,
                               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                               "phases": {}}
-    run(a, report, lambda: write_report(report, a.out))
+    run(a, report, lambda: write_results(report, a.out))
     e2e, step = report["e2e"], report["step_only"]
     print(f"end to end {e2e['train_img_s']:.0f} img/s (data wait {e2e['data_wait']:.0%}), step alone "
           f"{step['train_img_s']:.0f} img/s: {report['e2e_vs_step_only']:.0%}")

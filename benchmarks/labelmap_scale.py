@@ -19,9 +19,9 @@ from fastdeit.config.schema import DistillConfig
 from fastdeit.data.folder import load_dataset
 from fastdeit.distill.sources import cell_probs
 from fastdeit.models.factory import load_teacher
+from fastdeit.pipelines.reference import square_loader
 from fastdeit.pipelines.tail import normalize
-from fastdeit.pipelines.torch import square_loader
-from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.report.provenance import measured_on, write_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         report["sizes"][size] = r
         print(f"{size:4d} px, {grid}x{grid} map: teacher top-1 {r['teacher_top1']:.1%}, pooled map top-1 "
               f"{r['map_top1']:.1%}, map = teacher on {r['map_agrees_with_teacher']:.1%}")
-    write_report(report, a.out)
+    write_results(report, a.out)
     return 0
 
 

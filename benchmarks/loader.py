@@ -34,10 +34,12 @@ from fastdeit.data.plan import PlanSpec
 from fastdeit.data.preparing import PrepareOptions, prepare_data
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.pipelines import dali
-from fastdeit.report.charts import chart
-from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.report.provenance import measured_on, write_results
 from fastdeit.runtime.device import amp_dtype, sync
 from fastdeit.training.step import make_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from charts import chart  # a sibling script's module
 
 
 def recipe_config(data: Path, img_size: int, batch: int, device: torch.device) -> TrainConfig:
@@ -264,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
                 rate = fastdeit_rate(kind, cfg, variants[variant], device, a.workers, a.steps, a.warmup)
             runs[name].append(rate.img_s)
             starts[name].append(rate.epoch_start_s)
-            write_report(make_report(), a.out)  # a call cut short keeps what it measured
+            write_results(make_report(), a.out)  # a call cut short keeps what it measured
     report = make_report()
     print_table(report, f"train pipeline, {report['device']}, {a.img_size} px, batch {a.batch_size}, "
                         f"{a.workers} workers")
-    write_report(report, a.out)
+    write_results(report, a.out)
     if a.out:
         console.print(f"wrote {a.out} and {chart(a.out)}")
     return 0

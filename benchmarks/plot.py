@@ -1,5 +1,5 @@
 """Draw a benchmark results file as a bar chart (img/s per variant; MFU where the file has
-it), as PNG next to it or where --out says (the drawing is fastdeit/report/charts.py).
+it), as PNG next to it or where --out says (the drawing is benchmarks/charts.py).
 
     python benchmarks/plot.py benchmarks/results/loader-cpu-2core.json [--out chart.png]
 """
@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastdeit.report.charts import bars, plot  # noqa: F401  (bars: what a results file draws)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from charts import bars, plot  # noqa: F401  (bars: what a results file draws)
 
 
 def main(argv: list[str] | None = None) -> int:

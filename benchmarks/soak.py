@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from fastdeit.data.synthetic import SyntheticSet, write_synthetic
-from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.report.provenance import measured_on, write_results
 from fastdeit.training.rundir import RunDir, read_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         exact = sum(len(r["kills"]) for r in runs if not r["differences"] and not r["defects"])
         report["defects"] = [d for r in runs for d in r["defects"]]
         report["result"] = f"{kills} kills, {exact} survived exactly, {diffs} differences"
-        write_report(json.loads(json.dumps(report).replace(str(work), "WORK")), a.results)  # no machine paths
+        write_results(json.loads(json.dumps(report).replace(str(work), "WORK")), a.results)  # no machine paths
         print(f"{name:14s} {len(res['kills'])} kills, {res['restarts']} restarts; "
               f"differences: {res['differences'] or 'none'}; defects: {res['defects'] or 'none'}", flush=True)
     print(report["result"] + f", {len(report['defects'])} defects; results in {a.results}")

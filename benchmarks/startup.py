@@ -64,7 +64,7 @@ if what in ("scan", "indexed", "prepared"):
     print(json.dumps({{"seconds": time.perf_counter() - t0, "train": len(train), "val": len(val)}}))
     sys.exit()
 from fastdeit.training.build import build_run
-from fastdeit.cli.commands import build_train_config
+from fastdeit.api import build_train_config
 from fastdeit.config.schema import with_section
 from fastdeit.runtime.distributed import SINGLE
 from rich.console import Console
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from fastdeit.report.provenance import measured_on, write_report
+    from fastdeit.report.provenance import measured_on, write_results
 
     base = a.root or Path(tempfile.gettempdir()) / "fastdeit-startup"
     sizes = {k: make_tree(base / f"tree-{k}", k) for k in (a.small, a.files)}
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         print(f"{name}: " + ", ".join(f"{s:.1f} s at {n} files" for n, s in r["seconds"].items())
               + f"; {r['per_100k_files_s']:.2f} s per 100k files; ~{r['projected_imagenet_s']:.0f} s at ImageNet size")
-    write_report(report, a.out)
+    write_results(report, a.out)
     return 0
 
 

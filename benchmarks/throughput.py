@@ -53,13 +53,15 @@ from fastdeit.data.plan import PlanSpec
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.distill.cache_build import build_labelmap, build_replay
 from fastdeit.models.factory import build_model
-from fastdeit.report.charts import chart
-from fastdeit.report.provenance import measured_on, write_report
+from fastdeit.report.provenance import measured_on, write_results
+from fastdeit.runtime.atomic import atomic_save
 from fastdeit.runtime.device import amp_dtype, sync
 from fastdeit.runtime.distributed import SINGLE
 from fastdeit.training.build import Data, load_data, make_optimizer, open_teacher
-from fastdeit.training.rundir import atomic_save
 from fastdeit.training.step import Prepared, Step, make_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from charts import chart  # a sibling script's module
 
 
 def forward_gmacs(model: torch.nn.Module, size: int, device: torch.device) -> float:
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                            "threads": torch.get_num_threads(), "peak_flops": peak_flops(device)},
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
     def save() -> None:
-        write_report(report, a.out)
+        write_results(report, a.out)
 
     if a.section == "model":
         model_section(a, device, console, report.setdefault("model", []), save)
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print_distill(result, f"distillation targets: {a.student} <- {a.teacher} "
                                f"({result['teacher_to_student_forward']:.2f}x its forward), {a.img_size} px, "
                                f"batch {a.batch_size}, {report['device']}")
-    write_report(report, a.out)
+    write_results(report, a.out)
     if a.out:
         console.print(f"wrote {a.out} and {chart(a.out)}")
     return 0

@@ -28,13 +28,13 @@ from typing import Any, TypeVar
 from rich.console import Console
 from torch import nn
 
-from fastdeit.cli.base import cache_dir
-from fastdeit.cli.options import key_flags
 from fastdeit.config.files import apply_config_file
+from fastdeit.config.flags import key_flags
 from fastdeit.config.recipes import recipe
 from fastdeit.config.schema import TrainConfig, apply_overrides, coerce_key, validate, with_section
 from fastdeit.errors import Requeue, Stopped, UserError
 from fastdeit.models.fetch import is_url, local_weights
+from fastdeit.runtime.cache_folder import cache_dir
 
 # The train command's flags by their Python names (--batch-size: batch_size) -> config keys.
 SETTINGS = {flag.removeprefix("--").replace("-", "_"): key for key, flag in key_flags("train").items()}

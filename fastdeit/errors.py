@@ -50,7 +50,12 @@ class Requeue(Stopped):
 
 
 # Exit codes of the `fastdeit` command (documented in docs/cli.md).
-EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_REQUEUE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+EXIT_REQUEUE = 4
+EXIT_INTERRUPTED = 130
 
 
 def differences(ours: object, theirs: object, prefix: str = "") -> list[tuple[str, object, object]]:

@@ -233,7 +233,9 @@ def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     delta = _empty(q, (b * h, n), torch.float32)  # [B * H, N]: rowsum(dO * O)
     torch.library.wrap_triton(_delta_kernel)[grid_for(b * h, n, 64)](o, do, delta, n, h, *_strides(o), *_strides(do),
                                                                      HEAD_DIM=d, BLOCK_M=64)
-    dq, dk, dv = _empty(q, (b, h, n, d)), _empty(k, (b, h, n, d)), _empty(v, (b, h, n, d))  # contiguous
+    dq = _empty(q, (b, h, n, d))
+    dk = _empty(k, (b, h, n, d))
+    dv = _empty(v, (b, h, n, d))  # contiguous
     args = (scale * _LOG2E, scale, n, h, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq))
     torch.library.wrap_triton(_dkdv_kernel)[lambda m: grid_for(b * h, n, m["BLOCK_N"])](
         q, k, v, do, lse, delta, dk, dv, *args, HEAD_DIM=d, PRECISION=_precision(q.dtype))

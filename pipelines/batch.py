@@ -1,4 +1,4 @@
-"""The batch contract both training pipelines keep (pipelines/torch.py, pipelines/dali.py).
+"""The batch contract both training pipelines keep (pipelines/reference.py, pipelines/dali/).
 
 A pipeline executes a BatchPlan and hands over a `LoadedBatch`: uint8 [b, 3, S, S] images,
 int64 labels, the plan, and the files that could not be decoded. Shapes stay static when a

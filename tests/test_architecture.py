@@ -48,6 +48,40 @@ def test_every_module_is_on_the_map():
     assert set(_package_modules()) == mapped
 
 
+def test_the_folders_are_the_maps():
+    """The folder table of docs/architecture.md names every folder that holds a module, and
+    every folder it names exists: `ls fastdeit/*/` and the map tell the same story."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text[text.index("| folder | holds |"):text.index("Imports go one way")]
+    named = set(re.findall(r"^\| `((?:fastdeit|pipelines|kernels)/[\w/]*)`", table, re.M))
+    holding = set()
+    for f in (f for d in SOURCES for f in (ROOT / d).rglob("*.py")):
+        parts = f.relative_to(ROOT).parts
+        deep = parts[0] == "fastdeit" and len(parts) > 2  # a package folder; pipelines/ and kernels/ are one each
+        holding.add("/".join(parts[:2 if deep else 1]) + "/")
+    assert named == holding
+
+
+def test_only_the_entry_point_imports_the_command_line():
+    """cli/ is the package's outside: the API, the trainer and the benchmarks never import it
+    (nor typer through it); only `python -m fastdeit` reaches in."""
+    outside = {name: path for name, path in _package_modules().items()
+               if not name.startswith("fastdeit.cli.") and name != "fastdeit.__main__"}
+    outside.update({f"benchmarks.{f.stem}": f for f in (ROOT / "benchmarks").glob("*.py")})
+    wrong = [name for name, path in outside.items() if any(t.startswith("fastdeit.cli") for t in _imports(path))]
+    assert not wrong
+
+
+def test_the_python_api_loads_no_command_line():
+    import subprocess
+    import sys
+
+    probe = ("import sys, fastdeit.api; print(sorted(m for m in sys.modules "
+             "if m.split('.')[0] in ('typer', 'click') or m.startswith('fastdeit.cli')))")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
 def test_imports_go_one_way_down_the_map():
     rows = _map_rows()
     row_of = {m: i for i, row in enumerate(rows) for m in row}

@@ -1,4 +1,4 @@
-"""The one option table (fastdeit/cli/options.py) is what the commands, the API and the docs
+"""The one option table (fastdeit/config/flags.py) is what the commands, the API and the docs
 read: each option declared once, each config key a real one, docs/cli.md's table the code's."""
 
 from pathlib import Path
@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from fastdeit.api import SETTINGS, config_from
 from fastdeit.cli.commands import app
-from fastdeit.cli.options import BEGIN, COMMANDS, END, OPTIONS, flags_of, key_flags, markdown
+from fastdeit.config.flags import BEGIN, COMMANDS, END, OPTIONS, flags_of, key_flags, markdown
 from fastdeit.config.schema import TrainConfig, with_section
 from fastdeit.errors import UserError
 
@@ -37,7 +37,7 @@ def test_the_commands_take_exactly_the_tables_flags():
 def test_the_docs_table_is_the_codes():
     doc = (ROOT / "docs" / "cli.md").read_text()
     shown = doc.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
-    assert shown == markdown(), "docs/cli.md is stale: python -m fastdeit.cli.options --write docs/cli.md"
+    assert shown == markdown(), "docs/cli.md is stale: python -m fastdeit.config.flags --write docs/cli.md"
 
 
 def test_the_apis_settings_are_trains_flags():

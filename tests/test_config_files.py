@@ -159,7 +159,7 @@ def test_a_runs_config_json_reruns_from_another_folder(tiny_data, tmp_path):
     work.mkdir()
     elsewhere.mkdir()
     (work / "data").symlink_to(tiny_data)
-    cli = [sys.executable, "-c", "from fastdeit.cli.commands import main; main()"]
+    cli = [sys.executable, "-c", "from fastdeit.cli.commands import run_app; run_app()"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     first = subprocess.run([*cli, "train", *TINY_RUN, *TINY_MODEL, "--data", "data", "--model", "deit_tiny",
                             "--out", "runs/a"], cwd=work, capture_output=True, text=True, timeout=600, env=env)

@@ -41,7 +41,7 @@ COMMON = [*TINY_RUN, *TINY_MODEL, "--model", "deit_tiny_distilled", "--epochs", 
 
 def fastdeit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The installed command in a fresh process, as a user runs it."""
-    return subprocess.run([sys.executable, "-c", "from fastdeit.cli.commands import main; main()", *args],
+    return subprocess.run([sys.executable, "-c", "from fastdeit.cli.commands import run_app; run_app()", *args],
                           capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
@@ -282,7 +282,7 @@ def test_two_nodes_on_one_machine_train_like_one_process(runs, tiny_data):
     """Two launchers on 127.0.0.1, each one node of one CPU process, joined by the c10d
     rendezvous (what `--nodes 2` does across machines sharing the run folder)."""
     out, port = runs["root"] / "nodes", _free_port()
-    args = ["-c", "from fastdeit.cli.commands import main; main()", "train", *COMMON, "--data", str(tiny_data),
+    args = ["-c", "from fastdeit.cli.commands import run_app; run_app()", "train", *COMMON, "--data", str(tiny_data),
             "--out", str(out), "--gpus", "0", "--procs", "1", "--nodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}"]
     def node(rank: int) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, *args, "--node-rank", str(rank)], stdout=subprocess.PIPE,

@@ -55,7 +55,7 @@ def test_hf_export_gives_fastdeits_logits(runs, model, tmp_path):
     processor = transformers.AutoImageProcessor.from_pretrained(out)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     from fastdeit.data.folder import ImageIndex
-    from fastdeit.pipelines.torch import EvalSamples
+    from fastdeit.pipelines.reference import EvalSamples
 
     path = tmp_path / "x.png"
     img.save(path)

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from fastdeit.cli.commands import app, build_train_config
 from fastdeit.data.folder import scan_split
 from fastdeit.distill.cache_format import CacheReader
-from fastdeit.pipelines import dali, dali_decode
+from fastdeit.pipelines import dali
+from fastdeit.pipelines.dali import decode as dali_decode
 from fastdeit.training.build import make_scheduler
 from fastdeit.training.step import Step
 

@@ -21,7 +21,7 @@ from fastdeit.data.folder import load_dataset
 from fastdeit.data.loaders import read_skip_list
 from fastdeit.data.preparing import encode
 from fastdeit.pipelines import dali
-from fastdeit.pipelines.torch import decode, to_rgb
+from fastdeit.pipelines.reference import decode, to_rgb
 
 needs_dali = pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed")
 

@@ -11,7 +11,8 @@ from fastdeit.cli.commands import app
 from fastdeit.data.folder import scan_split
 from fastdeit.data.loaders import choose_loader, read_skip_list
 from fastdeit.errors import UserError
-from fastdeit.pipelines import dali, dali_decode
+from fastdeit.pipelines import dali
+from fastdeit.pipelines.dali import decode as dali_decode
 
 from tiny import TINY_MODEL, TINY_RUN
 

@@ -13,7 +13,7 @@ from fastdeit.config.schema import AugConfig
 from fastdeit.data.folder import scan_split
 from fastdeit.data.plan import RA_OPS, RA_OPS_INC, PlanSpec, level_to_arg
 from fastdeit.pipelines import dali
-from fastdeit.pipelines.torch import eval_loader, load_plan_rows, rand_augment_op
+from fastdeit.pipelines.reference import eval_loader, load_plan_rows, rand_augment_op
 
 pytestmark = pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed")
 CPU = torch.device("cpu")
@@ -99,7 +99,7 @@ BOUND = {"Equalize": 16.0, "Rotate": 4.0, "ShearX": 4.0, "ShearY": 4.0, "Transla
 def apply_alone(images: list[np.ndarray], names, op: int, arg: float, size: int) -> list[np.ndarray]:
     from nvidia.dali import fn, pipeline_def
 
-    from fastdeit.pipelines.dali_augment import apply_layer, layer_params
+    from fastdeit.pipelines.dali.augment import apply_layer, layer_params
 
     kind, mat, scalar = layer_params(names, np.full(len(images), op), np.full(len(images), arg), size)
 

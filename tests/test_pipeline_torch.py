@@ -11,7 +11,7 @@ from torchvision import transforms as T
 from fastdeit.config.schema import AugConfig
 from fastdeit.data.folder import scan_split
 from fastdeit.data.plan import RA_OPS, RA_OPS_INC, PlanSpec, level_to_arg, make_plan
-from fastdeit.pipelines.torch import FILL, augment, decode, eval_loader, load_plan_rows, train_loader
+from fastdeit.pipelines.reference import FILL, augment, decode, eval_loader, load_plan_rows, train_loader
 
 
 def marker_image(path: Path, w: int, h: int, mx: int, my: int) -> None:

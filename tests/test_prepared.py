@@ -22,7 +22,7 @@ from fastdeit.data.folder import load_dataset
 from fastdeit.data.plan import PlanSpec, make_plan
 from fastdeit.data.preparing import PrepareOptions, prepare_data
 from fastdeit.pipelines import dali
-from fastdeit.pipelines.torch import load_plan_rows
+from fastdeit.pipelines.reference import load_plan_rows
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -98,7 +98,7 @@ def test_shrunk_images_keep_their_aspect_and_the_picture(tiny_data, tmp_path):
 
 def test_a_killed_build_resumes_to_the_same_bytes(tiny_data, same, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c", "from fastdeit.cli.commands import main; main()", "prepare-data", str(tiny_data),
+    cmd = [sys.executable, "-c", "from fastdeit.cli.commands import run_app; run_app()", "prepare-data", str(tiny_data),
            str(out),
            "--max-side", "0", "--shard-rows", "4", "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

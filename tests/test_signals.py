@@ -40,7 +40,7 @@ def start(out: Path, *args: str) -> subprocess.Popen:
     """`fastdeit ARGS` as a job: a session and process group of its own."""
     out.parent.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 (closed by finish)
-    return subprocess.Popen([sys.executable, "-c", "from fastdeit.cli.commands import main; main()", *args],
+    return subprocess.Popen([sys.executable, "-c", "from fastdeit.cli.commands import run_app; run_app()", *args],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True)
 
 
@@ -333,7 +333,7 @@ def work(*_):
 
 if {process!r} == "command":
     import fastdeit.cli.commands
-    fastdeit.cli.commands.main = lambda: sys.exit(work())
+    fastdeit.cli.commands.run_app = lambda: sys.exit(work())
     fastdeit.cli.entry.main()
 else:
     fastdeit.runtime.launch.worker_main = work

@@ -249,7 +249,7 @@ def test_two_ranks_build_the_bytes_of_one(tiny_data, teacher, tmp_path):
     for mode in ("replay", "labelmap"):
         one, two = tmp_path / f"{mode}-one", tmp_path / f"{mode}-two"
         ok([*base, "--mode", mode, "--out", str(one), *small])
-        res = subprocess.run([sys.executable, "-c", "from fastdeit.cli.commands import main; main()", *base,
+        res = subprocess.run([sys.executable, "-c", "from fastdeit.cli.commands import run_app; run_app()", *base,
                               "--mode", mode, "--out", str(two), *small, "--gpus", "0", "--procs", "2"],
                              capture_output=True, text=True, timeout=600, env=os.environ.copy())
         assert res.returncode == 0, res.stderr[-3000:]

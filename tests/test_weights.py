@@ -64,7 +64,7 @@ def test_safetensors_and_bare_state_dicts_load(official, tmp_path):
 
 def test_eval_of_an_official_file_equals_timms_logits(official, tiny_data):
     from fastdeit.data.folder import load_dataset
-    from fastdeit.pipelines.torch import eval_loader
+    from fastdeit.pipelines.reference import eval_loader
 
     res = runner.invoke(app, ["eval", "--data", str(tiny_data), "--weights", str(official[0]), "--model",
                               "deit_tiny", "--workers", "0", "--loader", "torch"])

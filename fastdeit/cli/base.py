@@ -1,13 +1,11 @@
 """What every `fastdeit` command shares: the typer app, the error console, the guard that
-turns bad input into one line and exit code 2, and the fastdeit cache folder."""
+turns bad input into one line and exit code 2."""
 
 from __future__ import annotations
 
 import functools
-import os
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -21,7 +19,7 @@ except ImportError:
     from click import UsageError as ClickUsageError
 
 from fastdeit import __version__
-from fastdeit.cli.options import key_flags
+from fastdeit.config.flags import key_flags
 from fastdeit.config.schema import choices
 from fastdeit.errors import (
     EXIT_BAD_INPUT,
@@ -122,11 +120,3 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return guarded
-
-
-def cache_dir() -> Path:
-    """Where `fastdeit demo` keeps its generated data and measured choices: $FASTDEIT_CACHE,
-    else the XDG cache folder."""
-    if os.environ.get("FASTDEIT_CACHE"):
-        return Path(os.environ["FASTDEIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastdeit"

@@ -16,13 +16,15 @@ from rich.table import Table
 
 from fastdeit.api import build_train_config
 from fastdeit.cli import data_commands as cli_data  # noqa: F401  (registers the data commands on the app)
-from fastdeit.cli.base import _one_of, app, cache_dir, command, err
-from fastdeit.cli.options import Given, alone_values, options
+from fastdeit.cli.base import _one_of, app, command, err
+from fastdeit.cli.options import options
 from fastdeit.config.files import to_toml
+from fastdeit.config.flags import Given, alone_values
 from fastdeit.config.recipes import RECIPES, recipe
 from fastdeit.config.schema import Head, apply_overrides, check_choice
 from fastdeit.errors import UserError
 from fastdeit.models.fetch import local_weights
+from fastdeit.runtime.cache_folder import cache_dir
 from fastdeit.training.sinks import check_sink
 
 
@@ -202,9 +204,10 @@ def optional_values(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
+def run_app() -> None:
+    """The typer app on this process's arguments (`--resume` alone given its value)."""
     app(args=optional_values(sys.argv[1:]), prog_name="fastdeit")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_app())

@@ -8,10 +8,11 @@ from pathlib import Path
 import typer
 from rich.progress import Progress
 
-from fastdeit.cli.base import app, cache_dir, command, err
+from fastdeit.cli.base import app, command, err
 from fastdeit.config.schema import Loader, check_choice
 from fastdeit.errors import UserError
-from fastdeit.training.rundir import atomic_write_text
+from fastdeit.runtime.atomic import atomic_write_text
+from fastdeit.runtime.cache_folder import cache_dir
 
 
 @app.command("make-data")

@@ -44,9 +44,9 @@ def main() -> None:
         signal.signal(sig, _early)
     ignore_stops_at_exit()  # registered before torch and DALI register theirs: it runs last
     try:
-        from fastdeit.cli.commands import main as cli_main
+        from fastdeit.cli.commands import run_app
 
-        cli_main()
+        run_app()
         code = 0
     except EarlyStop as e:
         sys.stderr.write(f"{EARLY}\n")

@@ -319,7 +319,13 @@ def validate(cfg: TrainConfig) -> None:
     """Every check that needs only the config, before any work starts. Messages name config
     keys (the CLI shows its flags in their place)."""
     _check_choices(cfg)
-    d, m, o, s, a, k, r = cfg.data, cfg.model, cfg.optim, cfg.sched, cfg.aug, cfg.distill, cfg.run
+    d = cfg.data
+    m = cfg.model
+    o = cfg.optim
+    s = cfg.sched
+    a = cfg.aug
+    k = cfg.distill
+    r = cfg.run
     checks: list[tuple[bool, str, str]] = [
         (d.img_size >= 8, "data.img_size", f"must be at least 8, got {d.img_size}"),
         (d.img_size <= MAX_IMG_SIZE, "data.img_size", f"must be at most {MAX_IMG_SIZE}, got {d.img_size}"),
@@ -389,7 +395,9 @@ def scaled_lr(cfg: TrainConfig) -> float:
 
 
 def per_rank_batch(cfg: TrainConfig, world_size: int) -> int:
-    b, g, k = cfg.run.batch_size, cfg.aug.mix_group, cfg.run.accum_steps
+    b = cfg.run.batch_size
+    g = cfg.aug.mix_group
+    k = cfg.run.accum_steps
     mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0  # without it, groups pair nothing: a rank needs no whole one
     if mixing and b % (world_size * g):
         raise ConfigError("run.batch_size", f"{b} does not split into {world_size} ranks of whole mix groups of {g}: "

@@ -17,9 +17,10 @@ from fastdeit.config.schema import DataConfig, Loader
 from fastdeit.data.folder import ImageIndex, find_unreadable
 from fastdeit.data.plan import PlanSpec
 from fastdeit.errors import ConfigError, UserError
-from fastdeit.pipelines import dali, dali_decode
+from fastdeit.pipelines import dali
 from fastdeit.pipelines.batch import LoadedBatch
-from fastdeit.pipelines.torch import eval_loader, train_loader
+from fastdeit.pipelines.dali import decode as dali_decode
+from fastdeit.pipelines.reference import eval_loader, train_loader
 
 
 def choose_loader(name: Loader, device: torch.device) -> tuple[str, str]:
@@ -139,7 +140,10 @@ class Loaders:
                  rank: int = 0, world: int = 1, epochs: int | None = None) -> None:
         """`spec`: the plan of training batches; None for a loader that only evaluates.
         `epochs`: how many epochs the run trains, when known; DALI reads nothing past them."""
-        self.kind, self.data, self.spec, self.device = kind, data, spec, device
+        self.kind = kind
+        self.data = data
+        self.spec = spec
+        self.device = device
         self.rank, self.world = rank, world
         self.epochs = epochs
         self._dali: dali.DaliTrainLoader | None = None

@@ -132,7 +132,10 @@ def epoch_order(seed: int, epoch: int, num_samples: int, repeats: int) -> np.nda
 
 def make_plan(spec: PlanSpec, sizes: np.ndarray, epoch: int, step: int) -> BatchPlan:
     """The global batch plan of (epoch, step). `sizes` holds (width, height) of every source image."""
-    n, b, s, a = len(sizes), spec.batch_size, spec.img_size, spec.aug
+    n = len(sizes)
+    b = spec.batch_size
+    s = spec.img_size
+    a = spec.aug
     if not 0 <= step < steps_per_epoch(spec, n):
         raise ValueError(f"step {step} is outside epoch of {steps_per_epoch(spec, n)} steps")
     chunk = epoch_order(spec.seed, epoch, n, a.repeated_aug)[step * b:(step + 1) * b]
@@ -165,7 +168,9 @@ def _crops(rng: np.random.Generator, sizes: np.ndarray, scale: tuple, ratio: tup
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = np.argmax(ok, axis=1)
     rows = np.arange(b)
-    w, h, u = w[rows, first], h[rows, first], u[rows, first]
+    w = w[rows, first]
+    h = h[rows, first]
+    u = u[rows, first]
     width, height = width[:, 0], height[:, 0]
     top = np.floor(u[:, 0] * (height - h + 1))
     left = np.floor(u[:, 1] * (width - w + 1))
@@ -237,7 +242,9 @@ def _erasing(rng: np.random.Generator, b: int, s: int, prob: float) -> np.ndarra
     ok = (w < s) & (h < s)
     first = np.argmax(ok, axis=1)
     rows = np.arange(b)
-    h, w, u = h[rows, first], w[rows, first], u[rows, first]
+    h = h[rows, first]
+    w = w[rows, first]
+    u = u[rows, first]
     top = np.floor(u[:, 0] * (s - h + 1))
     left = np.floor(u[:, 1] * (s - w + 1))
     keep = on & ok.any(axis=1)

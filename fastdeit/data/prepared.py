@@ -75,7 +75,9 @@ class PackedStore:
         return {"folder": self.folder, "rows": self.rows}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.folder, self.rows, self._maps = state["folder"], state["rows"], {}
+        self.folder = state["folder"]
+        self.rows = state["rows"]
+        self._maps = {}
 
     def _map(self, shard: int) -> mmap.mmap:
         if shard not in self._maps:

@@ -27,9 +27,9 @@ from PIL import Image
 from fastdeit.data import prepared
 from fastdeit.data.folder import ImageIndex, scan_split
 from fastdeit.errors import Requeue, Stopped, UserError, differences
-from fastdeit.pipelines.torch import to_rgb
+from fastdeit.pipelines.reference import to_rgb
+from fastdeit.runtime.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from fastdeit.runtime.signals import REQUEUE, quiet_worker, requested, workers_start_quiet
-from fastdeit.training.rundir import atomic_write, atomic_write_bytes, atomic_write_text
 
 SPLITS = ("train", "val")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -115,7 +115,9 @@ def build_shard(job: ShardJob) -> int:
                     continue
                 blob, w, h = stored
                 info = tarfile.TarInfo(member_name(path, blob))  # no owner, no time: the same bytes every build
-                info.size, info.mode, info.mtime = len(blob), 0o644, 0
+                info.size = len(blob)
+                info.mode = 0o644
+                info.mtime = 0
                 tar.addfile(info, io.BytesIO(blob))
                 start = tar.offset - -(-len(blob) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # data, padded, ends here
                 rows.append([path, label, w, h, start, len(blob), zlib.crc32(blob)])

@@ -38,8 +38,8 @@ from fastdeit.distill.sources import (
     replay_records,
 )
 from fastdeit.errors import Requeue, Stopped, UserError
+from fastdeit.pipelines.reference import square_loader
 from fastdeit.pipelines.tail import normalize
-from fastdeit.pipelines.torch import square_loader
 from fastdeit.runtime import signals
 from fastdeit.runtime.device import amp_dtype, autocast, resolve_device, sync
 from fastdeit.runtime.distributed import SINGLE, World, all_reduce, barrier, cuda_index

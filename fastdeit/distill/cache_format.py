@@ -33,7 +33,8 @@ from fastdeit.data.folder import ImageIndex
 from fastdeit.errors import UserError, differences
 from fastdeit.models.factory import teacher_sha256
 from fastdeit.models.fetch import sha256_of
-from fastdeit.training.rundir import RunDir, atomic_write, atomic_write_bytes
+from fastdeit.runtime.atomic import atomic_write, atomic_write_bytes
+from fastdeit.training.rundir import RunDir
 
 FORMAT = 2  # 2: shard checksums keyed by the cache identity
 MANIFEST = "manifest.json"

@@ -22,7 +22,9 @@ class DistillationLoss(nn.Module):
     def __init__(self, mode: DistillMode = "none", alpha: float = 0.5, tau: float = 1.0) -> None:
         super().__init__()
         check_choice("distill.mode", mode, DistillMode)
-        self.mode, self.alpha, self.tau = mode, alpha, tau
+        self.mode = mode
+        self.alpha = alpha
+        self.tau = tau
         self.base = SoftTargetCrossEntropy()
 
     def forward(

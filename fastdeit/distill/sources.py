@@ -165,7 +165,9 @@ class ReplayTeacher:
     def __init__(self, reader: CacheReader, rows_per_epoch: int, num_classes: int, mode: DistillMode,
                  tau: float) -> None:
         self.reader, self.rows_per_epoch = reader, rows_per_epoch
-        self.num_classes, self.mode, self.tau = num_classes, mode, tau
+        self.num_classes = num_classes
+        self.mode = mode
+        self.tau = tau
 
     def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
         rec = self.reader.rows(plan.epoch * self.rows_per_epoch + plan.pos)
@@ -217,7 +219,9 @@ def pooled(inputs: Inputs, grid: int, num_classes: int) -> torch.Tensor:
     The map covers the whole source image on a grid x grid lattice of cells; RoIAlign is
     linear, so pooling an identity map gives each cell's weight for the box, and the sparse
     top-k probabilities are scattered with those weights."""
-    boxes, idx, val = inputs["labelmap.boxes"], inputs["labelmap.idx"], inputs["labelmap.val"]
+    boxes = inputs["labelmap.boxes"]
+    idx = inputs["labelmap.idx"]
+    val = inputs["labelmap.val"]
     b, device = len(boxes), boxes.device
     eye = torch.eye(grid * grid, device=device).view(1, grid * grid, grid, grid)
     weights = roi_align(eye, boxes, output_size=1, spatial_scale=1.0, sampling_ratio=2,
@@ -241,8 +245,12 @@ class LabelMapTeacher:
 
     def __init__(self, reader: CacheReader, sizes: np.ndarray, grid: int, num_classes: int, mode: DistillMode,
                  tau: float) -> None:
-        self.reader, self.sizes, self.grid = reader, sizes, grid
-        self.num_classes, self.mode, self.tau = num_classes, mode, tau
+        self.reader = reader
+        self.sizes = sizes
+        self.grid = grid
+        self.num_classes = num_classes
+        self.mode = mode
+        self.tau = tau
 
     def inputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
         return {**pooling_inputs(self.reader.rows(plan.index), plan.crop, self.sizes[plan.index], self.grid),

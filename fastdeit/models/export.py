@@ -23,8 +23,8 @@ from fastdeit.config.schema import IMAGENET_MEAN, IMAGENET_STD
 from fastdeit.errors import UserError
 from fastdeit.models.factory import is_distilled, timm_name
 from fastdeit.models.hf_keys import hf_state_dict
+from fastdeit.runtime.atomic import write_failed
 from fastdeit.training.evaluate import load_for_inference
-from fastdeit.training.rundir import write_failed
 
 
 def _vit_shape(model: nn.Module) -> dict[str, int]:

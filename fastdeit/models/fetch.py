@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from fastdeit.errors import UserError
-from fastdeit.training.rundir import atomic_write_text
+from fastdeit.runtime.atomic import atomic_write_text
 
 
 def is_url(source: str | Path) -> bool:

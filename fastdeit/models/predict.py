@@ -12,8 +12,8 @@ import torch
 from fastdeit.data.folder import IMG_EXTENSIONS, ImageIndex
 from fastdeit.errors import UserError
 from fastdeit.models.factory import head_logits
+from fastdeit.pipelines.reference import eval_loader
 from fastdeit.pipelines.tail import normalize
-from fastdeit.pipelines.torch import eval_loader
 from fastdeit.runtime.device import resolve_device
 from fastdeit.training.evaluate import Architecture, load_for_inference
 from fastdeit.training.rundir import weights_of

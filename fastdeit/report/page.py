@@ -50,7 +50,9 @@ def ema(ys: Sequence[float], weight: float) -> list[float]:
     """TensorBoard's smoothing: an exponential moving average, debiased so that the first
     points are not pulled toward 0. Non-finite points (a diverged run) pass through and leave
     the average as it was. weight 0 gives the points back."""
-    out, last, n = [], 0.0, 0
+    out = []
+    last = 0.0
+    n = 0
     for y in ys:
         if not math.isfinite(y):
             out.append(y)

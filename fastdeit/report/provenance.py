@@ -54,7 +54,7 @@ def measured_on(device: torch.device) -> dict[str, Any]:
             "versions": versions, "git_commit": git_commit()}
 
 
-def write_report(report: dict[str, Any], path: Path | None) -> None:
+def write_results(report: dict[str, Any], path: Path | None) -> None:
     """A benchmark's JSON, where asked for (folders made)."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

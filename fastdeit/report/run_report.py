@@ -18,7 +18,8 @@ from typing import Any
 
 from fastdeit.errors import UserError, shown
 from fastdeit.report.page import DASHES, RAW_OPACITY, FigureData, Spec, Style, ema, page, run_styles, series_labels
-from fastdeit.training.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from fastdeit.runtime.atomic import atomic_write_bytes, atomic_write_text
+from fastdeit.training.rundir import RunDir
 
 # Marks the pages and PNGs `write_report` writes: only files bearing it are written over, so
 # a mistyped --out (a checkpoint, someone's figures) is refused instead of lost.

@@ -28,10 +28,11 @@ from rich.console import Console
 
 from fastdeit.config.schema import TrainConfig, load_json, per_rank_batch, save_json
 from fastdeit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_STOPPED, Requeue, Stopped, UserError
+from fastdeit.runtime.atomic import atomic_write_text
 from fastdeit.runtime.distributed import World, in_torchrun
 from fastdeit.runtime.relay import Relay
 from fastdeit.runtime.signals import StopSignal, die_with_parent, exit_after_work, ignore_stops_at_exit, say
-from fastdeit.training.rundir import RunDir, atomic_write_text
+from fastdeit.training.rundir import RunDir
 
 SUMMARY_KEYS = ("top1", "top5", "train_img_s", "wall_s")  # the summary line a run prints on stdout
 

@@ -47,9 +47,9 @@ from fastdeit.models.factory import (
     set_trainable,
 )
 from fastdeit.runtime import distributed as dist
+from fastdeit.runtime.atomic import atomic_write_text
 from fastdeit.runtime.device import amp_dtype, resolve_device
 from fastdeit.runtime.distributed import SINGLE, World, cuda_index
-from fastdeit.training.rundir import atomic_write_text
 from fastdeit.training.step import Step, make_step
 
 

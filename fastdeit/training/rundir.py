@@ -1,5 +1,5 @@
-"""The run folder and the checkpoint format: the one module that names run files, writes them
-atomically and reads checkpoints back.
+"""The run folder and the checkpoint format: the one module that names run files and reads
+checkpoints back (writing them atomically through runtime/atomic.py).
 
 A run folder (`run.out`):
 
@@ -12,7 +12,7 @@ A run folder (`run.out`):
     teacher-labelmap/    label maps built for the run when no `distill.teacher_cache` was given
     .lock                while a run uses the folder: who holds it (`RunDir.hold`)
 
-Every file is written under a temporary name and renamed (`atomic_write`), so a crash never
+Every file is written under a temporary name and renamed (`atomic.atomic_write`), so a crash never
 leaves a torn file (and the next run to hold the folder removes what a killed one was writing).
 Checkpoints are read with `weights_only=True`: a file cannot run code.
 """
@@ -30,7 +30,7 @@ import socket
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,74 +43,12 @@ from fastdeit.config.schema import ModelConfig, TrainConfig, save_json
 from fastdeit.data.plan import PlanSpec
 from fastdeit.errors import Requeue, Stopped, UserError, differences
 from fastdeit.models.folders import load_safetensors, read_model_folder
+from fastdeit.runtime.atomic import atomic_save, atomic_write, atomic_write_text, write_failed
 from fastdeit.runtime.signals import REQUEUE
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of a training checkpoint changes
 # What a training checkpoint holds besides the state dicts of the run's components.
 _CHECKPOINT_KEYS = ("format", "meta", "config", "state", "rng")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` fills a temporary file beside `path`, which then replaces `path` in one step.
-    When the write fails (a full disk), the temporary file is removed, the previous `path`, if
-    any, is kept, and one line says how much space the folder needs."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes writing the same file never share one
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        written = tmp.stat().st_size if tmp.exists() else 0
-        tmp.unlink(missing_ok=True)
-        raise UserError(write_failed(path, e, written)) from None
-
-
-# errno values that mean "no room": the disk, or this user's quota on it.
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-def write_failed(path: Path, error: BaseException, written: int = 0) -> str:
-    """The one line for a write of `path` that failed: a full disk names the folder, the space
-    left and what the file needs (its previous version's size, or what was written before the
-    failure); the previous file, if any, is kept."""
-    path = Path(path)
-    kept = f"; the previous {path.name} is kept" if path.exists() else ""
-    text = str(error)
-    full = (getattr(error, "errno", None) in NO_SPACE or "No space left on device" in text  # safetensors' Rust error
-            or (isinstance(error, RuntimeError) and "write" in text.lower()))  # torch.save's
-    if not full:
-        why = getattr(error, "strerror", None) or (text.splitlines() or [type(error).__name__])[0]
-        return f"cannot write {path}: {why}{kept}"
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = 0
-    needed = max(written, path.stat().st_size if path.exists() else 0)
-    need = f", at least {_size(needed)} needed" if needed else ""
-    return (f"cannot write {path}: the disk holding {path.parent} is full ({_size(free)} free{need}){kept}: "
-            f"free some space, then run the same command (--resume continues a run)")
-
-
-def _size(n: float) -> str:
-    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
-    power = 0
-    while n >= 1024 and power < len(units) - 1:
-        n /= 1024
-        power += 1
-    return f"{int(n):,} bytes" if power == 0 else f"{n:.1f} {units[power]}"
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save, atomically."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class RunDir:

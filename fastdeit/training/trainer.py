@@ -24,13 +24,14 @@ from fastdeit.errors import UserError, differences
 from fastdeit.models.factory import is_distilled
 from fastdeit.report.provenance import git_commit
 from fastdeit.runtime import distributed as dist
+from fastdeit.runtime.atomic import atomic_save
 from fastdeit.runtime.distributed import SINGLE, World
 from fastdeit.runtime.signals import StopSignal, stop_notice
 from fastdeit.training.build import RunParts, build_run
 from fastdeit.training.evaluate import EvalResult, evaluate
 from fastdeit.training.meter import Meter
 from fastdeit.training.progress import TrainProgress
-from fastdeit.training.rundir import RunDir, atomic_save, read_training_checkpoint, training_checkpoint
+from fastdeit.training.rundir import RunDir, read_training_checkpoint, training_checkpoint
 from fastdeit.training.sinks import open_sinks
 
 StepHook = Callable[[int], None]  # called with the number of updates after each step

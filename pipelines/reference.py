@@ -107,8 +107,12 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __init__(self, index: ImageIndex, spec: PlanSpec, epoch: int, start_step: int = 0,
                  rank: int = 0, world: int = 1) -> None:
-        self.index, self.spec, self.epoch = index, spec, epoch
-        self.start_step, self.rank, self.world = start_step, rank, world
+        self.index = index
+        self.spec = spec
+        self.epoch = epoch
+        self.start_step = start_step
+        self.rank = rank
+        self.world = world
         self.steps = steps_per_epoch(spec, len(index))
 
     def __len__(self) -> int:

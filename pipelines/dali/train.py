@@ -1,12 +1,9 @@
-"""NVIDIA DALI pipelines that execute the augmentation plan: the production data path.
+"""The DALI train graph executing the augmentation plan, and its loader.
 
-One graph builder with a device switch: "gpu" decodes with nvJPEG ("mixed", the hardware
-decoder where there is one) and augments on the GPU; "cpu" is the same graph with CPU
-operators and device_id=None (libjpeg-turbo), which is what runs without a GPU and in the
-tests. The plan reaches the graph through fn.external_source, one step's shard per call:
-file bytes, crop boxes (decoded as a region of interest), flips and the RandAugment
-parameters. DALI's own RNG is never used, so a plan gives the same batch as the reference
-pipeline up to decoder and resampler differences (see tests/test_pipeline_dali.py).
+The plan reaches the graph through fn.external_source, one step's shard per call: file bytes,
+crop boxes (decoded as a region of interest), flips and the RandAugment parameters. DALI's own
+RNG is never used, so a plan gives the same batch as the reference pipeline up to decoder and
+resampler differences (see tests/test_pipeline_dali.py).
 """
 
 from __future__ import annotations
@@ -22,35 +19,16 @@ import torch
 from fastdeit.data.folder import ImageIndex
 from fastdeit.data.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
 from fastdeit.pipelines.batch import LoadedBatch, substitutes
+from fastdeit.pipelines.dali.common import available, interp, to_torch
 from fastdeit.runtime.signals import quiet_worker, workers_start_quiet
 
 try:  # DALI is a Linux-only dependency; everything else works without it.
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.plugin.pytorch import feed_ndarray
 
-    from fastdeit.pipelines.dali_augment import apply_layer, layer_params
-    from fastdeit.pipelines.dali_decode import BLANK, BLANK_SIZE, FAILED, dali_format, dali_unreadable, decoder_options
+    from fastdeit.pipelines.dali.augment import apply_layer, layer_params
+    from fastdeit.pipelines.dali.decode import FAILED, dali_format, dali_unreadable, decoder_options
 except ImportError:  # pragma: no cover - exercised only where DALI is absent
     fn = None
-
-
-def available() -> bool:
-    return fn is not None
-
-
-def cuda_major() -> int | None:
-    """The CUDA major version the installed DALI wheel was built for (nvidia-dali-cuda130: 13)."""
-    import importlib.metadata
-
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name.startswith("nvidia-dali-cuda") and name[16:].isdigit():
-            return int(name[16:]) // 10
-    return None
-
-
-def _interp(name: str):
-    return {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}[name]
 
 
 _quieted: int | None = None
@@ -139,14 +117,18 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
     """The train graph: decode the plan's box (as a region of interest, or the whole image then
     a crop: some DALI versions cannot use nvJPEG's hardware decoder for regions), resize, flip,
     the plan's RandAugment."""
-    spec, layers, size = source.spec, source.layers, source.spec.img_size
+    spec = source.spec
+    layers = source.layers
+    size = source.spec.img_size
 
     @pipeline_def(enable_conditionals=True)
     def graph():
         inputs = dict(zip(source.names, fn.external_source(
             source=source, num_outputs=len(source.names), batch=True, batch_info=True,
             **({"parallel": True, "prefetch_queue_depth": 2} if readers > 0 else {}))))
-        files, start, shape = inputs["files"], inputs["start"], inputs["shape"]
+        files = inputs["files"]
+        start = inputs["start"]
+        shape = inputs["shape"]
         # EXIF orientation is ignored, as PIL and the plan (which reads header sizes) do.
         decoder = decoder_options(device, hw_decode)
         if roi_decode:
@@ -155,7 +137,7 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
         else:
             img = fn.decoders.image(files, output_type=types.RGB, adjust_orientation=False, **decoder)
             img = fn.slice(img, start=start, shape=shape, axis_names="WH")
-        img = fn.resize(img, size=[size, size], interp_type=_interp(spec.aug.interpolation), antialias=True)
+        img = fn.resize(img, size=[size, size], interp_type=interp(spec.aug.interpolation), antialias=True)
         img = fn.flip(img, horizontal=inputs["flip"])
         for k in range(layers):
             img = apply_layer(img, *(inputs[name] for name in _layer(k)), device, size)
@@ -176,15 +158,6 @@ def reader_start_method() -> str:
     if driver_up is None:  # a DALI without the check: spawn wherever a GPU could be in use
         return "spawn" if torch.cuda.is_available() else "fork"
     return "spawn" if driver_up() else "fork"
-
-
-def _to_torch(out, device: torch.device) -> torch.Tensor:
-    """DALI uint8 NHWC batch -> torch NCHW view, copied once into torch memory (no host
-    round-trip on the GPU)."""
-    dense = out.as_tensor()
-    t = torch.empty(dense.shape(), dtype=torch.uint8, device=device)
-    feed_ndarray(dense, t, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
-    return t.permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -299,104 +272,6 @@ class DaliTrainLoader:
         plan = make_plan(self.spec, self.index.sizes, epoch, step).shard(self.rank, self.world)
         bad = tag[:, 2].astype(bool)
         self.skip.update(int(i) for i in plan.index[bad])  # files a reader refused: skipped from now on
-        return LoadedBatch.of(_to_torch(out, self.device), self.index, plan, bad)
+        return LoadedBatch.of(to_torch(out, self.device), self.index, plan, bad)
 
 
-def eval_geometry(sizes: np.ndarray, img_size: int, crop_pct: float) -> tuple[np.ndarray, np.ndarray]:
-    """torchvision's Resize(int(img_size / crop_pct)) + CenterCrop(img_size), computed on the
-    host from the source sizes: (resized width, height) [n, 2] and crop (left, top) [n, 2]."""
-    short_to = int(img_size / crop_pct)
-    w, h = sizes[:, 0].astype(np.int64), sizes[:, 1].astype(np.int64)
-    short, long = np.minimum(w, h), np.maximum(w, h)
-    new_long = (short_to * long) // np.maximum(short, 1)
-    new_w = np.where(w <= h, short_to, new_long)
-    new_h = np.where(w <= h, new_long, short_to)
-    left = np.round((new_w - img_size) / 2.0)
-    top = np.round((new_h - img_size) / 2.0)
-    return np.stack([new_w, new_h], 1), np.stack([left, top], 1).astype(np.int64)
-
-
-def build_eval_pipeline(source, batch: int, img_size: int, interpolation: str, device: str,
-                        threads: int, device_id: int | None, hw_decode: bool = False):
-    """The val graph: decode, resize (shorter side to img_size / crop_pct), centre crop; the
-    sizes and crop corner come from the host so that they match torchvision's rounding."""
-
-    @pipeline_def
-    def graph():
-        files, labels, resized, corner = fn.external_source(source=source, num_outputs=4, batch=True)
-        img = fn.decoders.image(files, output_type=types.RGB, adjust_orientation=False,
-                                **decoder_options(device, hw_decode))
-        img = fn.resize(img, resize_x=resized[0], resize_y=resized[1], interp_type=_interp(interpolation),
-                        antialias=True)
-        img = fn.slice(img, start=corner, shape=types.Constant(np.array([img_size, img_size], np.int32)),
-                       axis_names="WH")
-        return img, labels
-
-    return graph(batch_size=batch, num_threads=threads, device_id=device_id, seed=0, exec_dynamic=True)
-
-
-def dali_eval_batches(index: ImageIndex, img_size: int, crop_pct: float, batch: int, device: torch.device,
-                      threads: int, rows: np.ndarray | None = None, hw_decode: bool = False) -> Iterator[tuple]:
-    """(uint8 NCHW images, labels, ok) batches of the val split. Unreadable files (the index's
-    skip set, and any file DALI fails on: found, then skipped from that batch on) are fed as a
-    copy of a good file and flagged ok=False, so that they are left out and counted."""
-    if not available():
-        raise RuntimeError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
-    rows = np.arange(len(index)) if rows is None else rows
-    chunks = [[int(i) for i in rows[k:k + batch]] for k in range(0, len(rows), batch)]
-    skip = set(index.skip)
-    device_id = (device.index or 0) if device.type == "cuda" else None
-
-    def first_good() -> int | None:
-        return next((i for c in chunks for i in c if i not in skip), None)
-
-    at = {"next": 0, "good": first_good()}  # the next batch to feed; the file fed in place of a bad one
-
-    def read(i: int) -> np.ndarray:
-        return index.read(i)
-
-    def source():
-        if at["next"] >= len(chunks):
-            raise StopIteration
-        chunk, at["next"] = chunks[at["next"]], at["next"] + 1
-        data = {i: read(i) for i in chunk if i not in skip}
-        skip.update(i for i, d in data.items() if not dali_format(d))  # a format DALI does not read
-        if at["good"] in skip:
-            at["good"] = first_good()
-        good = at["good"]
-        filler = (data[good] if good in data else read(good)) if good is not None else BLANK
-        files = [data[i] if i not in skip else filler for i in chunk]
-        sizes = np.stack([index.sizes[i] if i not in skip else (index.sizes[good] if good is not None else
-                                                                  np.array(BLANK_SIZE)) for i in chunk])
-        resized, corner = eval_geometry(sizes, img_size, crop_pct)
-        return files, index.labels[chunk], resized.astype(np.float32), corner.astype(np.int32)
-
-    def build():
-        pipe = build_eval_pipeline(source, batch, img_size, "bicubic", "gpu" if device_id is not None else "cpu",
-                                   max(1, threads), device_id, hw_decode)
-        pipe.build()
-        return pipe
-
-    pipe, k = None, 0
-    while k < len(chunks):
-        if at["good"] is None:  # nothing left to decode: every row is counted unreadable
-            yield (torch.zeros(len(chunks[k]), 3, img_size, img_size, dtype=torch.uint8, device=device),
-                   torch.from_numpy(index.labels[chunks[k]]), torch.zeros(len(chunks[k]), dtype=torch.bool))
-            k += 1
-            continue
-        try:
-            pipe = pipe or build()
-            images, labels = pipe.run()
-        except RuntimeError:
-            # A file of the batches in flight (this one and those prefetched) failed to decode:
-            # find it, skip it, and start again from this batch.
-            culprits = dali_unreadable(index, [i for c in chunks[k:k + 3] for i in c if i not in skip], device_id)
-            if not culprits:
-                raise
-            skip.update(culprits)
-            FAILED.append(pipe)
-            at["next"], at["good"], pipe = k, first_good(), None
-            continue
-        ok = torch.tensor([i not in skip for i in chunks[k]])
-        yield _to_torch(images, device), torch.from_numpy(np.array(labels.as_tensor())).view(-1), ok
-        k += 1
