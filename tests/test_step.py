@@ -131,7 +131,7 @@ def test_data_wait_is_the_wait_for_the_loader_alone():
         now[0] += 0.5  # logging: .tolist() waits for the device
         meter.asking()
     assert meter.window() == (pytest.approx(20 / 3.5), pytest.approx(1.0 / 3.5))  # up to the last step's end
-    assert meter.end_epoch()["data_wait"] == pytest.approx(1.0 / 4.0)
+    assert meter.end_epoch().data_wait == pytest.approx(1.0 / 4.0)
 
 
 def test_meter_counts_training_time_only():
@@ -153,8 +153,8 @@ def test_meter_counts_training_time_only():
     assert meter.seconds() == pytest.approx(10.0)
     assert meter.window() == (pytest.approx(5.0), pytest.approx(0.25))
     stats = meter.end_epoch()
-    assert stats["images"] == 50 and stats["seconds"] == pytest.approx(10.0)
-    assert stats["train_img_s"] == pytest.approx(5.0) and stats["data_wait"] == pytest.approx(0.25)
+    assert stats.images == 50 and stats.seconds == pytest.approx(10.0)
+    assert stats.train_img_s == pytest.approx(5.0) and stats.data_wait == pytest.approx(0.25)
     assert meter.seconds() == 0.0  # between epochs
 
 

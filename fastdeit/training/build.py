@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from rich.console import Console
@@ -68,6 +69,18 @@ class Data:
         return self.train.fingerprint()
 
 
+class LrSchedule(Protocol):
+    """What the loop asks of a learning-rate schedule: the lr of the next update, set after
+    every update and on resume (timm's CosineLRScheduler per update, or `EpochStepped`), and
+    its state in a checkpoint."""
+
+    def step_update(self, num_updates: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class RunParts:
     """Everything a training run is made of; built by `build_run`."""
@@ -80,7 +93,7 @@ class RunParts:
     steps_per_epoch: int
     model: nn.Module  # the student itself (checkpoints, eval, EMA); the step trains its DDP/compiled wrapper
     optimizer: torch.optim.Optimizer
-    scheduler: CosineLRScheduler
+    scheduler: LrSchedule  # per update, or per epoch as the official main.py (EpochStepped)
     scaler: torch.amp.GradScaler | None
     ema: ModelEmaV3 | None
     loaders: Loaders
@@ -253,7 +266,7 @@ def check_apex(opt: str, device: torch.device) -> None:
                           f"device")
 
 
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int) -> CosineLRScheduler | EpochStepped:
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int) -> LrSchedule:
     """Per-update cosine with warm-up (sched.update=step); at epoch boundaries it equals DeiT's
     per-epoch values. sched.update=epoch: the official stepping (EpochStepped)."""
     s = cfg.sched
@@ -277,9 +290,9 @@ class EpochStepped:
     def step_update(self, num_updates: int) -> None:
         self.scheduler.step(max(num_updates // self.steps - 1, 0))
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state)
 

@@ -7,6 +7,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What an epoch measured: images (all ranks), training seconds (checkpoints paused out),
+    img/s and the share of those seconds spent waiting for data."""
+
+    images: int
+    seconds: float
+    train_img_s: float
+    data_wait: float
 
 
 class Meter:
@@ -15,18 +27,25 @@ class Meter:
         self.running = False  # within an epoch
         self.t0 = self.tick = 0.0  # epoch start; end of the last step (or pause)
         self.asked = 0.0  # when the loop last asked the loader for a batch (`asking`)
-        self.images, self.wait, self.paused_s = 0, 0.0, 0.0
+        self.images = 0
+        self.wait = 0.0
+        self.paused_s = 0.0
         self._window(0.0)
 
     def start_epoch(self) -> None:
         now = self.clock()
         self.running = True
         self.t0 = self.tick = now
-        self.images, self.wait, self.paused_s = 0, 0.0, 0.0
+        self.images = 0
+        self.wait = 0.0
+        self.paused_s = 0.0
         self._window(now)
 
     def _window(self, now: float) -> None:
-        self.w_t, self.w_images, self.w_wait, self.w_paused = now, 0, 0.0, 0.0
+        self.w_t = now
+        self.w_images = 0
+        self.w_wait = 0.0
+        self.w_paused = 0.0
 
     def asking(self) -> None:
         """The loop asks the loader for its next batch now: what it did since the step ended
@@ -67,9 +86,7 @@ class Meter:
         """Training seconds of the epoch so far (0 outside an epoch)."""
         return self.clock() - self.t0 - self.paused_s if self.running else 0.0
 
-    def end_epoch(self) -> dict[str, float]:
-        """The epoch's images, seconds, img/s and data-wait fraction."""
+    def end_epoch(self) -> EpochStats:
         seconds = self.seconds()
         self.running = False
-        return {"images": self.images, "seconds": seconds, "train_img_s": self.images / max(seconds, 1e-9),
-                "data_wait": self.wait / max(seconds, 1e-9)}
+        return EpochStats(self.images, seconds, self.images / max(seconds, 1e-9), self.wait / max(seconds, 1e-9))

@@ -29,7 +29,7 @@ from fastdeit.runtime.distributed import SINGLE, World
 from fastdeit.runtime.signals import StopSignal, stop_notice
 from fastdeit.training.build import RunParts, build_run
 from fastdeit.training.evaluate import EvalResult, evaluate
-from fastdeit.training.meter import Meter
+from fastdeit.training.meter import EpochStats, Meter
 from fastdeit.training.progress import TrainProgress
 from fastdeit.training.rundir import RunDir, read_training_checkpoint, training_checkpoint
 from fastdeit.training.sinks import open_sinks
@@ -51,7 +51,27 @@ class RunState:
     best_top1: float = -1.0
     elapsed: float = 0.0  # training seconds of the finished epochs, over all invocations
     last_eval: dict[str, float] = field(default_factory=dict)
-    pending: dict[str, Any] = field(default_factory=dict)  # an epoch's record whose evaluation is not done yet
+    pending: dict[str, Any] | None = None  # the record of an epoch whose evaluation is not done yet
+
+    @classmethod
+    def of(cls, saved: dict[str, Any]) -> RunState:
+        """The state a checkpoint holds (one written before `pending` could be None holds {})."""
+        return cls(**{**saved, "pending": saved.get("pending") or None})
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """What training an epoch (or its rest, when resumed) measured."""
+
+    stats: EpochStats
+    target_agreement: float | None  # cached targets vs the live teacher on the first batches; None: not checked
+
+    def record(self) -> dict[str, float]:
+        """What the epoch's metrics record holds of it."""
+        out = {"train_img_s": self.stats.train_img_s, "data_wait": self.stats.data_wait}
+        if self.target_agreement is not None:
+            out["target_agreement"] = self.target_agreement
+        return out
 
 
 def train(cfg: TrainConfig, console: Console, world: World = SINGLE, resume: Path | None = None,
@@ -82,7 +102,10 @@ def _may_change(config: dict[str, Any]) -> dict[str, Any]:
 class Trainer:
     def __init__(self, parts: RunParts, run_dir: RunDir, console: Console, stop: StopSignal,
                  on_step: Sequence[StepHook] = ()) -> None:
-        self.parts, self.dir, self.console, self.stop = parts, run_dir, console, stop
+        self.parts = parts
+        self.dir = run_dir
+        self.console = console
+        self.stop = stop
         self.cfg, self.world = parts.cfg, parts.world
         self.on_step = tuple(on_step)  # test hooks (fault injection); none in a normal run
         self.state = RunState()
@@ -103,18 +126,23 @@ class Trainer:
         if self.world.is_main:
             self.dir.write_config(self.cfg, self.parts.chosen)
         self.banner()
-        images, seconds, epochs = 0, 0.0, self.cfg.sched.epochs
-        if self.state.pending:  # killed while evaluating: that epoch's evaluation first
+        images = 0
+        seconds = 0.0
+        epochs = self.cfg.sched.epochs
+        if self.state.pending is not None:  # killed while evaluating: that epoch's evaluation first
             self.evaluate_pending()
         with TrainProgress(self.console, enabled=self.cfg.run.progress and self.world.is_main) as bar:
             try:
                 while self.state.epoch < epochs:
                     bar.start_epoch(self.state.epoch, epochs, self.parts.steps_per_epoch, self.state.step)
-                    stats = self.train_epoch(bar)
-                    images, seconds = images + stats["images"], seconds + stats["seconds"]
+                    result = self.train_epoch(bar)
+                    images += result.stats.images
+                    seconds += result.stats.seconds
                     e = self.state.epoch
-                    self.state.epoch, self.state.step = e + 1, 0
-                    self.end_epoch(e, stats, evaluate_now=(e + 1) % self.cfg.run.eval_every == 0 or e + 1 == epochs)
+                    self.state.epoch = e + 1
+                    self.state.step = 0
+                    evaluate_now = (e + 1) % self.cfg.run.eval_every == 0 or e + 1 == epochs
+                    self.end_epoch(e, result, evaluate_now)
             except _Stop as why:
                 self.stopped(str(why))
             finally:
@@ -135,12 +163,14 @@ class Trainer:
         dist.barrier(self.world)  # no rank leaves before the checkpoint is written
         raise self.dir.stop_error(record)
 
-    def train_epoch(self, bar: TrainProgress) -> dict[str, float]:
-        """Run the rest of the current epoch; returns images, seconds, img/s and data-wait."""
-        p, st, run = self.parts, self.state, self.cfg.run
+    def train_epoch(self, bar: TrainProgress) -> EpochResult:
+        """Run the rest of the current epoch."""
+        p = self.parts
+        st = self.state
+        run = self.cfg.run
         first, agree = st.step, torch.zeros(2, dtype=torch.float64, device=p.device)  # read at the epoch's end
         self.meter.start_epoch()
-        live = getattr(p.step.teacher, "live_check", None)  # what its cached targets are checked against
+        live = p.step.teacher.live_check if p.step.teacher is not None else None  # what cached targets meet
         for batch in p.loaders.train(p.data.train, st.epoch, st.step):
             self.meter.data_ready()
             self.note_bad(batch.bad)
@@ -164,9 +194,9 @@ class Trainer:
                 hook(st.updates)
             self.meter.asking()  # the next batch is asked for now: what this step did after it is not data wait
         stats = self.meter.end_epoch()
-        st.elapsed += stats["seconds"]
-        agree = dist.all_reduce(agree, self.world).tolist()
-        return {**stats, "target_agreement": agree[0] / agree[1]} if agree[1] else stats
+        st.elapsed += stats.seconds
+        equal, total = dist.all_reduce(agree, self.world).tolist()
+        return EpochResult(stats, equal / total if total else None)
 
     def log_step(self, losses: dict[str, torch.Tensor], bad: int, bar: TrainProgress) -> None:
         st = self.state
@@ -182,14 +212,13 @@ class Trainer:
         self.log(rec)
         bar.update(st.step, rec["loss"], img_s)
 
-    def end_epoch(self, epoch: int, stats: dict[str, float], evaluate_now: bool) -> None:
+    def end_epoch(self, epoch: int, result: EpochResult, evaluate_now: bool) -> None:
         """Save the epoch's work, then evaluate (an evaluation that fails loses nothing), log,
         and save again with the evaluation in the state (and as the best checkpoint). The
         epoch's record waits in the first save (`RunState.pending`): a run killed while
         evaluating evaluates that epoch first when resumed."""
         rec: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "lr": self.parts.optimizer.param_groups[0]["lr"],
-                               "bad_files": len(self.bad_seen),
-                               **{k: v for k, v in stats.items() if k not in ("images", "seconds")}}
+                               "bad_files": len(self.bad_seen), **result.record()}
         if evaluate_now:
             self.state.pending = rec
         self.save()
@@ -200,7 +229,7 @@ class Trainer:
 
     def evaluate_pending(self) -> None:
         """Evaluate the epoch whose record waits in the state; log it; save."""
-        rec = dict(self.state.pending)
+        rec = dict(self.state.pending or {})
         res = self.evaluate(self.parts.model)
         ev = {"top1": res.top1(), "top5": res.top5(), "eval_img_s": res.img_s}
         ev.update({f"top1_{h}": res.top1(h) for h in res.heads if h != "joint"})
@@ -210,7 +239,8 @@ class Trainer:
         if self.parts.ema is not None:
             ev["top1_ema"] = self.evaluate(self.parts.ema.module).top1()
         rec.update(ev)
-        self.state.last_eval, self.state.pending = ev, {}
+        self.state.last_eval = ev
+        self.state.pending = None
         best = ev["top1"] > self.state.best_top1
         self.state.best_top1 = max(self.state.best_top1, ev["top1"])
         self.console.print(f"epoch {rec['epoch']}: top-1 {ev['top1']:.2f}  top-5 {ev['top5']:.2f}  "
@@ -292,7 +322,7 @@ class Trainer:
                 component.load_state_dict(ck[name])
         for group, fresh in zip(p.optimizer.param_groups, settings):
             group.update(fresh)
-        self.state = RunState(**ck["state"])
+        self.state = RunState.of(ck["state"])
         p.scheduler.step_update(self.state.updates)
         old, now = TrainConfig.from_dict(ck["config"]).to_dict(), self.cfg.to_dict()
         changed = differences(_may_change(old), _may_change(now))
