@@ -66,3 +66,19 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_on_resume(data, tm
     code, _, err = run(*train(data, out, "--resume=auto"))
     assert code == 0 and "starting the run" in err, err
     assert records(out, "step")[-1]["loss"] != 9.0
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_with_nothing_pending(data, tmp_path):
+    """Checkpoints written before RunState.pending could be None hold {} when no evaluation
+    waits: read as nothing pending, the run resumes at its next epoch and evaluates no phantom
+    epoch."""
+    import torch
+
+    out = trained(data, tmp_path / "run", "--epochs", "1")
+    ckpt = out / "checkpoint-last.pt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["state"]["pending"] is None  # as this version writes it
+    saved["state"]["pending"] = {}
+    torch.save(saved, ckpt)
+    assert trained(data, out, "--epochs", "2", "--resume=auto")
+    assert [r["epoch"] for r in records(out, "epoch")] == [0, 1]
