@@ -101,3 +101,11 @@ def test_rand_augment_grammar():
     assert parse_rand_augment("rand-m7-n3-p0.9-mstd101").magnitude_std == float("inf")
     with pytest.raises(UserError):
         parse_rand_augment("auto-m9")
+
+
+def test_an_unscaled_lr_is_used_as_given_at_any_batch():
+    """optim.scale_lr=false (DeiT III's official --unscale-lr): no batch / base_batch factor."""
+    for batch in (256, 2048):
+        c = apply_overrides(recipe("deit"), [f"run.batch_size={batch}", "optim.lr=0.004"])
+        assert scaled_lr(c) == pytest.approx(0.004 * batch / 512)
+        assert scaled_lr(apply_overrides(c, ["optim.scale_lr=false"])) == 0.004

@@ -63,3 +63,25 @@ def test_distillation_needs_two_heads_and_teacher():
         DistillationLoss("hard")(cls, targets, teacher)
     with pytest.raises(ValueError, match="needs teacher outputs"):
         DistillationLoss("soft")((cls, dist), targets, None)
+
+
+def bce64(logits, targets):
+    """float64 BCE against the targets made 0/1 (the official engine's targets.gt(0.0))."""
+    x, y = logits.double(), (targets > 0).double()
+    return -(y * torch.nn.functional.logsigmoid(x) + (1 - y) * torch.nn.functional.logsigmoid(-x)).mean()
+
+
+@pytest.mark.parametrize("mode", ["none", "hard"])
+def test_bce_base_is_deit3s_binary_cross_entropy_on_binarised_targets(mode):
+    """distill.base_loss=bce (DeiT III's --bce-loss): every class with a mixed share > 0 is a
+    positive, the rest negatives; distillation wraps it as it wraps the cross-entropy."""
+    cls, dist, teacher, _ = data()
+    one_hot = torch.eye(5)[torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])]
+    targets = 0.7 * one_hot + 0.3 * one_hot.roll(1, 0)  # mixup without smoothing: two positives a row, or one
+    loss, parts = DistillationLoss(mode, alpha=0.5, base="bce")((cls, dist), targets, teacher)
+    assert parts["loss_base"].item() == pytest.approx(bce64(cls, targets).item(), rel=1e-6)
+    if mode == "hard":
+        kd = -torch.log_softmax(dist.double(), 1)[torch.arange(8), teacher.argmax(1)].mean()
+        assert loss.item() == pytest.approx((0.5 * bce64(cls, targets) + 0.5 * kd).item(), rel=1e-6)
+    ce, _ = DistillationLoss(mode, alpha=0.5)((cls, dist), targets, teacher)
+    assert ce.item() != pytest.approx(loss.item(), rel=1e-3)  # the key changes the loss

@@ -165,3 +165,19 @@ def test_a_resume_names_a_changed_accumulation(tiny_data, tmp_path):
     assert res.exit_code == 0, res.output
     line = next(x for x in res.stderr.splitlines() if x.startswith("resuming with a changed schedule"))
     assert "run.accum_steps 1 -> 2" in line and "sched.epochs 1 -> 2" in line, line
+
+
+def test_bce_trains_and_refuses_smoothing_that_would_make_every_class_a_positive(tiny_data, tmp_path):
+    """distill.base_loss=bce: the first logged loss is a binary cross-entropy (about ln 2 per
+    class at initialisation; the cross-entropy over 3 classes starts near ln 3), and with label
+    smoothing on, every target would be > 0: one line, before anything runs."""
+    base = [*TINY_MODEL, "--data", str(tiny_data), "--model", "deit_tiny", "--set", "run.log_every=1"]
+    train(*base, "--out", str(tmp_path / "bce"), "--set", "distill.base_loss=bce", "--set", "aug.smoothing=0")
+    train(*base, "--out", str(tmp_path / "ce"), "--set", "aug.smoothing=0")
+    first = {k: records(tmp_path / k, "step")[0]["loss"] for k in ("bce", "ce")}
+    assert abs(first["bce"] - 0.693) < 0.15 and abs(first["ce"] - 1.099) < 0.3, first
+    res = runner.invoke(app, ["train", *TINY_RUN, *base, "--out", str(tmp_path / "no"), "--set",
+                              "distill.base_loss=bce", "--set", "aug.smoothing=0.1"])
+    line = res.stderr.strip().splitlines()[-1]
+    assert res.exit_code == 2 and "distill.base_loss" in line and "aug.smoothing=0" in line, res.output
+    assert not (tmp_path / "no").exists()

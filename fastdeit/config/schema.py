@@ -27,6 +27,9 @@ from fastdeit.errors import ConfigError, UserError, clipped, shown
 Loader = Literal["auto", "dali", "torch"]  # auto: dali when CUDA and DALI are there, else torch
 AttnBackend = Literal["auto", "sdpa", "flex", "triton", "math"]  # auto: the fastest correct one measured
 DistillMode = Literal["none", "soft", "hard"]
+# The class head's loss: soft-target cross-entropy (DeiT), or binary cross-entropy on the targets
+# made 0/1 (> 0), as DeiT III's official --bce-loss
+BaseLoss = Literal["ce", "bce"]
 TeacherTargets = Literal["live", "replay", "labelmap"]  # where the teacher's predictions come from
 CacheMode = Literal["replay", "labelmap"]  # the kinds of teacher cache (`fastdeit cache-teacher --mode`)
 Device = Literal["auto", "cpu", "cuda"]
@@ -102,6 +105,7 @@ class OptimConfig:
     opt: str = "adamw"  # any timm optimizer name
     lr: float = 5e-4  # at base_batch; the run uses lr * batch_size / base_batch
     base_batch: int = 512
+    scale_lr: bool = True  # false: lr is used as given at any batch (DeiT III's official --unscale-lr)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -140,6 +144,7 @@ class AugConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     mode: DistillMode = "none"
+    base_loss: BaseLoss = "ce"  # the class head's loss, which distillation wraps (the official base_criterion)
     alpha: float = 0.5
     tau: float = 1.0
     teacher: str = ""  # a timm model name; may be read from a fastdeit teacher checkpoint
@@ -358,6 +363,9 @@ def validate(cfg: TrainConfig) -> None:
          and k.teacher_img_size >= 0,
          "distill.topk", "must be >= 1, distill.labelmap_size and distill.agreement_batches >= 0, "
                          "distill.cache_shard_rows >= 1"),
+        (k.base_loss != "bce" or a.smoothing == 0, "distill.base_loss",
+         f"bce makes every target > 0 a positive, as the official code does: with aug.smoothing {a.smoothing} every "
+         f"class would be one; set aug.smoothing=0 (the DeiT III recipe's)"),
         (k.mode == "none" or bool(k.teacher or k.teacher_ckpt), "distill.mode",
          f"{k.mode} needs a teacher: set distill.teacher NAME and/or distill.teacher_ckpt PATH"),
         (r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}"),
@@ -390,7 +398,9 @@ def _check_choices(cfg: TrainConfig) -> None:
 
 
 def scaled_lr(cfg: TrainConfig) -> float:
-    """The DeiT rule: lr scales linearly with the global batch."""
+    """The DeiT rule: lr scales linearly with the global batch (unless optim.scale_lr is off)."""
+    if not cfg.optim.scale_lr:
+        return cfg.optim.lr
     return cfg.optim.lr * cfg.run.batch_size / cfg.optim.base_batch
 
 

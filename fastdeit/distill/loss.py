@@ -1,7 +1,9 @@
 """DeiT's distillation loss, with the paper's (and the official code's) semantics.
 
 total = (1 - α) · base + α · distill, where base is the soft-target cross-entropy of the class
-head against the mixed, smoothed labels, and distill is, on the distillation head:
+head against the mixed, smoothed labels (or, `bce`, DeiT III's binary cross-entropy against
+those labels made 0/1: every class with a share > 0 is a positive, as the official engine's
+`targets.gt(0.0)`), and distill is, on the distillation head:
   soft: KL(log_softmax(s/τ) ‖ log_softmax(t/τ)), summed, × τ² / numel(s)
   hard: cross-entropy against the teacher's argmax, without smoothing.
 With `none` only the base loss is used (a distilled student then trains its class head only,
@@ -15,17 +17,25 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
-from fastdeit.config.schema import DistillMode, check_choice
+from fastdeit.config.schema import BaseLoss, DistillMode, check_choice
+
+
+def binary_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """DeiT III's base loss: BCE with logits, mean over rows and classes, against the targets
+    made 0/1 (a class whose mixed share is > 0 is a positive)."""
+    return F.binary_cross_entropy_with_logits(logits, targets.gt(0.0).to(logits.dtype))
 
 
 class DistillationLoss(nn.Module):
-    def __init__(self, mode: DistillMode = "none", alpha: float = 0.5, tau: float = 1.0) -> None:
+    def __init__(self, mode: DistillMode = "none", alpha: float = 0.5, tau: float = 1.0,
+                 base: BaseLoss = "ce") -> None:
         super().__init__()
         check_choice("distill.mode", mode, DistillMode)
+        check_choice("distill.base_loss", base, BaseLoss)
         self.mode = mode
         self.alpha = alpha
         self.tau = tau
-        self.base = SoftTargetCrossEntropy()
+        self.base = SoftTargetCrossEntropy() if base == "ce" else binary_cross_entropy
 
     def forward(
         self,

@@ -138,7 +138,8 @@ def make_step(cfg: TrainConfig, device: torch.device, amp: torch.dtype | None, n
     stochastic = model is not None and any(
         getattr(m, "drop_prob", 0) > 0 or (isinstance(m, nn.Dropout) and m.p > 0) for m in model.modules())
     d = cfg.distill
+    loss = DistillationLoss(d.mode, d.alpha, d.tau, d.base_loss)
     return Step(device=device, amp=amp, num_classes=num_classes, smoothing=cfg.aug.smoothing, teacher=teacher,
-                model=model, optimizer=optimizer, loss=DistillationLoss(d.mode, d.alpha, d.tau), scaler=scaler,
+                model=model, optimizer=optimizer, loss=loss, scaler=scaler,
                 clip_grad=cfg.optim.clip_grad, ema=ema, reseed=(cfg.run.seed, rank) if stochastic else None,
                 accum=cfg.run.accum_steps)
