@@ -181,3 +181,21 @@ def test_bce_trains_and_refuses_smoothing_that_would_make_every_class_a_positive
     line = res.stderr.strip().splitlines()[-1]
     assert res.exit_code == 2 and "distill.base_loss" in line and "aug.smoothing=0" in line, res.output
     assert not (tmp_path / "no").exists()
+
+
+def test_deit3_students_train_without_a_teacher_and_say_why_not_with_one(tiny_data, tmp_path):
+    """deit3_small (timm's LayerScale ViT, DeiT III's student) by its short name trains; with a
+    teacher, one line says it has no distillation token, as the official DeiT III has none."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from fastdeit.config.schema import ModelConfig
+    from fastdeit.models.factory import build_model
+
+    model = build_model(ModelConfig(name="deit3_small", depth=2, embed_dim=32, num_heads=2, patch_size=8), 3, 32)
+    assert type(model) is VisionTransformer and model.blocks[0].ls1.gamma.shape == (32,)  # LayerScale
+    base = [*TINY_MODEL, "--data", str(tiny_data), "--model", "deit3_small"]
+    assert train(*base, "--out", str(tmp_path / "none"))["top1"] is not None
+    res = runner.invoke(app, ["train", *TINY_RUN, *base, "--out", str(tmp_path / "hard"), "--distill", "hard",
+                              "--teacher", "resnet10t"])
+    line = res.stderr.strip().splitlines()[-1]
+    assert res.exit_code == 2 and "DeiT III" in line and "--distill none" in line, res.output

@@ -60,7 +60,8 @@ Op = Option
 OPTIONS: dict[str, Option] = {
     # what to train, on what, where to
     "data": Op(Path, "ImageFolder root (train/, val/) or a prepared data set.", "data.path"),
-    "model": Op(str, "deit_tiny/small/base[_distilled] or any timm classifier.", "model.name"),
+    "model": Op(str, "deit_tiny/small/base[_distilled], deit3_small/medium/base/large/huge or any timm classifier.",
+                "model.name"),
     "out": Op(Path, "Run folder (config.json, metrics.jsonl, checkpoints, summary.json).", "run.out"),
     "recipe_name": Op(str, " | ".join(RECIPES) + " (deit: the paper's ImageNet recipe; `fastdeit recipe NAME` "
                      "prints one).", flags=("--recipe",)),

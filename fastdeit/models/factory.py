@@ -28,16 +28,20 @@ from fastdeit.errors import ConfigError, UserError
 from fastdeit.training.rundir import model_config_of, read_weights
 
 DEIT_SIZES = ("tiny", "small", "base")
+# DeiT III's students (LayerScale ViTs, no distillation token) by size, as timm names them
+DEIT3 = {"small": "deit3_small_patch16_224", "medium": "deit3_medium_patch16_224", "base": "deit3_base_patch16_224",
+         "large": "deit3_large_patch16_224", "huge": "deit3_huge_patch14_224"}
 
 
 def timm_name(name: str) -> str:
-    """`deit_tiny` -> `deit_tiny_patch16_224`, `deit_small_distilled` -> its distilled twin;
-    full timm names pass through. Patch and image size are set separately."""
+    """`deit_tiny` -> `deit_tiny_patch16_224`, `deit_small_distilled` -> its distilled twin,
+    `deit3_small` -> `deit3_small_patch16_224`; full timm names pass through. Patch and image
+    size are set separately."""
     for size in DEIT_SIZES:
         for suffix in ("", "_distilled"):
             if name == f"deit_{size}{suffix}":
                 return f"deit_{size}{suffix}_patch16_224"
-    return name
+    return DEIT3.get(name.removeprefix("deit3_"), name) if name.startswith("deit3_") else name
 
 
 def is_vit(name: str) -> bool:
@@ -62,8 +66,8 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
     """A freshly initialised student or any timm classifier, with `num_classes` outputs."""
     name = timm_name(cfg.name)
     if not timm.is_model(name):
-        raise UserError(f"unknown model {cfg.name!r}: use deit_tiny/small/base[_distilled] "
-                        f"or a timm classifier name (timm.list_models())")
+        raise UserError(f"unknown model {cfg.name!r}: use deit_tiny/small/base[_distilled], "
+                        f"deit3_small/medium/base/large/huge or a timm classifier name (timm.list_models())")
     kwargs: dict = {"num_classes": num_classes, "drop_path_rate": cfg.drop_path}
     if is_vit(name):
         patch = _patch_size(name, cfg.patch_size)

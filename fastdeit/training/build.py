@@ -199,6 +199,10 @@ def open_teacher(cfg: TrainConfig, data: Data, student: nn.Module, world: World,
     d = cfg.distill
     if d.mode == "none":
         return None, "-"
+    if not is_distilled(student) and cfg.model.name.startswith("deit3_"):
+        raise ConfigError("distill.mode", f"{d.mode} needs a student with a distillation token, which DeiT III's "
+                                          f"{cfg.model.name} has not (the official DeiT III trains without a "
+                                          f"teacher): use --distill none, or a deit_*_distilled student")
     if not is_distilled(student):
         raise ConfigError("distill.mode", f"{d.mode} needs a student with a distillation token: use "
                                           f"{cfg.model.name}_distilled (or another deit_*_distilled)")
