@@ -2,7 +2,8 @@
 
 It is the slow twin of the DALI pipelines and their test oracle. Per sample: decode, crop by
 the plan's box in source pixels, resize to the training size, flip, then the plan's
-RandAugment ops with timm's own PIL implementations. Output is a uint8 batch; the batch
+RandAugment ops with timm's own PIL implementations, or DeiT III's 3-Augment with the PIL and
+torchvision calls of the official augment.py. Output is a uint8 batch; the batch
 tail (pipelines/tail.py) does the rest on the device.
 """
 
@@ -13,12 +14,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from timm.data.auto_augment import NAME_TO_OP
 from torchvision.transforms import functional as TF
 
 from fastdeit.data.folder import ImageIndex
-from fastdeit.data.plan import BatchPlan, PlanSpec, make_plan, steps_per_epoch
+from fastdeit.data.plan import THREE_OPS, BatchPlan, PlanSpec, make_plan, steps_per_epoch
 from fastdeit.pipelines.batch import FILL, LoadedBatch, substitutes
 from fastdeit.runtime.signals import quiet_worker, workers_start_quiet
 
@@ -38,15 +39,38 @@ def rand_augment_op(img: Image.Image, name: str, arg: float, interpolation: str 
     return NAME_TO_OP[name](img, value, fillcolor=FILL, resample=_INTERP[interpolation])
 
 
+_JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)  # plan.JITTER's order
+
+
+def three_augment(img: Image.Image, op: int, radius: float, jitter: np.ndarray, order: np.ndarray) -> Image.Image:
+    """DeiT III's 3-Augment on one image with the plan's draws: grayscale (torchvision's
+    Grayscale(3)), solarize (ImageOps.solarize at 128) or Gaussian blur (PIL's, of `radius`),
+    then ColorJitter's brightness, contrast and saturation factors in `order`."""
+    name = THREE_OPS[op]
+    if name == "grayscale":
+        img = TF.to_grayscale(img, num_output_channels=3)
+    elif name == "solarize":
+        img = ImageOps.solarize(img)
+    else:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(radius)))
+    for k in order:
+        if jitter[k] != 1.0:
+            img = _JITTER_OPS[k](img, float(jitter[k]))
+    return img
+
+
 def augment(img: Image.Image, crop: np.ndarray, flip: bool, ops: list[tuple[str, float]],
-            size: int, interpolation: str) -> Image.Image:
-    """Crop (left, top, width, height), resize to size x size, flip, then the RandAugment ops."""
+            size: int, interpolation: str, three: tuple | None = None) -> Image.Image:
+    """Crop (left, top, width, height), resize to size x size, flip, then the RandAugment ops
+    (or 3-Augment: `three` holds its draws for `three_augment`)."""
     left, top, w, h = (int(v) for v in crop)
     img = img.crop((left, top, left + w, top + h)).resize((size, size), _INTERP[interpolation])
     if flip:
         img = ImageOps.mirror(img)
     for name, arg in ops:
         img = rand_augment_op(img, name, arg, interpolation)
+    if three is not None:
+        img = three_augment(img, *three)
     return img
 
 
@@ -92,7 +116,9 @@ def load_plan_rows(index: ImageIndex, spec: PlanSpec, plan: BatchPlan) -> Loaded
         except DECODE_ERRORS:  # a corrupt file must not end a long run; it is reported by name
             ok[i] = False
             continue
-        out[i] = np.asarray(augment(img, plan.crop[i], bool(plan.flip[i]), ops, s, spec.aug.interpolation))
+        three = (int(plan.three_op[i]), plan.blur[i], plan.jitter[i], plan.jitter_order[i]) \
+            if plan.three_op[i] >= 0 else None
+        out[i] = np.asarray(augment(img, plan.crop[i], bool(plan.flip[i]), ops, s, spec.aug.interpolation, three))
     take = substitutes(plan, ~ok, index)
     out[~ok] = out[take[~ok]]  # bad rows take good ones: the copy never reads a bad row
     return LoadedBatch.of(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), index, plan, ~ok)

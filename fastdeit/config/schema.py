@@ -139,6 +139,10 @@ class AugConfig:
     mix_group: int = 64  # mixup/cutmix draw one λ and pair partners within each group
     smoothing: float = 0.1
     repeated_aug: int = 3  # each image this many times per epoch (1 = off)
+    # DeiT III's 3-Augment in place of RandAugment: one of grayscale, solarize, Gaussian blur
+    # per sample, then ColorJitter(color_jitter) on brightness, contrast and saturation
+    three_augment: bool = False
+    color_jitter: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -353,6 +357,9 @@ def validate(cfg: TrainConfig) -> None:
          "aug.reprob and aug.switch_prob are probabilities in [0, 1]"),
         (a.mixup >= 0 and a.cutmix >= 0, "aug.mixup", "and aug.cutmix are Beta parameters, >= 0"),
         (0 <= a.smoothing < 1, "aug.smoothing", "must be in [0, 1)"),
+        (not a.three_augment or not a.rand_augment, "aug.three_augment",
+         f"replaces RandAugment, as in DeiT III: set aug.rand_augment= (empty), not {a.rand_augment!r}"),
+        (0 <= a.color_jitter <= 1, "aug.color_jitter", f"must be in [0, 1], got {a.color_jitter}"),
         (a.repeated_aug >= 1, "aug.repeated_aug", "must be >= 1 (1 = off)"),
         (a.mix_group >= 1, "aug.mix_group", "must be >= 1"),
         (0 <= k.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {k.alpha}"),

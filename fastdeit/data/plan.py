@@ -7,7 +7,8 @@ same geometry on every pipeline and the same cached teacher targets, which is wh
 resume exact, the backends comparable and the teacher cache valid.
 
 The draws follow timm/torchvision semantics (RandomResizedCrop, RandAugment, RandomErasing,
-Mixup in batch mode), with the randomness taken from the plan instead of Python's RNG.
+Mixup in batch mode; DeiT III's 3-Augment), with the randomness taken from the plan instead of
+Python's RNG.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ RA_OPS_INC = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasi
               "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
               "TranslateYRel")
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop and timm's RandomErasing try 10 boxes
+THREE_OPS = ("grayscale", "solarize", "blur")  # 3-Augment: one of them per sample (the official RandomChoice)
+JITTER = ("brightness", "contrast", "saturation")  # ColorJitter's factors, applied in a random order
+_LATER_AUG_KEYS = ("three_augment", "color_jitter")  # recorded in a plan's JSON only where 3-Augment is on
 _TAG_ORDER, _TAG_STEP = 0, 1
 
 
@@ -61,8 +65,12 @@ class PlanSpec:
         return RA_OPS_INC if ra is not None and ra.increasing else RA_OPS
 
     def to_json(self) -> dict:
-        return {"seed": self.seed, "img_size": self.img_size, "batch_size": self.batch_size,
-                "aug": {f.name: getattr(self.aug, f.name) for f in fields(self.aug)}}
+        """What a plan depends on, as caches and checkpoints record it. Keys added after those
+        records began appear only where they change the plan, so older records stay valid."""
+        aug = {f.name: getattr(self.aug, f.name) for f in fields(self.aug)}
+        if not self.aug.three_augment:
+            aug = {k: v for k, v in aug.items() if k not in _LATER_AUG_KEYS}
+        return {"seed": self.seed, "img_size": self.img_size, "batch_size": self.batch_size, "aug": aug}
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,9 @@ class BatchPlan:
     crop: (left, top, width, height) in source pixels; ra_op: index into PlanSpec.ra_ops or -1;
     erase: (top, left, height, width) in output pixels, height 0 = none; lam: weight of the
     sample's own image after mixing (cutmix-corrected); box: the group's cutmix box
-    (y0, y1, x0, x1); partner: row of the mixing partner within this plan.
+    (y0, y1, x0, x1); partner: row of the mixing partner within this plan. 3-Augment:
+    three_op indexes THREE_OPS (-1: off), blur the Gaussian radius, jitter the JITTER factors
+    (1: unchanged), jitter_order the order they apply in.
     """
 
     seed: int
@@ -90,6 +100,10 @@ class BatchPlan:
     cutmix: np.ndarray
     box: np.ndarray
     partner: np.ndarray
+    three_op: np.ndarray  # [b] int8
+    blur: np.ndarray  # [b] float32
+    jitter: np.ndarray  # [b, 3] float32
+    jitter_order: np.ndarray  # [b, 3] int8
 
     def __len__(self) -> int:
         return len(self.index)
@@ -149,10 +163,12 @@ def make_plan(spec: PlanSpec, sizes: np.ndarray, epoch: int, step: int) -> Batch
     ra_op, ra_arg = _rand_augment(rng, b, spec.rand_augment)
     erase = _erasing(rng, b, s, a.reprob)
     lam, cutmix, box, partner = _mixing(rng, b, s, a)
+    three_op, blur, jitter, jitter_order = _three_augment(rng, b, a)  # drawn last: the other draws stay as they were
     return BatchPlan(seed=spec.seed, epoch=epoch, step=step, group=a.mix_group,
                      pos=step * b + np.arange(b, dtype=np.int64),
                      index=chunk.astype(np.int64), crop=crop, flip=flip, ra_op=ra_op, ra_arg=ra_arg,
-                     erase=erase, lam=lam, cutmix=cutmix, box=box, partner=partner)
+                     erase=erase, lam=lam, cutmix=cutmix, box=box, partner=partner, three_op=three_op, blur=blur,
+                     jitter=jitter, jitter_order=jitter_order)
 
 
 def _crops(rng: np.random.Generator, sizes: np.ndarray, scale: tuple, ratio: tuple) -> np.ndarray:
@@ -276,3 +292,19 @@ def _mixing(rng: np.random.Generator, b: int, s: int, a: AugConfig):
     partner = (np.arange(groups)[:, None] * g + within[None, :]).reshape(-1)
     return (np.repeat(lam, g).astype(np.float32), np.repeat(use_cutmix, g),
             np.repeat(box, g, axis=0).astype(np.int32), partner.astype(np.int64))
+
+
+def _three_augment(rng: np.random.Generator, b: int, a: AugConfig) -> tuple[np.ndarray, ...]:
+    """DeiT III's 3-Augment (official augment.py): one of THREE_OPS per sample, the blur's
+    radius uniform in [0.1, 2], then torchvision's ColorJitter(cj, cj, cj): each factor uniform
+    in [max(0, 1 - cj), 1 + cj], applied in a random order. Nothing is drawn where it is off."""
+    off = (np.full(b, -1, np.int8), np.zeros(b, np.float32), np.ones((b, 3), np.float32),
+           np.tile(np.arange(3, dtype=np.int8), (b, 1)))
+    if not a.three_augment:
+        return off
+    op = rng.integers(0, len(THREE_OPS), b).astype(np.int8)
+    radius = rng.uniform(0.1, 2.0, b).astype(np.float32)
+    cj = a.color_jitter
+    jitter = rng.uniform(max(0.0, 1.0 - cj), 1.0 + cj, (b, 3)).astype(np.float32) if cj > 0 else off[2]
+    order = np.argsort(rng.random((b, 3)), axis=1).astype(np.int8)
+    return op, radius, jitter, order

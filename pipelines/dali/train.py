@@ -187,6 +187,8 @@ class DaliTrainLoader:
                  readers: int = 0, epochs: int | None = None) -> None:
         if not available():
             raise RuntimeError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+        if spec.aug.three_augment:  # never a batch without the augmentation its plan asks for
+            raise ValueError("3-Augment is not in the DALI graph yet: the reference pipeline runs it")
         self.index = index
         self.spec = spec
         self.device = device
