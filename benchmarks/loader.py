@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import ImageFilter, ImageOps
 from rich.console import Console
 from rich.table import Table
 
@@ -41,12 +43,42 @@ from fastdeit.training.step import make_step
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from charts import chart  # a sibling script's module
 
+THREE = ", 3-Augment"  # the suffix of a result measured with DeiT III's 3-Augment
 
-def recipe_config(data: Path, img_size: int, batch: int, device: torch.device) -> TrainConfig:
-    """The deit recipe (RandAugment m9, mixup/cutmix, erasing) at the benchmark's size and batch."""
+
+def recipe_config(data: Path, img_size: int, batch: int, device: torch.device, augment: str = "rand") -> TrainConfig:
+    """The deit recipe (RandAugment m9, mixup/cutmix, erasing) at the benchmark's size and
+    batch; augment "three": DeiT III's 3-Augment in RandAugment's place, no erasing, no
+    smoothing (its recipe's values)."""
     cfg = with_section(recipe("deit"), "aug", repeated_aug=1, mix_group=min(64, batch))
+    if augment == "three":
+        cfg = with_section(cfg, "aug", rand_augment="", three_augment=True, color_jitter=0.3, reprob=0.0,
+                           smoothing=0.0)
     cfg = with_section(cfg, "data", path=str(data), img_size=img_size)
     return with_section(cfg, "run", batch_size=batch, device=device.type)
+
+
+def _solarize(img):
+    return ImageOps.solarize(img)
+
+
+def _blur(img):
+    return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+def official_three_augment(img_size: int):
+    """The official augment.py's 3-Augment transform (RandomResizedCrop, flip, one of
+    grayscale / solarize / blur, ColorJitter(0.3, 0.3, 0.3), normalise), from the same calls."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms
+
+    return transforms.Compose([
+        RandomResizedCropAndInterpolation(img_size, scale=(0.08, 1.0), interpolation="bicubic"),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomChoice([transforms.Grayscale(3), transforms.Lambda(_solarize), transforms.Lambda(_blur)]),
+        transforms.ColorJitter(0.3, 0.3, 0.3),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
 
 
 @dataclass
@@ -125,21 +157,22 @@ def _posterize_zero_bits_is_black() -> None:
 
 
 def baseline_rate(root: Path, img_size: int, batch: int, device: torch.device, workers: int, steps: int,
-                  warmup: int, num_classes: int) -> Rate:
-    """The official DeiT data path: timm transforms in DataLoader workers, Mixup on the device."""
+                  warmup: int, num_classes: int, augment: str = "rand") -> Rate:
+    """The official DeiT data path: timm transforms in DataLoader workers, Mixup on the device
+    (augment "three": the official DeiT III 3-Augment transform)."""
     from timm.data import Mixup, create_transform
     from torchvision.datasets import ImageFolder
 
     _posterize_zero_bits_is_black()
-    transform = create_transform(img_size, is_training=True, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1",
-                                 interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
-                                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    transform = official_three_augment(img_size) if augment == "three" else create_transform(
+        img_size, is_training=True, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
+        re_prob=0.25, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     data = ImageFolder(str(root / "train"), transform=transform)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          persistent_workers=workers > 0)
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, mode="batch", label_smoothing=0.1,
-                  num_classes=num_classes)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, mode="batch",
+                  label_smoothing=0.0 if augment == "three" else 0.1, num_classes=num_classes)
 
     def consume(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         _, y = mixup(batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
@@ -169,6 +202,11 @@ def prepared_variants(data: Path, sides: list[int], where: Path, console: Consol
     return out
 
 
+def _base(name: str) -> str:
+    """The official pipeline a result compares with: the one of its augmentation."""
+    return "baseline" + (THREE if name.endswith(THREE) else "")
+
+
 def print_table(report: dict, title: str) -> None:
     results, runs = report["img_per_s"], report["img_per_s_runs"]
     table = Table(title=title)
@@ -178,7 +216,7 @@ def print_table(report: dict, title: str) -> None:
     table.add_column("vs baseline", justify="right")
     table.add_column("epoch start s", justify="right")
     for k, v in results.items():
-        ratio = report["ratios"].get(f"{k}/baseline")
+        ratio = report["ratios"].get(f"{k}/{_base(k)}")
         start = report["epoch_start_s"].get(k)
         table.add_row(k, f"{v:.0f}", f"{min(runs[k]):.0f}-{max(runs[k]):.0f}", "" if ratio is None else f"{ratio:.2f}x",
                       "" if start is None else f"{start:.2f}")
@@ -205,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also measure the fastdeit loaders on the data prepared at these max sides (e.g. 256,512)")
     p.add_argument("--prepared-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")),
                    help="where the prepared copies are made (once)")
+    p.add_argument("--augment", default="rand", help="comma-separated: rand (the deit recipe's RandAugment), "
+                                                     "three (DeiT III's 3-Augment), each against its official twin")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -216,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     group = min(64, a.batch_size)
     if a.batch_size % group:
         p.error(f"--batch-size must be a multiple of {group} (the mix group)")
-    cfg = recipe_config(a.data, a.img_size, a.batch_size, device)
-    cfg = replace(cfg, data=replace(cfg.data, read_workers=a.read_workers))
+    augments = a.augment.split(",")
+    if not set(augments) <= {"rand", "three"}:
+        p.error(f"--augment takes rand and/or three, got {a.augment}")
+    cfgs = {aug: recipe_config(a.data, a.img_size, a.batch_size, device, aug) for aug in augments}
+    cfgs = {aug: replace(c, data=replace(c.data, read_workers=a.read_workers)) for aug, c in cfgs.items()}
     console = Console(stderr=True)
     kinds = [k for k in a.loader.split(",") if dali.available() or not k.startswith("dali")]
     if len(kinds) < len(a.loader.split(",")):
@@ -227,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         kinds.remove("baseline")
     variants = {"": index, **prepared_variants(a.data, [int(v) for v in a.prepared.split(",") if v],
                                                    a.prepared_dir, console)}
-    cases = [(k, v) for k in kinds for v in variants if k != "baseline" or not v]  # the baseline reads the tree
-    runs: dict[str, list[float]] = {f"{k}, {v}" if v else k: [] for k, v in cases}
+    cases = [(k, v, aug) for aug in augments for k in kinds for v in variants
+             if k != "baseline" or not v]  # the baseline reads the tree
+    runs: dict[str, list[float]] = {(f"{k}, {v}" if v else k) + (THREE if aug == "three" else ""): []
+                                    for k, v, aug in cases}
     starts: dict[str, list[float]] = {name: [] for name in runs}  # each epoch's start, timed apart
     need = max(warmup_for(k, a.workers, a.warmup) for k in kinds) + a.steps
     if len(index) // a.batch_size < need:
@@ -247,23 +292,24 @@ def main(argv: list[str] | None = None) -> int:
                                       for v, ix in variants.items() if v} or None,
                          "source_mean_bytes": float(index.nbytes.mean()),
                          "data": "synthetic 375-500 px" if a.make_data else "user data",
-                         "recipe": "deit (RandAugment m9, mixup/cutmix, erasing)"},
+                         "recipe": "deit (RandAugment m9, mixup/cutmix, erasing); names ending in "
+                                   f"'{THREE}': DeiT III's 3-Augment (no erasing, no smoothing)"},
             "img_per_s": results,
             "img_per_s_runs": runs,
             "epoch_start_s": {k: float(np.median(v)) for k, v in starts.items() if v},
-            "ratios": {f"{k}/baseline": v / results["baseline"] for k, v in results.items()
-                       if k != "baseline" and "baseline" in results},
+            "ratios": {f"{k}/{_base(k)}": v / results[_base(k)] for k, v in results.items()
+                       if not k.startswith("baseline") and _base(k) in results},
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         }
 
     for r in range(a.repeats):  # rounds interleave the loaders, so drifts hit them alike
-        for (kind, variant), name in zip(cases, runs):
+        for (kind, variant, aug), name in zip(cases, runs):
             console.print(f"round {r + 1}/{a.repeats}: {name} ...")
             if kind == "baseline":
                 rate = baseline_rate(a.data, a.img_size, a.batch_size, device, a.workers, a.steps, a.warmup,
-                                     len(index.classes))
+                                     len(index.classes), aug)
             else:
-                rate = fastdeit_rate(kind, cfg, variants[variant], device, a.workers, a.steps, a.warmup)
+                rate = fastdeit_rate(kind, cfgs[aug], variants[variant], device, a.workers, a.steps, a.warmup)
             runs[name].append(rate.img_s)
             starts[name].append(rate.epoch_start_s)
             write_results(make_report(), a.out)  # a call cut short keeps what it measured

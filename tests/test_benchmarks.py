@@ -12,7 +12,8 @@ def test_loader_benchmark_runs_and_writes_json(tiny_data, tmp_path):
     out = tmp_path / "loader.json"
     rc = load("loader").main(["--data", str(tiny_data), "--device", "cpu", "--workers", "1", "--batch-size", "8",
                               "--img-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "1",
-                              "--prepared", "24", "--prepared-dir", str(tmp_path), "--out", str(out)])
+                              "--prepared", "24", "--prepared-dir", str(tmp_path), "--augment", "rand,three",
+                              "--out", str(out)])
     report = json.loads(out.read_text())
     assert rc == 0 and report["device"] and report["versions"]["torch"]
     assert set(report["img_per_s"]) >= {"torch", "torch, prepared 24px", "baseline"}
@@ -20,6 +21,7 @@ def test_loader_benchmark_runs_and_writes_json(tiny_data, tmp_path):
     assert report["settings"]["prepared"]["prepared 24px"]["max_side"] == 24
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"  # its bar chart beside it
     assert "torch/baseline" in report["ratios"]
+    assert report["ratios"]["torch, 3-Augment/baseline, 3-Augment"] > 0  # 3-Augment against its official twin
     assert set(report["epoch_start_s"]) == set(report["img_per_s"]) and all(
         v > 0 for v in report["epoch_start_s"].values())  # an epoch's start, timed apart from the window
 

@@ -23,14 +23,8 @@ from fastdeit.pipelines.dali import decode as dali_decode
 from fastdeit.pipelines.reference import eval_loader, train_loader
 
 
-def choose_loader(name: Loader, device: torch.device, three_augment: bool = False) -> tuple[str, str]:
-    """(loader, why): `auto` takes DALI when CUDA and DALI are both there, else torch; a plan
-    with 3-Augment runs in the reference pipeline only, so far."""
-    if three_augment and name == "dali":
-        raise ConfigError("data.loader", "dali: 3-Augment (aug.three_augment) runs in the reference pipeline only "
-                                         "so far: use --loader torch")
-    if three_augment:
-        return "torch", "3-Augment runs in the reference pipeline only, so far"
+def choose_loader(name: Loader, device: torch.device) -> tuple[str, str]:
+    """(loader, why): `auto` takes DALI when CUDA and DALI are both there, else torch."""
     if name == "dali" and not dali.available():
         raise ConfigError("data.loader", "dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130), "
                                          "or use torch")

@@ -123,7 +123,7 @@ def build_replay(cfg: TrainConfig, index: ImageIndex, out: Path, epochs: int, co
     steps, b = steps_per_epoch(spec, len(index)), spec.batch_size
     k = _topk(cfg, index)
     dtype = replay_dtype(k, len(index.classes))
-    kind, _ = choose_loader(cfg.data.loader, step.device, cfg.aug.three_augment)
+    kind, _ = choose_loader(cfg.data.loader, step.device)
     manifest = {**TARGETS["replay"].identity(cfg, index, TeacherId.of(teacher, cfg)), "topk": k,
                 "shard_rows": max(1, cfg.distill.cache_shard_rows // b) * b, "record_dtype": dtype_text(dtype),
                 "rows_per_epoch": steps * b,
@@ -225,8 +225,7 @@ def verify(cfg: TrainConfig, index: ImageIndex, cache: Path, batches: int, conso
     covered = covers(cfg, reader) if covers else cfg.sched.epochs * steps
     rng = np.random.default_rng(0)
     picks = sorted(rng.choice(covered, size=min(batches, covered), replace=False).tolist())
-    kind = choose_loader(cfg.data.loader, live.device, cfg.aug.three_augment)[0]
-    loaders = Loaders(kind, cfg.data, spec, live.device)
+    loaders = Loaders(choose_loader(cfg.data.loader, live.device)[0], cfg.data, spec, live.device)
     counts = torch.zeros(2, dtype=torch.float64, device=live.device)  # equal, total
     with _progress(console) as bar:
         task = bar.add_task("verifying", total=len(picks), img_s="-")

@@ -125,7 +125,7 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
     if len(data.classes) == 1:
         console.print(f"warning: {cfg.data.path} has a single class ({data.classes[0]}): a classifier has nothing "
                       f"to learn from it", markup=False)
-    loader, loader_why = choose_loader(cfg.data.loader, device, cfg.aug.three_augment)
+    loader, loader_why = choose_loader(cfg.data.loader, device)
     steps = steps_per_epoch(PlanSpec.from_config(cfg), len(data.train))
     per_rank_batch(cfg, world.size)  # fails early when the global batch does not split into ranks
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank

@@ -1,4 +1,5 @@
-"""RandAugment with DALI operators, driven by the plan instead of DALI's RNG.
+"""RandAugment (and DeiT III's 3-Augment) with DALI operators, driven by the plan instead of
+DALI's RNG.
 
 The host turns each (op, argument) of the plan into one of a few DALI kinds plus its
 parameters (`layer_params`): the five geometric ops become one inverse affine matrix in
@@ -183,6 +184,34 @@ def _select(lo: int, hi: int, kind, x, mat, scalar, device, size):
         out = _select(lo, mid, kind, x, mat, scalar, device, size)
     else:
         out = _select(mid + 1, hi, kind, x, mat, scalar, device, size)
+    return out
+
+
+# 3-Augment's ColorJitter factors (plan.JITTER's order) as the enhance ops PIL runs for them
+# (torchvision's adjust_brightness, adjust_contrast and adjust_saturation on a PIL image).
+JITTER_OPS = ("Brightness", "Contrast", "Color")
+
+
+def jitter_params(jitter: np.ndarray, order: np.ndarray, k: int, size: int):
+    """`layer_params` of 3-Augment's k-th colour op: each sample's order[k]-th factor (a
+    factor of 1 changes nothing and runs no op, as in the reference)."""
+    which = order[:, k].astype(np.int64)
+    factor = jitter[np.arange(len(which)), which]
+    return layer_params(JITTER_OPS, np.where(factor != 1.0, which, -1), factor, size)
+
+
+def apply_three(x, op, radius, device: str):
+    """3-Augment's first op, per sample (plan.THREE_OPS): grayscale (PIL's L, in 3 channels),
+    solarize at 128, or a Gaussian blur of the plan's radius (the sigma PIL's GaussianBlur
+    takes its radius for; DALI's is a true Gaussian where PIL's is three box passes)."""
+    if op == 0:
+        gray = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
+        out = fn.cat(gray, gray, gray, axis=2)
+    elif op == 1:
+        keep = _float(x) < 128.0
+        out = _to_u8(_float(x) * keep + (255.0 - _float(x)) * (keep ^ True), device)
+    else:
+        out = fn.gaussian_blur(x, sigma=radius)
     return out
 
 

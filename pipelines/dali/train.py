@@ -25,7 +25,7 @@ from fastdeit.runtime.signals import quiet_worker, workers_start_quiet
 try:  # DALI is a Linux-only dependency; everything else works without it.
     from nvidia.dali import fn, pipeline_def, types
 
-    from fastdeit.pipelines.dali.augment import apply_layer, layer_params
+    from fastdeit.pipelines.dali.augment import apply_layer, apply_three, jitter_params, layer_params
     from fastdeit.pipelines.dali.decode import FAILED, dali_format, dali_unreadable, decoder_options
 except ImportError:  # pragma: no cover - exercised only where DALI is absent
     fn = None
@@ -53,7 +53,8 @@ class PlanSource:
     parallel=True DALI runs it in worker processes, ahead of and away from the training thread.
     Its outputs are named (`names`): the files, crop starts and shapes, flips, a tag per row
     (epoch, step, whether the row's file was replaced), then the parameters of each
-    RandAugment layer."""
+    RandAugment layer, then 3-Augment's (its op and blur radius, and its three colour ops as
+    layers)."""
 
     index: ImageIndex
     spec: PlanSpec
@@ -73,7 +74,9 @@ class PlanSource:
     @property
     def names(self) -> tuple[str, ...]:
         """The outputs, in the order DALI's external source carries them to the graph."""
-        return ("files", "start", "shape", "flip", "tag", *(n for k in range(self.layers) for n in _layer(k)))
+        three = ("three.op", "three.radius", *(n for k in range(3) for n in _layer(k, "jitter"))) \
+            if self.spec.aug.three_augment else ()
+        return ("files", "start", "shape", "flip", "tag", *(n for k in range(self.layers) for n in _layer(k)), *three)
 
     def position(self, iteration: int) -> tuple[int, int]:
         """(epoch, step) of the batch `iteration` batches after this source's first."""
@@ -104,19 +107,26 @@ class PlanSource:
         for k in range(self.layers):
             out.update(zip(_layer(k), layer_params(self.spec.ra_ops, plan.ra_op[take, k], plan.ra_arg[take, k],
                                                    self.spec.img_size)))
+        if self.spec.aug.three_augment:
+            out["three.op"] = plan.three_op[take].astype(np.int32)
+            out["three.radius"] = plan.blur[take].astype(np.float32)
+            for k in range(3):
+                out.update(zip(_layer(k, "jitter"), jitter_params(plan.jitter[take], plan.jitter_order[take], k,
+                                                                  self.spec.img_size)))
         return tuple(out[name] for name in self.names)
 
 
-def _layer(k: int) -> tuple[str, str, str]:
-    """The names of RandAugment layer k's outputs: what `layer_params` returns, in its order."""
-    return f"ra{k}.kind", f"ra{k}.mat", f"ra{k}.scalar"
+def _layer(k: int, of: str = "ra") -> tuple[str, str, str]:
+    """The names of layer k's outputs (RandAugment's, or 3-Augment's colour ops): what
+    `layer_params` returns, in its order."""
+    return f"{of}{k}.kind", f"{of}{k}.mat", f"{of}{k}.scalar"
 
 
 def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: int, device_id: int | None,
                          prefetch: int = 2, roi_decode: bool = True, hw_decode: bool = False, readers: int = 0):
     """The train graph: decode the plan's box (as a region of interest, or the whole image then
     a crop: some DALI versions cannot use nvJPEG's hardware decoder for regions), resize, flip,
-    the plan's RandAugment."""
+    the plan's RandAugment or 3-Augment."""
     spec = source.spec
     layers = source.layers
     size = source.spec.img_size
@@ -141,6 +151,10 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
         img = fn.flip(img, horizontal=inputs["flip"])
         for k in range(layers):
             img = apply_layer(img, *(inputs[name] for name in _layer(k)), device, size)
+        if spec.aug.three_augment:
+            img = apply_three(img, inputs["three.op"], inputs["three.radius"], device)
+            for k in range(3):
+                img = apply_layer(img, *(inputs[name] for name in _layer(k, "jitter")), device, size)
         return img, inputs["tag"]
 
     return graph(batch_size=batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=prefetch,
@@ -187,8 +201,6 @@ class DaliTrainLoader:
                  readers: int = 0, epochs: int | None = None) -> None:
         if not available():
             raise RuntimeError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
-        if spec.aug.three_augment:  # never a batch without the augmentation its plan asks for
-            raise ValueError("3-Augment is not in the DALI graph yet: the reference pipeline runs it")
         self.index = index
         self.spec = spec
         self.device = device
