@@ -109,3 +109,54 @@ def test_an_unscaled_lr_is_used_as_given_at_any_batch():
         c = apply_overrides(recipe("deit"), [f"run.batch_size={batch}", "optim.lr=0.004"])
         assert scaled_lr(c) == pytest.approx(0.004 * batch / 512)
         assert scaled_lr(apply_overrides(c, ["optim.scale_lr=false"])) == 0.004
+
+
+# facebookresearch/deit, README_revenge.md at commit 7e160fe: the ViT-S pre-training command
+# (its "--repeated-aug--bce-loss" lacks a space, which argparse would refuse; the ViT-B line of
+# the same page has it) and the ViT-B fine-tuning at 224 px. Data path, seed and class count
+# are left out.
+OFFICIAL_DEIT3 = (
+    "--model deit_small_patch16_LS --batch 256 --lr 4e-3 --epochs 800 --weight-decay 0.05 --sched cosine "
+    "--input-size 224 --eval-crop-ratio 1.0 --reprob 0.0 --nodes 1 --ngpus 8 --smoothing 0.0 --warmup-epochs 5 "
+    "--drop 0.0 --opt fusedlamb --warmup-lr 1e-6 --mixup .8 --drop-path 0.05 --cutmix 1.0 --unscale-lr "
+    "--repeated-aug --bce-loss --color-jitter 0.3 --ThreeAugment")
+OFFICIAL_DEIT3_FINETUNE = (
+    "--model deit_base_patch16_LS --batch 64 --lr 1e-5 --epochs 20 --weight-decay 0.1 --sched cosine "
+    "--input-size 224 --eval-crop-ratio 1.0 --reprob 0.0 --nodes 1 --ngpus 8 --smoothing 0.1 --warmup-epochs 5 "
+    "--drop 0.0 --opt adamw --warmup-lr 1e-6 --mixup .8 --drop-path 0.2 --cutmix 1.0 --unscale-lr "
+    "--aa rand-m9-mstd0.5-inc1 --no-repeated-aug")
+
+
+def _official(command: str) -> dict[str, str | bool]:
+    words, out = command.split(), {}
+    for k, word in enumerate(words):
+        if word.startswith("--"):
+            follows = words[k + 1] if k + 1 < len(words) else "--"
+            out[word[2:]] = True if follows.startswith("--") else follows
+    return out
+
+
+@pytest.mark.parametrize(("name", "command"), [("deit3", OFFICIAL_DEIT3), ("deit3-finetune", OFFICIAL_DEIT3_FINETUNE)])
+def test_the_deit3_recipes_are_the_official_commands(name, command):
+    """Field for field; main.py's defaults where the command gives none (min lr 1e-5, RASampler's
+    3 repeats, no RandAugment where 3-Augment replaces the transform). fusedlamb is apex's
+    LAMB, timm's `lamb` its built-in twin (apex is not on PyPI)."""
+    o, c = _official(command), recipe(name)
+    three = "ThreeAugment" in o
+    assert c.model.name == {"deit_small_patch16_LS": "deit3_small", "deit_base_patch16_LS": "deit3_base"}[o["model"]]
+    assert c.run.batch_size == int(o["batch"]) * int(o["ngpus"]) * int(o["nodes"])
+    assert (c.optim.lr, c.optim.scale_lr, c.optim.weight_decay) == (float(o["lr"]), not o.get("unscale-lr"),
+                                                                    float(o["weight-decay"]))
+    assert c.optim.opt == {"fusedlamb": "lamb", "adamw": "adamw"}[o["opt"]]
+    assert (c.sched.epochs, c.sched.warmup_epochs, c.sched.warmup_lr, c.sched.min_lr) == (
+        int(o["epochs"]), float(o["warmup-epochs"]), float(o["warmup-lr"]), 1e-5)
+    assert (c.data.img_size, c.data.crop_pct) == (int(o["input-size"]), float(o["eval-crop-ratio"]))
+    a = c.aug
+    assert (a.reprob, a.smoothing, a.mixup, a.cutmix) == (float(o["reprob"]), float(o["smoothing"]),
+                                                          float(o["mixup"]), float(o["cutmix"]))
+    assert a.three_augment == three and (not three or a.color_jitter == float(o["color-jitter"]))
+    assert a.rand_augment == ("" if three else o["aa"])
+    assert a.repeated_aug == (3 if o.get("repeated-aug") else 1)
+    assert c.model.drop_path == float(o["drop-path"]) and c.distill.mode == "none"
+    assert c.distill.base_loss == ("bce" if o.get("bce-loss") else "ce")
+    validate(c)

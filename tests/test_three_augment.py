@@ -160,3 +160,26 @@ def test_the_gpu_graph_runs_3_augment_as_the_cpu_graph(tiny_data):
     gpu = list(dali.DaliTrainLoader(index, s, torch.device("cuda"), threads=2).epoch(0))
     for c, g in zip(cpu, gpu, strict=True):
         assert g.images.is_cuda and (g.images.cpu().float() - c.images.float()).abs().mean() < 3.0
+
+
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=DALI)])
+def test_the_deit3_recipes_train_end_to_end(tiny_data, teacher, tmp_path, loader):
+    """--recipe deit3 (3-Augment, BCE, LAMB, unscaled lr, crop 1.0) with each pipeline, and
+    --recipe deit3-finetune from its weights; DeiT III's recipe with a distilled student and a
+    live teacher too (the student then needs a distillation token)."""
+    runner = CliRunner()
+    small = [*TINY_MODEL, "--data", str(tiny_data), "--img-size", "32", "--batch-size", "16", "--epochs", "1",
+             "--loader", loader, "--set", "data.workers=0", "--set", "run.progress=false",
+             "--set", "aug.mix_group=8", "--set", "data.eval_batch_size=32", "--set", "sched.warmup_epochs=0"]
+    pre = tmp_path / "pre"
+    res = runner.invoke(app, ["train", "--recipe", "deit3", *small, "--out", str(pre)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((pre / "config.json").read_text())
+    assert config["aug"]["three_augment"] and config["distill"]["base_loss"] == "bce"
+    res = runner.invoke(app, ["train", "--recipe", "deit3-finetune", *small, "--model", "deit3_small",
+                              "--out", str(tmp_path / "ft"), "--set", f"model.init={pre}"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["train", "--recipe", "deit3", *small, "--model", "deit_tiny_distilled",
+                              "--distill", "hard", "--teacher", "resnet10t", "--teacher-ckpt", str(teacher),
+                              "--out", str(tmp_path / "hard")])
+    assert res.exit_code == 0, res.output

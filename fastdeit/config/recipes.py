@@ -58,7 +58,43 @@ def _transfer() -> TrainConfig:
                    run=replace(base.run, batch_size=768))
 
 
-RECIPES = {"deit": _deit, "demo": _demo, "deit-finetune-384": _finetune_384, "transfer": _transfer}
+def _deit3() -> TrainConfig:
+    """DeiT III's ImageNet-1k pre-training of ViT-S at 224 px, as the official command
+    (README_revenge.md): LAMB at lr 4e-3 for batch 2,048, not scaled by the batch; weight decay
+    0.05, 800 epochs, 5 warm-up epochs from 1e-6; 3-Augment (colour jitter 0.3) in place of
+    RandAugment, no erasing, no smoothing, mixup 0.8 and cutmix 1.0, repeated augmentation;
+    drop path 0.05; binary cross-entropy; evaluation at crop 1.0. No teacher. ViT-B and -L take
+    192 px, lr 3e-3 and drop path 0.2 / 0.45, ViT-H 160 px and 0.6 (docs/recipes.md)."""
+    base = TrainConfig()
+    return replace(base, data=replace(base.data, img_size=224, crop_pct=1.0),
+                   model=replace(base.model, name="deit3_small", drop_path=0.05),
+                   optim=replace(base.optim, opt="lamb", lr=4e-3, scale_lr=False, weight_decay=0.05),
+                   sched=replace(base.sched, epochs=800, warmup_epochs=5.0, warmup_lr=1e-6, min_lr=1e-5),
+                   aug=replace(base.aug, rand_augment="", three_augment=True, color_jitter=0.3, reprob=0.0,
+                               smoothing=0.0, mixup=0.8, cutmix=1.0, repeated_aug=3),
+                   distill=replace(base.distill, mode="none", base_loss="bce"),
+                   run=replace(base.run, batch_size=2048))
+
+
+def _deit3_finetune() -> TrainConfig:
+    """DeiT III's fine-tuning at 224 px of a ViT-B pre-trained at 192 (`--set model.init=`), as
+    the official command: AdamW at lr 1e-5 for batch 512, not scaled; weight decay 0.1, 20
+    epochs, 5 warm-up epochs from 1e-6; RandAugment rand-m9-mstd0.5-inc1, smoothing 0.1, no
+    erasing, mixup 0.8 and cutmix 1.0, no repeated augmentation; drop path 0.2; cross-entropy;
+    evaluation at crop 1.0."""
+    base = TrainConfig()
+    return replace(base, data=replace(base.data, img_size=224, crop_pct=1.0),
+                   model=replace(base.model, name="deit3_base", drop_path=0.2),
+                   optim=replace(base.optim, opt="adamw", lr=1e-5, scale_lr=False, weight_decay=0.1),
+                   sched=replace(base.sched, epochs=20, warmup_epochs=5.0, warmup_lr=1e-6, min_lr=1e-5),
+                   aug=replace(base.aug, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.0, smoothing=0.1,
+                               mixup=0.8, cutmix=1.0, repeated_aug=1),
+                   distill=replace(base.distill, mode="none"),
+                   run=replace(base.run, batch_size=512))
+
+
+RECIPES = {"deit": _deit, "demo": _demo, "deit-finetune-384": _finetune_384, "transfer": _transfer,
+           "deit3": _deit3, "deit3-finetune": _deit3_finetune}
 
 
 def recipe(name: str) -> TrainConfig:
