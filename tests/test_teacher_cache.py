@@ -293,3 +293,21 @@ def test_a_batch_of_records_waits_for_the_gpu_once():
     assert len(waits) <= 1, [str(w.message) for w in waits]
     for name in dtype.names:
         assert np.array_equal(got[name], want[name]) if name in ("label", "idx") else np.allclose(got[name], want[name])
+
+
+def test_a_3_augment_plan_replays_exactly_and_a_randaugment_cache_is_refused(tiny_data, teacher, replay, tmp_path):
+    """DeiT III's 3-Augment draws live in the plan too: a cache built under it replays the live
+    teacher's targets bit for bit, and a cache of the RandAugment plan is refused for it."""
+    three = ["--set", "aug.three_augment=true", "--set", "aug.rand_augment="]
+    cache = tmp_path / "three"
+    ok(["cache-teacher", "--data", str(tiny_data), "--teacher-ckpt", str(teacher), "--out", str(cache),
+        "--epochs", "2", *PLAN, *three])
+    ok(student(tiny_data, tmp_path / "live", teacher, *three))
+    ok(student(tiny_data, tmp_path / "replay", teacher, *three, "--targets", "replay", "--teacher-cache", str(cache)))
+    live, rep = steps(tmp_path / "live"), steps(tmp_path / "replay")
+    assert len(live) == 8 and live.keys() == rep.keys()
+    assert all(live[k]["loss"] == rep[k]["loss"] and live[k]["loss_distill"] == rep[k]["loss_distill"] for k in live)
+    res = runner.invoke(app, student(tiny_data, tmp_path / "wrong", teacher, *three, "--targets", "replay",
+                                     "--teacher-cache", str(replay)))
+    line = res.stderr.strip().splitlines()[-1]
+    assert res.exit_code == 2 and "built for another plan" in line, res.output
