@@ -28,10 +28,11 @@ from typing import Any, TypeVar
 from rich.console import Console
 from torch import nn
 
+from fastdeit.config.checks import validate
 from fastdeit.config.files import apply_config_file
 from fastdeit.config.flags import key_flags
 from fastdeit.config.recipes import recipe
-from fastdeit.config.schema import TrainConfig, apply_overrides, coerce_key, validate, with_section
+from fastdeit.config.schema import TrainConfig, apply_overrides, coerce_key, with_section
 from fastdeit.errors import Requeue, Stopped, UserError
 from fastdeit.models.fetch import is_url, local_weights
 from fastdeit.runtime.cache_folder import cache_dir

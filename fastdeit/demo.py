@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from fastdeit.config.checks import validate
 from fastdeit.config.recipes import recipe
 from fastdeit.config.schema import (
     CacheMode,
@@ -27,7 +28,6 @@ from fastdeit.config.schema import (
     TrainConfig,
     apply_overrides,
     choices,
-    validate,
     with_section,
 )
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic

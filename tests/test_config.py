@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from fastdeit.config.checks import validate
 from fastdeit.config.randaugment import parse_rand_augment
 from fastdeit.config.recipes import RECIPES, recipe
 from fastdeit.config.schema import (
@@ -10,7 +11,6 @@ from fastdeit.config.schema import (
     per_rank_batch,
     save_json,
     scaled_lr,
-    validate,
     with_section,
 )
 from fastdeit.errors import UserError

@@ -298,13 +298,12 @@ def _three_augment(rng: np.random.Generator, b: int, a: AugConfig) -> tuple[np.n
     """DeiT III's 3-Augment (official augment.py): one of THREE_OPS per sample, the blur's
     radius uniform in [0.1, 2], then torchvision's ColorJitter(cj, cj, cj): each factor uniform
     in [max(0, 1 - cj), 1 + cj], applied in a random order. Nothing is drawn where it is off."""
-    off = (np.full(b, -1, np.int8), np.zeros(b, np.float32), np.ones((b, 3), np.float32),
-           np.tile(np.arange(3, dtype=np.int8), (b, 1)))
+    order = np.tile(np.arange(3, dtype=np.int8), (b, 1))
     if not a.three_augment:
-        return off
+        return np.full(b, -1, np.int8), np.zeros(b, np.float32), np.ones((b, 3), np.float32), order
     op = rng.integers(0, len(THREE_OPS), b).astype(np.int8)
     radius = rng.uniform(0.1, 2.0, b).astype(np.float32)
     cj = a.color_jitter
-    jitter = rng.uniform(max(0.0, 1.0 - cj), 1.0 + cj, (b, 3)).astype(np.float32) if cj > 0 else off[2]
+    jitter = rng.uniform(max(0.0, 1.0 - cj), 1.0 + cj, (b, 3)) if cj > 0 else np.ones((b, 3))
     order = np.argsort(rng.random((b, 3)), axis=1).astype(np.int8)
-    return op, radius, jitter, order
+    return op, radius, jitter.astype(np.float32), order

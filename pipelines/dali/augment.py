@@ -131,9 +131,14 @@ def _posterize(x, mat, scalar, device, size):
     return x & fn.cast(scalar, dtype=types.UINT8)
 
 
-def _solarize(x, mat, scalar, device, size):
-    keep = _float(x) < scalar
+def _solarized(x, threshold, device):
+    """PIL's ImageOps.solarize: values at or above the threshold inverted."""
+    keep = _float(x) < threshold
     return _to_u8(_float(x) * keep + (255.0 - _float(x)) * (keep ^ True), device)
+
+
+def _solarize(x, mat, scalar, device, size):
+    return _solarized(x, scalar, device)
 
 
 def _solarize_add(x, mat, scalar, device, size):
@@ -208,8 +213,7 @@ def apply_three(x, op, radius, device: str):
         gray = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
         out = fn.cat(gray, gray, gray, axis=2)
     elif op == 1:
-        keep = _float(x) < 128.0
-        out = _to_u8(_float(x) * keep + (255.0 - _float(x)) * (keep ^ True), device)
+        out = _solarized(x, 128.0, device)
     else:
         out = fn.gaussian_blur(x, sigma=radius)
     return out
