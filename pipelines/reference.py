@@ -1,10 +1,10 @@
 """The reference pipeline: PIL and torchvision semantics, executing a BatchPlan.
 
 It is the slow twin of the DALI pipelines and their test oracle. Per sample: decode, crop by
-the plan's box in source pixels, resize to the training size, flip, then the plan's
-RandAugment ops with timm's own PIL implementations, or DeiT III's 3-Augment with the PIL and
-torchvision calls of the official augment.py. Output is a uint8 batch; the batch
-tail (pipelines/tail.py) does the rest on the device.
+the plan's box in source pixels and resize to the training size (or DeiT III's simple random
+crop), flip, then the plan's RandAugment ops with timm's own PIL implementations, or DeiT
+III's 3-Augment with the PIL and torchvision calls of the official augment.py. Output is a
+uint8 batch; the batch tail (pipelines/tail.py) does the rest on the device.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from timm.data.auto_augment import NAME_TO_OP
 from torchvision.transforms import functional as TF
 
 from fastdeit.data.folder import ImageIndex
-from fastdeit.data.plan import THREE_OPS, BatchPlan, PlanSpec, make_plan, steps_per_epoch
+from fastdeit.data.plan import SRC_PAD, THREE_OPS, BatchPlan, PlanSpec, make_plan, src_resized, steps_per_epoch
 from fastdeit.pipelines.batch import FILL, LoadedBatch, substitutes
 from fastdeit.runtime.signals import quiet_worker, workers_start_quiet
 
@@ -59,12 +59,27 @@ def three_augment(img: Image.Image, op: int, radius: float, jitter: np.ndarray, 
     return img
 
 
+def simple_crop(img: Image.Image, window: np.ndarray, size: int, interpolation: str) -> Image.Image:
+    """DeiT III's simple random crop with the plan's window (top, left): torchvision's Resize(size)
+    (PIL's resize to `src_resized`), the 4 px reflect padding of RandomCrop (numpy's 'reflect', as
+    torchvision pads a PIL image), then the size x size window."""
+    height, width = (int(v) for v in src_resized(np.array([img.size]), size)[0])
+    pixels = np.asarray(img.resize((width, height), _INTERP[interpolation]))
+    padded = np.pad(pixels, ((SRC_PAD, SRC_PAD), (SRC_PAD, SRC_PAD), (0, 0)), mode="reflect")
+    top, left = (int(v) for v in window)
+    return Image.fromarray(padded[top:top + size, left:left + size])
+
+
 def augment(img: Image.Image, crop: np.ndarray, flip: bool, ops: list[tuple[str, float]],
-            size: int, interpolation: str, three: tuple | None = None) -> Image.Image:
-    """Crop (left, top, width, height), resize to size x size, flip, then the RandAugment ops
-    (or 3-Augment: `three` holds its draws for `three_augment`)."""
+            size: int, interpolation: str, three: tuple | None = None, src: np.ndarray | None = None) -> Image.Image:
+    """Crop (left, top, width, height) and resize to size x size (or the simple random crop's
+    `src` window), flip, then the RandAugment ops (or 3-Augment: `three` holds its draws for
+    `three_augment`)."""
     left, top, w, h = (int(v) for v in crop)
-    img = img.crop((left, top, left + w, top + h)).resize((size, size), _INTERP[interpolation])
+    if src is not None and src[0] >= 0:
+        img = simple_crop(img, src, size, interpolation)
+    else:
+        img = img.crop((left, top, left + w, top + h)).resize((size, size), _INTERP[interpolation])
     if flip:
         img = ImageOps.mirror(img)
     for name, arg in ops:
@@ -118,7 +133,8 @@ def load_plan_rows(index: ImageIndex, spec: PlanSpec, plan: BatchPlan) -> Loaded
             continue
         three = (int(plan.three_op[i]), plan.blur[i], plan.jitter[i], plan.jitter_order[i]) \
             if plan.three_op[i] >= 0 else None
-        out[i] = np.asarray(augment(img, plan.crop[i], bool(plan.flip[i]), ops, s, spec.aug.interpolation, three))
+        out[i] = np.asarray(augment(img, plan.crop[i], bool(plan.flip[i]), ops, s, spec.aug.interpolation, three,
+                                    plan.src[i]))
     take = substitutes(plan, ~ok, index)
     out[~ok] = out[take[~ok]]  # bad rows take good ones: the copy never reads a bad row
     return LoadedBatch.of(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), index, plan, ~ok)

@@ -55,6 +55,9 @@ def validate(cfg: TrainConfig) -> None:
         (not a.three_augment or not a.rand_augment, "aug.three_augment",
          f"replaces RandAugment, as in DeiT III: set aug.rand_augment= (empty), not {a.rand_augment!r}"),
         (0 <= a.color_jitter <= 1, "aug.color_jitter", f"must be in [0, 1], got {a.color_jitter}"),
+        (not a.simple_crop or k.targets != "labelmap", "aug.simple_crop",
+         "pads and shifts the resized image, which a label map's crop box cannot describe: "
+         "use distill.targets=live or replay"),
         (a.repeated_aug >= 1, "aug.repeated_aug", "must be >= 1 (1 = off)"),
         (a.mix_group >= 1, "aug.mix_group", "must be >= 1"),
         (0 <= k.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {k.alpha}"),

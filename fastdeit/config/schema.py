@@ -137,6 +137,9 @@ class AugConfig:
     # per sample, then ColorJitter(color_jitter) on brightness, contrast and saturation
     three_augment: bool = False
     color_jitter: float = 0.3
+    # DeiT III's simple random crop (--src) in place of RandomResizedCrop: resize the shorter
+    # side to the image size, pad 4 reflected pixels, crop a random square, flip
+    simple_crop: bool = False
 
 
 @dataclass(frozen=True)

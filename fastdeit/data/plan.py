@@ -34,7 +34,7 @@ RA_OPS_INC = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasi
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop and timm's RandomErasing try 10 boxes
 THREE_OPS = ("grayscale", "solarize", "blur")  # 3-Augment: one of them per sample (the official RandomChoice)
 JITTER = ("brightness", "contrast", "saturation")  # ColorJitter's factors, applied in a random order
-_LATER_AUG_KEYS = ("three_augment", "color_jitter")  # recorded in a plan's JSON only where 3-Augment is on
+SRC_PAD = 4  # the simple random crop's reflected border (the official RandomCrop(padding=4, 'reflect'))
 _TAG_ORDER, _TAG_STEP = 0, 1
 
 
@@ -68,8 +68,9 @@ class PlanSpec:
         """What a plan depends on, as caches and checkpoints record it. Keys added after those
         records began appear only where they change the plan, so older records stay valid."""
         aug = {f.name: getattr(self.aug, f.name) for f in fields(self.aug)}
-        if not self.aug.three_augment:
-            aug = {k: v for k, v in aug.items() if k not in _LATER_AUG_KEYS}
+        later = {"three_augment": not self.aug.three_augment, "color_jitter": not self.aug.three_augment,
+                 "simple_crop": not self.aug.simple_crop}  # key: left out
+        aug = {k: v for k, v in aug.items() if not later.get(k, False)}
         return {"seed": self.seed, "img_size": self.img_size, "batch_size": self.batch_size, "aug": aug}
 
 
@@ -77,7 +78,9 @@ class PlanSpec:
 class BatchPlan:
     """Plain arrays, one row per sample of a (global or per-rank) batch.
 
-    crop: (left, top, width, height) in source pixels; ra_op: index into PlanSpec.ra_ops or -1;
+    crop: (left, top, width, height) in source pixels (the whole image under the simple random
+    crop, whose window `src` is (top, left) in the image resized by `src_resized` and padded
+    by SRC_PAD reflected pixels; -1 where it is off); ra_op: index into PlanSpec.ra_ops or -1;
     erase: (top, left, height, width) in output pixels, height 0 = none; lam: weight of the
     sample's own image after mixing (cutmix-corrected); box: the group's cutmix box
     (y0, y1, x0, x1); partner: row of the mixing partner within this plan. 3-Augment:
@@ -104,6 +107,7 @@ class BatchPlan:
     blur: np.ndarray  # [b] float32
     jitter: np.ndarray  # [b, 3] float32
     jitter_order: np.ndarray  # [b, 3] int8
+    src: np.ndarray  # [b, 2] int32
 
     def __len__(self) -> int:
         return len(self.index)
@@ -164,11 +168,14 @@ def make_plan(spec: PlanSpec, sizes: np.ndarray, epoch: int, step: int) -> Batch
     erase = _erasing(rng, b, s, a.reprob)
     lam, cutmix, box, partner = _mixing(rng, b, s, a)
     three_op, blur, jitter, jitter_order = _three_augment(rng, b, a)  # drawn last: the other draws stay as they were
+    src = _simple_crop(rng, sizes[chunk], s) if a.simple_crop else np.full((b, 2), -1, np.int32)  # drawn after it
+    if a.simple_crop:
+        crop = np.concatenate([np.zeros((b, 2), np.int32), sizes[chunk].astype(np.int32)], axis=1)
     return BatchPlan(seed=spec.seed, epoch=epoch, step=step, group=a.mix_group,
                      pos=step * b + np.arange(b, dtype=np.int64),
                      index=chunk.astype(np.int64), crop=crop, flip=flip, ra_op=ra_op, ra_arg=ra_arg,
                      erase=erase, lam=lam, cutmix=cutmix, box=box, partner=partner, three_op=three_op, blur=blur,
-                     jitter=jitter, jitter_order=jitter_order)
+                     jitter=jitter, jitter_order=jitter_order, src=src)
 
 
 def _crops(rng: np.random.Generator, sizes: np.ndarray, scale: tuple, ratio: tuple) -> np.ndarray:
@@ -307,3 +314,20 @@ def _three_augment(rng: np.random.Generator, b: int, a: AugConfig) -> tuple[np.n
     jitter = rng.uniform(max(0.0, 1.0 - cj), 1.0 + cj, (b, 3)) if cj > 0 else np.ones((b, 3))
     order = np.argsort(rng.random((b, 3)), axis=1).astype(np.int8)
     return op, radius, jitter.astype(np.float32), order
+
+
+def src_resized(sizes: np.ndarray, s: int) -> np.ndarray:
+    """(height, width) of images of (width, height) `sizes` after torchvision's Resize(s): the
+    shorter side becomes s, the longer int(s * longer / shorter)."""
+    w = np.maximum(sizes[:, 0], 1).astype(np.int64)
+    h = np.maximum(sizes[:, 1], 1).astype(np.int64)
+    short = np.minimum(w, h)
+    longer = (s * np.maximum(w, h) / short).astype(np.int64)
+    return np.stack([np.where(w <= h, longer, s), np.where(w <= h, s, longer)], axis=1)
+
+
+def _simple_crop(rng: np.random.Generator, sizes: np.ndarray, s: int) -> np.ndarray:
+    """The official RandomCrop(s, padding=SRC_PAD) after Resize(s): (top, left) uniform over the
+    windows of the padded image."""
+    room = src_resized(sizes, s) + 2 * SRC_PAD - s + 1
+    return rng.integers(0, room).astype(np.int32)

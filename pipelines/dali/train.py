@@ -26,6 +26,7 @@ try:  # DALI is a Linux-only dependency; everything else works without it.
     from nvidia.dali import fn, pipeline_def, types
 
     from fastdeit.pipelines.dali.augment import apply_layer, apply_three, jitter_params, layer_params
+    from fastdeit.pipelines.dali.crop import SRC_NAMES, simple_crop, src_params
     from fastdeit.pipelines.dali.decode import FAILED, dali_format, dali_unreadable, decoder_options
 except ImportError:  # pragma: no cover - exercised only where DALI is absent
     fn = None
@@ -52,7 +53,8 @@ class PlanSource:
     `end` (None: never). It computes the batch's plan and reads its files, so with
     parallel=True DALI runs it in worker processes, ahead of and away from the training thread.
     Its outputs are named (`names`): the files, crop starts and shapes, flips, a tag per row
-    (epoch, step, whether the row's file was replaced), then the parameters of each
+    (epoch, step, whether the row's file was replaced), the simple random crop's geometry
+    where it is on, then the parameters of each
     RandAugment layer, then 3-Augment's (its op and blur radius, and its three colour ops as
     layers)."""
 
@@ -76,7 +78,9 @@ class PlanSource:
         """The outputs, in the order DALI's external source carries them to the graph."""
         three = ("three.op", "three.radius", *(n for k in range(3) for n in _layer(k, "jitter"))) \
             if self.spec.aug.three_augment else ()
-        return ("files", "start", "shape", "flip", "tag", *(n for k in range(self.layers) for n in _layer(k)), *three)
+        src = SRC_NAMES if self.spec.aug.simple_crop else ()
+        return ("files", "start", "shape", "flip", "tag", *src, *(n for k in range(self.layers) for n in _layer(k)),
+                *three)
 
     def position(self, iteration: int) -> tuple[int, int]:
         """(epoch, step) of the batch `iteration` batches after this source's first."""
@@ -104,6 +108,8 @@ class PlanSource:
         tag = np.stack([np.full(len(plan), plan.epoch), np.full(len(plan), plan.step), bad], 1).astype(np.int64)
         out = {"files": files, "start": crop[:, :2].copy(), "shape": crop[:, 2:].copy(),
                "flip": plan.flip[take].astype(np.int32), "tag": tag}
+        if self.spec.aug.simple_crop:
+            out.update(src_params(self.index.sizes[plan.index[take]], plan.src[take], self.spec.img_size))
         for k in range(self.layers):
             out.update(zip(_layer(k), layer_params(self.spec.ra_ops, plan.ra_op[take, k], plan.ra_arg[take, k],
                                                    self.spec.img_size)))
@@ -147,7 +153,10 @@ def build_train_pipeline(source: PlanSource, batch: int, device: str, threads: i
         else:
             img = fn.decoders.image(files, output_type=types.RGB, adjust_orientation=False, **decoder)
             img = fn.slice(img, start=start, shape=shape, axis_names="WH")
-        img = fn.resize(img, size=[size, size], interp_type=interp(spec.aug.interpolation), antialias=True)
+        if spec.aug.simple_crop:
+            img = simple_crop(img, inputs, size, interp(spec.aug.interpolation))
+        else:
+            img = fn.resize(img, size=[size, size], interp_type=interp(spec.aug.interpolation), antialias=True)
         img = fn.flip(img, horizontal=inputs["flip"])
         for k in range(layers):
             img = apply_layer(img, *(inputs[name] for name in _layer(k)), device, size)
