@@ -117,6 +117,8 @@ def draw(report: dict[str, Any], results: Path) -> list[Path]:
         else:
             if question == "teacher" and "hard" in arms:
                 names = [*names, "hard"]  # the full convnet teacher, for scale
+            if question == "recipe":  # against DeiT's recipe: the distillation question's none and hard
+                names = [a for a in ("none", "hard") if a in arms] + names
             labels = [a if question != "teacher" else
                       f"{a}\nteacher {report['teachers'][teacher_of[a]]['top1_joint']:.0f}%" for a in names]
             _errorbars(ax, labels, {h: [arms[a].get(h) for a in names] for h in HEADS})

@@ -6,6 +6,7 @@ measured single-device step and a documented or measured all-reduce bus bandwidt
     python benchmarks/throughput.py --section scaling --device cpu --procs 1,2
     python benchmarks/throughput.py --section scaling --device cuda --procs 1,8 --models deit_small_distilled
     python benchmarks/scaling.py --project --img-s IMG_S --model deit_small_distilled   # the arithmetic only
+    python benchmarks/scaling.py --project --img-s IMG_S --model deit3_base --phases 800@192,20@224
 
 This file is also the worker torchrun starts (`--worker`).
 """
@@ -164,11 +165,47 @@ def project(model: str, img_s: float | None, epochs: int = 300) -> list[dict]:
     return rows
 
 
+def parse_phases(text: str) -> list[tuple[int, int]]:
+    """'800@192,20@224' -> [(800, 192), (20, 224)]: epochs at an image size, in order."""
+    try:
+        phases = [tuple(int(v) for v in part.split("@")) for part in text.split(",")]
+    except ValueError:
+        phases = []
+    if not phases or any(len(p) != 2 or min(p) < 1 for p in phases):
+        raise SystemExit(f"--phases {text!r}: give EPOCHS@PX[,EPOCHS@PX...], e.g. 800@192,20@224")
+    return phases
+
+
+def project_phases(model: str, phases: list[tuple[int, int]], img_s: float, at_px: int) -> dict:
+    """A recipe of phases (epochs at an image size, e.g. DeiT III's 800 at 192 px, then 20 at
+    224) at each documented topology. The single-device img/s was measured at `at_px`; at another
+    size it is scaled by the ratio of forward FLOPs, an estimate that holds where the step's
+    time follows its FLOPs (each row says which it is)."""
+    from throughput import forward_gmacs  # a sibling script
+
+    from fastdeit.config.schema import ModelConfig
+    from fastdeit.models.factory import build_model
+
+    gmacs = {px: forward_gmacs(build_model(ModelConfig(name=model), 1000, px), px, torch.device("cpu"))
+             for px in dict.fromkeys([at_px, *(px for _, px in phases)])}
+    rows = []
+    for epochs, px in phases:
+        rate = img_s if px == at_px else img_s * gmacs[at_px] / gmacs[px]
+        for row in project(model, rate, epochs):
+            rows.append({"phase": f"{epochs}@{px}", "epochs": epochs, "img_size": px, "forward_gmacs": gmacs[px],
+                         "img_s": rate, "img_s_from": "measured" if px == at_px else f"scaled by FLOPs from {at_px} px",
+                         **row})
+    totals = {t: sum(r["hours"] for r in rows if r["topology"] == t) for t in DOCUMENTED_BUSBW}
+    return {"model": model, "img_s": img_s, "at_px": at_px, "phases": rows, "hours": totals}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", default=None, help="(internal) run as one torchrun rank, write JSON here")
     p.add_argument("--project", action="store_true", help="print the projection of 300-epoch ImageNet runs")
     p.add_argument("--img-s", type=float, default=None, help="measured single-device training img/s (projection)")
+    p.add_argument("--img-s-px", type=int, default=224, help="the image size --img-s was measured at")
+    p.add_argument("--phases", default=None, help="EPOCHS@PX,...: a recipe's phases (projection; needs --img-s)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="deit_small_distilled")
     p.add_argument("--img-size", type=int, default=224)
@@ -180,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.worker:
         worker(a)
+        return 0
+    if a.project and a.phases:
+        if not a.img_s:
+            p.error("--phases needs --img-s, the measured single-device img/s at --img-s-px")
+        print(json.dumps(project_phases(a.model, parse_phases(a.phases), a.img_s, a.img_s_px), indent=1))
         return 0
     if a.project:
         print(json.dumps(project(a.model, a.img_s), indent=1))

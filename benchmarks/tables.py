@@ -9,17 +9,17 @@ from rich.table import Table
 def print_model(rows: list[dict], title: str, gpu: bool) -> None:
     table = Table(title=title)
     flops_col = "TFLOP/s" if gpu else "GFLOP/s"  # a CPU reaches GFLOP/s; no peak table for CPUs
-    for col in ("model", "batch", "attn", "compile", "accum", "fwd img/s", "train img/s (min-max)", flops_col, "MFU",
+    for col in ("model", "px", "batch", "attn", "compile", "accum", "fwd img/s", "train img/s (min-max)", flops_col, "MFU",
                 "mem GiB"):
         table.add_column(col, justify="left" if col in ("model", "attn", "compile") else "right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["model"], str(r["batch"]), r["attn"], r["compile"], str(r.get("accum", 1)), "failed",
-                          "", "", "", "")
+            table.add_row(r["model"], str(r.get("img_size", "")), str(r["batch"]), r["attn"], r["compile"],
+                          str(r.get("accum", 1)), "failed", "", "", "", "")
             continue
         lo, hi = r["train_img_s_spread"]
         achieved = r["train_tflop_s"] if gpu else r["train_tflop_s"] * 1e3
-        table.add_row(r["model"], str(r["batch"]), r["attn"], r["compile"], str(r.get("accum", 1)),
+        table.add_row(r["model"], str(r["img_size"]), str(r["batch"]), r["attn"], r["compile"], str(r.get("accum", 1)),
                       f"{r['forward_img_s']:.0f}",
                       f"{r['train_img_s']:.0f} ({lo:.0f}-{hi:.0f})", f"{achieved:.2f}" if gpu else f"{achieved:.1f}",
                       "" if r["mfu"] is None else f"{r['mfu']:.1%}",

@@ -181,38 +181,44 @@ def _median_rate(fn, images: int, steps: int, warmup: int, device: torch.device)
 def model_section(a: argparse.Namespace, device: torch.device, console: Console, rows: list[dict],
                   save: Callable[[], None]) -> list[dict]:
     """Each variant's row is appended to `rows` and saved at once: a run cut short keeps what it measured."""
-    variants = [(m, b, at, c, k) for m in a.models.split(",") for b in map(int, a.batch_sizes.split(","))
-                for at in a.attn.split(",") for c in a.compile.split(",") for k in map(int, a.accum_steps.split(","))]
-    for name, batch, attn, comp, accum in variants:
-        console.print(f"model: {name} batch {batch} attn {attn} compile {comp} accum {accum} ...")
+    sizes = [int(v) for v in a.img_sizes.split(",")] if a.img_sizes else [a.img_size]
+    variants = [(m, px, b, at, c, k) for m in a.models.split(",") for px in sizes
+                for b in map(int, a.batch_sizes.split(",")) for at in a.attn.split(",")
+                for c in a.compile.split(",") for k in map(int, a.accum_steps.split(","))]
+    for name, px, batch, attn, comp, accum in variants:
+        console.print(f"model: {name} {px} px batch {batch} attn {attn} compile {comp} accum {accum} ...")
         try:
-            rows.append(measure_student(a, name, batch, attn, comp, device, accum))
+            rows.append(measure_student(a, name, batch, attn, comp, device, accum, px))
         except Exception as e:  # e.g. out of memory at this batch: recorded, not fatal
             console.print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            rows.append({"model": name, "batch": batch, "attn": attn, "compile": comp, "accum": accum,
-                         "error": str(e)[:300]})
+            rows.append({"model": name, "img_size": px, "batch": batch, "attn": attn, "compile": comp,
+                         "accum": accum, "error": str(e)[:300]})
         save()
     return rows
 
 
 def measure_student(a: argparse.Namespace, name: str, batch: int, attn: str, comp: str,
-                    device: torch.device, accum: int = 1) -> dict:
-    """Forward-only and training-step img/s of one student variant, with FLOPs and memory: the
-    training step is the run's own Step (make_step, make_optimizer) on random inputs, in
-    `accum` micro-batches (peak memory with and without gradient accumulation)."""
+                    device: torch.device, accum: int = 1, size: int | None = None) -> dict:
+    """Forward-only and training-step img/s of one student variant at `size` px (default
+    --img-size), with FLOPs and memory: the training step is the run's own Step (make_step,
+    make_optimizer) on random inputs, in `accum` micro-batches (peak memory with and without
+    gradient accumulation); with hard distillation where the student has a distillation
+    token (DeiT III's have none)."""
     from fastdeit.models.factory import compile_model, set_attention
 
     amp, classes, peak = amp_dtype("auto", device), 1000, peak_flops(device)
+    size = size or a.img_size
     cfg = with_section(recipe("deit"), "model", name=name, patch_size=a.patch_size, drop_path=0.1, depth=a.depth)
-    cfg = with_section(with_section(cfg, "distill", mode="hard"), "run", accum_steps=accum)
+    cfg = with_section(cfg, "distill", mode="hard" if "distilled" in name else "none")
+    cfg = with_section(cfg, "run", accum_steps=accum)
     torch.manual_seed(0)
-    model = build_model(cfg.model, classes, a.img_size).to(device)
-    gmacs = forward_gmacs(model, a.img_size, device)
+    model = build_model(cfg.model, classes, size).to(device)
+    gmacs = forward_gmacs(model, size, device)
     set_attention(model, attn)
     mode = compile_model(model, comp)
     step = make_step(cfg, device, amp, classes, model=model, optimizer=make_optimizer(cfg, model, device))
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, 3, a.img_size, a.img_size, device=device, generator=g).to(amp or torch.float32)
+    x = torch.randn(batch, 3, size, size, device=device, generator=g).to(amp or torch.float32)
     y = torch.softmax(torch.randn(batch, classes, device=device, generator=g), 1)
     t = torch.randint(0, classes, (batch,), device=device, generator=g)
     prepared = Prepared(images=x, soft_labels=y, teacher=t, plan=None, bad=())
@@ -229,7 +235,7 @@ def measure_student(a: argparse.Namespace, name: str, batch: int, attn: str, com
              for _ in range(a.repeats)]
     train_flops = 3 * 2 * gmacs * 1e9  # forward + backward (twice the forward) per image
     rate = float(np.median(rates))
-    return {"model": name, "img_size": a.img_size, "batch": batch, "attn": attn, "compile": mode, "accum": accum,
+    return {"model": name, "img_size": size, "batch": batch, "attn": attn, "compile": mode, "accum": accum,
             "forward_gmacs": gmacs, "forward_img_s": float(np.median(fwd)),
             "forward_img_s_spread": [min(fwd), max(fwd)],
             "train_img_s": rate, "train_img_s_spread": [min(rates), max(rates)],
@@ -295,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", default="1,2", help="scaling: comma-separated process (GPU) counts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--img-size", type=int, default=None, help="default: 224 on a GPU, 112 on a CPU")
+    p.add_argument("--img-sizes", default=None, help="comma-separated (model section; default: --img-size)")
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--depth", type=int, default=0, help="model section: blocks (0: the model's own; for smoke runs)")
     p.add_argument("--models", default=None, help="comma-separated students (model section)")
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.section == "model":
         model_section(a, device, console, report.setdefault("model", []), save)
-        print_model(report["model"], f"training step, {a.img_size} px, {report['device']}", gpu)
+        print_model(report["model"], f"training step, {a.img_sizes or a.img_size} px, {report['device']}", gpu)
     elif a.section == "attention":
         attention_section(a, device, console, report.setdefault("attention", []), save)
         for r in report["attention"]:

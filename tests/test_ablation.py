@@ -11,7 +11,7 @@ from fastdeit.errors import UserError
 
 from tiny import ROOT, load_benchmark
 
-ARMS = "none,hard,hard-replay,hard-transformer,hard-10pct"
+ARMS = "none,hard,hard-replay,hard-transformer,hard-10pct,deit3,deit3-hard"
 
 
 def rec_of(report: dict, arm: str) -> dict:
@@ -32,7 +32,7 @@ def test_the_study_runs_aggregates_and_resumes(tmp_path, monkeypatch):
         assert stats["joint"]["mean"] == pytest.approx(statistics.fmean(joint))
         assert stats["joint"]["n"] == len(joint) == (1 if arm == "hard-replay" else 2)
         assert stats["joint"]["std"] == (pytest.approx(statistics.stdev(joint)) if len(joint) > 1 else None)
-        assert ("cls" in stats) == (arm != "none")  # deit_tiny has one head
+        assert ("cls" in stats) == (arm not in ("none", "deit3"))  # deit_tiny and deit3 have one head
     # Replayed targets are the live teacher's: the same student.
     top1 = {(r["arm"], r["seed"], h): r[f"top1_{h}"] for r in report["runs"] for h in ("cls", "dist", "joint")
             if f"top1_{h}" in r}
@@ -56,6 +56,14 @@ def test_the_study_runs_aggregates_and_resumes(tmp_path, monkeypatch):
     full = rec_of(report, "hard")
     assert rec["settings"]["sched"]["warmup_epochs"] == pytest.approx(10 * full["sched"]["warmup_epochs"])
     assert rec["settings"]["run"]["eval_every"] == 10 * full["run"]["eval_every"]
+    # DeiT III's arms train its recipe: a LayerScale student without a teacher, and distilled.
+    deit3 = rec_of(report, "deit3")
+    assert deit3["model"]["name"] == "deit3_small" and deit3["distill"]["base_loss"] == "bce"
+    assert deit3["aug"]["three_augment"] and deit3["optim"]["opt"] == "lamb" and not deit3["optim"]["scale_lr"]
+    assert rec_of(report, "deit3-hard")["distill"]["mode"] == "hard"
+    assert claims["DeiT III's recipe without a teacher beats DeiT's with one"]["diffs"] == [
+        top1["deit3", s, "joint"] - top1["hard", s, "joint"] for s in (0, 1)]
+    assert (out / "ablation-recipe.png").is_file()
     saved = json.loads((out / "ablation.json").read_text())
     assert saved["arms"] == report["arms"] and saved["settings"]["seeds"] == 2
     for q in ("distillation", "teacher", "scarcity"):

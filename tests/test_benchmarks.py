@@ -49,11 +49,14 @@ def test_throughput_distill_section_runs(tmp_path):
 
 def test_throughput_model_section_runs(tmp_path):
     out = tmp_path / "m.json"
-    rc = load("throughput").main(["--device", "cpu", "--models", "deit_tiny_distilled", "--img-size", "32",
-                                  "--patch-size", "8", "--batch-sizes", "4", "--compile", "none", "--quick",
-                                  "--accum-steps", "1,2", "--out", str(out)])
+    rc = load("throughput").main(["--device", "cpu", "--models", "deit_tiny_distilled,deit3_small", "--img-sizes",
+                                  "32,48", "--patch-size", "8", "--batch-sizes", "4", "--compile", "none", "--quick",
+                                  "--depth", "2", "--accum-steps", "1,2", "--out", str(out)])
     rows = json.loads(out.read_text())["model"]
-    assert rc == 0 and [r["accum"] for r in rows] == [1, 2] and not any("error" in r for r in rows)
+    assert rc == 0 and [r["accum"] for r in rows] == [1, 2] * 4 and not any("error" in r for r in rows)
+    assert [(r["model"], r["img_size"]) for r in rows[::2]] == [("deit_tiny_distilled", 32), ("deit_tiny_distilled", 48),
+                                                               ("deit3_small", 32), ("deit3_small", 48)]
+    assert rows[2]["forward_gmacs"] > 2 * rows[0]["forward_gmacs"]  # (48 / 32)^2 the patches, and more
     assert all(r["train_img_s"] > 0 and r["forward_gmacs"] > 0 and r["mfu"] is None for r in rows)
 
 
@@ -73,6 +76,22 @@ def test_projection_arithmetic():
     assert abs(scaling.allreduce_seconds(1e9, 8, 400.0) - 2 * 7 / 8 * 4e9 / 400e9) < 1e-12
     rows = scaling.project("deit_tiny_distilled", 1000.0, epochs=1)
     assert rows[0]["ranks"] == 8 and 5.0 < rows[0]["params_m"] < 6.5 and rows[0]["hours"] > 0
+
+
+def test_a_recipe_of_phases_is_projected_phase_by_phase():
+    """DeiT III's shape (pre-train small, fine-tune at full size): the measured size keeps its
+    img/s, another is scaled by the forward FLOPs, and the hours add up over the phases."""
+    scaling = load("scaling")
+    assert scaling.parse_phases("800@192,20@224") == [(800, 192), (20, 224)]
+    with pytest.raises(SystemExit):
+        scaling.parse_phases("800x192")
+    out = scaling.project_phases("deit_tiny", [(2, 160), (1, 224)], 1000.0, 224)
+    low, full = out["phases"][0], out["phases"][2]
+    assert (low["img_size"], full["img_size"]) == (160, 224) and full["img_s"] == 1000.0
+    assert low["img_s"] == pytest.approx(1000.0 * full["forward_gmacs"] / low["forward_gmacs"]) and low["img_s"] > 1900
+    assert full["img_s_from"] == "measured" and low["img_s_from"].startswith("scaled")
+    one_node = [r["hours"] for r in out["phases"] if r["ranks"] == 8]
+    assert out["hours"]["1 node x 8 H100 (NVLink)"] == pytest.approx(sum(one_node))
 
 
 def test_labelmap_scale_reports_each_size(tiny_data, tmp_path):
