@@ -9,8 +9,8 @@ from rich.table import Table
 def print_model(rows: list[dict], title: str, gpu: bool) -> None:
     table = Table(title=title)
     flops_col = "TFLOP/s" if gpu else "GFLOP/s"  # a CPU reaches GFLOP/s; no peak table for CPUs
-    for col in ("model", "px", "batch", "attn", "compile", "accum", "fwd img/s", "train img/s (min-max)", flops_col, "MFU",
-                "mem GiB"):
+    for col in ("model", "px", "batch", "attn", "compile", "accum", "fwd img/s", "train img/s (min-max)", flops_col,
+                "MFU", "mem GiB"):
         table.add_column(col, justify="left" if col in ("model", "attn", "compile") else "right")
     for r in rows:
         if "error" in r:

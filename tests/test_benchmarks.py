@@ -54,8 +54,8 @@ def test_throughput_model_section_runs(tmp_path):
                                   "--depth", "2", "--accum-steps", "1,2", "--out", str(out)])
     rows = json.loads(out.read_text())["model"]
     assert rc == 0 and [r["accum"] for r in rows] == [1, 2] * 4 and not any("error" in r for r in rows)
-    assert [(r["model"], r["img_size"]) for r in rows[::2]] == [("deit_tiny_distilled", 32), ("deit_tiny_distilled", 48),
-                                                               ("deit3_small", 32), ("deit3_small", 48)]
+    want = [("deit_tiny_distilled", 32), ("deit_tiny_distilled", 48), ("deit3_small", 32), ("deit3_small", 48)]
+    assert [(r["model"], r["img_size"]) for r in rows[::2]] == want
     assert rows[2]["forward_gmacs"] > 2 * rows[0]["forward_gmacs"]  # (48 / 32)^2 the patches, and more
     assert all(r["train_img_s"] > 0 and r["forward_gmacs"] > 0 and r["mfu"] is None for r in rows)
 
