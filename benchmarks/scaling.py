@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdeit.report.provenance import measured_on, write_results
+
 IMAGENET_TRAIN = 1_281_167
 # All-reduce bus bandwidths (nccl-tests' busbw, large messages), GB/s. Within an 8×H100 SXM
 # node (NVLink 4 / NVSwitch): 460, the low end of the 460-480 that published nccl-tests
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img-s", type=float, default=None, help="measured single-device training img/s (projection)")
     p.add_argument("--img-s-px", type=int, default=224, help="the image size --img-s was measured at")
     p.add_argument("--phases", default=None, help="EPOCHS@PX,...: a recipe's phases (projection; needs --img-s)")
+    p.add_argument("--out", type=Path, default=None, help="also write the projection as a results JSON here")
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="deit_small_distilled")
     p.add_argument("--img-size", type=int, default=224)
@@ -221,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.project and a.phases:
         if not a.img_s:
             p.error("--phases needs --img-s, the measured single-device img/s at --img-s-px")
-        print(json.dumps(project_phases(a.model, parse_phases(a.phases), a.img_s, a.img_s_px), indent=1))
+        result = project_phases(a.model, parse_phases(a.phases), a.img_s, a.img_s_px)
+        print(json.dumps(result, indent=1))
+        write_results({"benchmark": "projection", **measured_on(torch.device("cpu")),
+                       "command": " ".join(["scaling.py", *(argv if argv is not None else sys.argv[1:])]),
+                       "projection": result}, a.out)
         return 0
     if a.project:
         print(json.dumps(project(a.model, a.img_s), indent=1))
