@@ -78,6 +78,17 @@ def test_projection_arithmetic():
     assert rows[0]["ranks"] == 8 and 5.0 < rows[0]["params_m"] < 6.5 and rows[0]["hours"] > 0
 
 
+def test_flops_count_the_attention_on_a_cpu():
+    """DeiT-tiny at 224 px: 1.26 GMACs with its attention matmuls (2 x 12 blocks x 198^2 x 192
+    = 0.18 G of them), which the flop counter missed in the CPU's fused SDPA."""
+    import timm
+    import torch
+
+    model = timm.create_model("deit_tiny_distilled_patch16_224")
+    gmacs = load("throughput").forward_gmacs(model, 224, torch.device("cpu"))
+    assert gmacs == pytest.approx(1.265, abs=0.005)
+
+
 def test_a_recipe_of_phases_is_projected_phase_by_phase():
     """DeiT III's shape (pre-train small, fine-tune at full size): the measured size keeps its
     img/s, another is scaled by the forward FLOPs, and the hours add up over the phases."""
