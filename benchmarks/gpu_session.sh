@@ -25,9 +25,16 @@
 #   7.    tests-slow   2       360        pytest -m "gpu and slow": max-autotune-no-cudagraphs (over 5 min for
 #                                         DeiT-S on the H200; a 4-block DeiT-Ti here), FlexAttention's compile
 #   8.    step-triton  2       180        DeiT-S/B with --attn triton, eager and compiled
+#   9.    carry        3       60         a fresh machine: carries .gpuwheels/x0 again
+#   10.   carry        3       60         carries .gpuwheels/x1
+#   11.   loader-deit3 3       120        carries x2: DeiT III's 3-Augment, DALI and the reference vs the official
+#                                         augment.py transform, source JPEGs
+#   12.   step-deit3   3       150        DeiT III's ViT-B compiled at 192 and 224 px: its lower-resolution
+#                                         pre-training measured (performance.md projects it from FLOPs)
 #
-# Calls 3-8 carry nothing but the repo: DALI stays unpacked in /tmp/site while the machine is
-# held. A machine that went back between calls takes DALI with it: start again at call 1.
+# Calls 4-8 and 12 carry nothing but the repo: DALI stays unpacked in /tmp/site while the machine
+# is held. A machine that went back between calls takes DALI with it: start the window again with
+# its carries (window 2 needs DALI for no call; window 3 carries it again, calls 9-11).
 #
 # Parts measured before (results in benchmarks/results/*nvidia-h200*, H200 of 2026-11-30):
 #   step-s ~1 min, step-b ~1.5 min, step-ti ~1 min, attention ~1 min, distill ~1.5 min.
@@ -46,7 +53,7 @@
 set -euo pipefail
 dry=0
 if [ "${1:-}" = "--dry" ]; then dry=1; shift; fi
-part=${1:?"which part: carry | e2e | tests | loader | candidates | tests-slow | step-triton | step-s | step-b | step-ti | attention | distill | all (with --dry)"}
+part=${1:?"which part: carry | e2e | tests | loader | candidates | tests-slow | step-triton | loader-deit3 | step-deit3 | step-s | step-b | step-ti | attention | distill | all (with --dry)"}
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 py=${PYTHON:-python}
@@ -96,6 +103,10 @@ run_part() {
     step-s) step step-s deit_small_distilled sdpa "$compiled" ;;
     step-b) step step-b deit_base_distilled sdpa "$compiled" ;;
     step-ti) step step-ti deit_tiny_distilled sdpa "$compiled" ;;
+    step-deit3)
+      $py benchmarks/throughput.py "${model_args[@]}" --models "$([ "$dry" = 1 ] && echo deit3_small || echo deit3_base)" \
+        --img-sizes "$([ "$dry" = 1 ] && echo 24,32 || echo 192,224)" --attn sdpa \
+        --compile "$([ "$dry" = 1 ] && echo none || echo default)" --out "$out/throughput-step-deit3-$tag.json" ;;
     step-triton)
       step step-triton "$([ "$dry" = 1 ] && echo deit_tiny_distilled || echo deit_small_distilled,deit_base_distilled)" \
         triton "$compiled" ;;
@@ -111,12 +122,21 @@ run_part() {
           --teacher regnety_160 --img-size 224 --batch-size 256 --steps 10 --warmup 3 --repeats 3 \
           --out "$out/throughput-distill-$tag.json"
       fi ;;
-    loader)
+    loader|loader-deit3)
       if ! $py -c "import nvidia.dali" 2>/dev/null; then
         echo "DALI is not installed here: stage it with benchmarks/stage_dali.sh (see the top of this script)"
         return 2
       fi
-      if [ "$dry" = 1 ]; then
+      if [ "$1" = loader-deit3 ]; then
+        if [ "$dry" = 1 ]; then
+          $py benchmarks/loader.py --make-data 56 --device cpu --workers 1 --batch-size 8 --img-size 32 \
+            --steps 1 --warmup 1 --repeats 1 --loader dali,torch,baseline --augment three --out "$out/loader-deit3-$tag.json"
+        else
+          $py benchmarks/loader.py --make-data 25600 --device cuda --workers 16 --batch-size 256 --img-size 224 \
+            --steps 30 --warmup 5 --repeats 2 --loader dali,torch,baseline --augment three \
+            --out "$out/loader-deit3-$tag.json"
+        fi
+      elif [ "$dry" = 1 ]; then
         # every kind and prepared set of the GPU call below, at toy size
         $py benchmarks/loader.py --make-data 56 --device cpu --workers 1 --batch-size 8 --img-size 32 \
           --steps 1 --warmup 1 --repeats 1 --loader dali,dali-full,dali-hw,dali-inline,torch,baseline \
@@ -141,14 +161,15 @@ run_part() {
         $py benchmarks/candidates.py --device cuda --out "$out/candidates-$tag.json"
       fi ;;
     *)
-      echo "unknown part $1: carry | e2e | tests | loader | candidates | tests-slow | step-triton | step-s | step-b | step-ti | attention | distill"
+      echo "unknown part $1: carry | e2e | tests | loader | candidates | tests-slow | step-triton | loader-deit3 | step-deit3 | step-s | step-b | step-ti | attention | distill"
       return 2 ;;
   esac
 }
 
 if [ "$part" = all ]; then
   [ "$dry" = 1 ] || { echo "'all' is for --dry: on a GPU, one part per call"; exit 2; }
-  for p in carry e2e tests loader candidates tests-slow step-triton step-s step-b step-ti attention distill; do
+  for p in carry e2e tests loader candidates tests-slow step-triton loader-deit3 step-deit3 step-s step-b step-ti attention \
+      distill; do
     echo "== $p"
     run_part "$p"
   done

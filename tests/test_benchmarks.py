@@ -159,7 +159,7 @@ def test_the_gpu_session_script_runs_every_part_dry(tmp_path):
     res = subprocess.run(["bash", "benchmarks/gpu_session.sh", "--dry", "all"], cwd=ROOT, capture_output=True,
                          text=True, timeout=900, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    for part in ("step-s", "step-b", "step-ti", "step-triton"):
+    for part in ("step-s", "step-b", "step-ti", "step-triton", "step-deit3"):
         report = json.loads((tmp_path / f"throughput-{part}-dry.json").read_text())
         assert report["device"] and report["versions"]["torch"] and report["git_commit"] is not None
         assert report["versions"]["fastdeit"]
@@ -168,6 +168,11 @@ def test_the_gpu_session_script_runs_every_part_dry(tmp_path):
     assert set(json.loads((tmp_path / "loader-dry.json").read_text())["img_per_s"]) == {
         "baseline", *(k + s for k in kinds for s in ("", ", prepared 64px", ", prepared 32px"))}
     assert json.loads((tmp_path / "throughput-distill-dry.json").read_text())["distill"]["img_per_s"]["replay"] > 0
+    deit3 = json.loads((tmp_path / "throughput-step-deit3-dry.json").read_text())["model"]
+    assert [r["img_size"] for r in deit3] == [24, 32]  # the pre-training and the fine-tuning size
+    three = json.loads((tmp_path / "loader-deit3-dry.json").read_text())
+    suffix = load("loader").THREE
+    assert set(three["img_per_s"]) == {"baseline" + suffix, "dali" + suffix, "torch" + suffix}
     e2e = json.loads((tmp_path / "e2e-dry.json").read_text())  # the real commands, end to end
     assert e2e["e2e"]["exit_code"] in (0, 3) and e2e["e2e"]["train_img_s"] > 0 and e2e["step_only"]["train_img_s"] > 0
     assert set(e2e["phases"]) == {"make_data", "prepare_data", "cache_teacher"} and "WORK" in e2e["command_train"]
@@ -191,7 +196,7 @@ def test_the_gpu_windows_budgets_fit_a_session():
     assert parts[:4] == ["carry", "carry", "e2e", "tests"] and parts.index("tests-slow") > parts.index("candidates")
     for window in {w for _, _, w, _ in rows}:
         assert 90 + sum(int(t) for _, _, w, t in rows if w == window) <= 900, window
-    assert all(re.search(rf"^\s+([a-z-]+\|)*{part}(\|[a-z-]+)*\)", script, re.M) for part in set(parts)), parts
+    assert all(re.search(rf"^\s+([a-z0-9-]+\|)*{part}(\|[a-z0-9-]+)*\)", script, re.M) for part in set(parts)), parts
 
 
 @pytest.mark.slow
