@@ -68,8 +68,9 @@ class PlanSpec:
         """What a plan depends on, as caches and checkpoints record it. Keys added after those
         records began appear only where they change the plan, so older records stay valid."""
         aug = {f.name: getattr(self.aug, f.name) for f in fields(self.aug)}
+        # Keys added later -> whether this plan leaves them out (they are off).
         later = {"three_augment": not self.aug.three_augment, "color_jitter": not self.aug.three_augment,
-                 "simple_crop": not self.aug.simple_crop}  # key: left out
+                 "simple_crop": not self.aug.simple_crop}
         aug = {k: v for k, v in aug.items() if not later.get(k, False)}
         return {"seed": self.seed, "img_size": self.img_size, "batch_size": self.batch_size, "aug": aug}
 
