@@ -27,16 +27,17 @@ IMAGENET_TRAIN = 1_281_167
 CLASSES = 1000
 
 
-def make_tree(root: Path, files: int, distinct: int = 48, classes: int = CLASSES) -> Path:
+def make_tree(root: Path, files: int, distinct: int = 48, classes: int = CLASSES,
+              px: tuple[int, int] = (375, 500)) -> Path:
     """train/ (`files`) and val/ (1/25 of it, at least one per class) with `classes` folders of
-    hard links to `distinct` JPEGs of 375-500 px (made once)."""
+    hard links to `distinct` JPEGs of `px` (375-500 px: ImageNet's; made once)."""
     from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 
-    marker = root / f".tree-{files}-{distinct}-{classes}"
-    if marker.exists():
+    marker = root / f".tree-{files}-{distinct}-{classes}-{px[0]}-{px[1]}"
+    if marker.exists() or (px == (375, 500) and (root / f".tree-{files}-{distinct}-{classes}").exists()):
         return root
     seeds = root / "seeds"
-    recipe = SyntheticSet(classes=2, train_per_class=distinct // 2, val_per_class=1, min_size=375, max_size=500)
+    recipe = SyntheticSet(classes=2, train_per_class=distinct // 2, val_per_class=1, min_size=px[0], max_size=px[1])
     if not is_complete(seeds, recipe):
         write_synthetic(seeds, recipe)
     sources = sorted((seeds / "train").glob("*/*.jpg"))

@@ -112,30 +112,61 @@ def tail_inputs(plan: BatchPlan, labels: np.ndarray) -> dict[str, np.ndarray]:
     return {"labels": np.asarray(labels, np.int64), "lam": plan.lam.astype(np.float32),
             "partner": plan.partner.astype(np.int64), "erase_rows": rows.astype(np.int64),
             "erase_box": np.stack([e[:, 0], e[:, 0] + e[:, 2], e[:, 1], e[:, 1] + e[:, 3]], 1).astype(np.int64),
-            "erase_pos": plan.pos[rows].astype(np.int64)}
+            "erase_pos": plan.pos[rows].astype(np.int64),
+            # mix_whole's per-row blend weight (1: a cutmix row keeps its pixels outside the box)
+            "mix_lam": np.where(plan.cutmix, 1.0, plan.lam).astype(np.float32),
+            "mix_box": (plan.box * plan.cutmix[:, None]).astype(np.int64)}
 
 
 def _erase(x: torch.Tensor, plan: BatchPlan, inputs: dict[str, torch.Tensor]) -> None:
     """Random erasing in place, with per-pixel noise (timm's 'pixel' mode)."""
-    rows = np.flatnonzero(plan.erase[:, 2] > 0)
-    if not len(rows):
+    if not (plan.erase[:, 2] > 0).any():
         return
-    _, c, s, _ = x.shape
     if x.device.type == "cpu":
-        # Only the boxes' pixels: a few percent of the work of hashing whole images.
-        for i in rows:
-            top, left, h, w = (int(v) for v in plan.erase[i])
-            x[i, :, top:top + h, left:left + w] = erase_box_noise(plan.seed, plan.epoch, int(plan.pos[i]), c, s,
-                                                                   (top, left, h, w), x.device)
-        return
-    # On a GPU one vectorised pass beats hundreds of small kernels.
+        erase_boxes(x, plan)
+    else:
+        erase_whole(x, plan, inputs)
+
+
+def erase_boxes(x: torch.Tensor, plan: BatchPlan) -> None:
+    """Erasing row by row, hashing only the boxes' pixels (a CPU's way: a few percent of the
+    work of hashing whole images, at a few ops per erased row)."""
+    _, c, s, _ = x.shape
+    for i in np.flatnonzero(plan.erase[:, 2] > 0):
+        top, left, h, w = (int(v) for v in plan.erase[i])
+        x[i, :, top:top + h, left:left + w] = erase_box_noise(plan.seed, plan.epoch, int(plan.pos[i]), c, s,
+                                                               (top, left, h, w), x.device)
+
+
+def erase_whole(x: torch.Tensor, plan: BatchPlan, inputs: dict[str, torch.Tensor]) -> None:
+    """Erasing in one vectorised pass over the erased rows' whole images (a GPU's way: a fixed
+    number of kernels, where row by row would launch hundreds)."""
+    _, c, s, _ = x.shape
     noise = erase_noise(plan.seed, plan.epoch, inputs["erase_pos"], (c, s, s))
     r = inputs["erase_rows"]
     x[r] = torch.where(_box_mask(inputs["erase_box"], s), noise, x[r])
 
 
-def _mix(x: torch.Tensor, plan: BatchPlan, partner: torch.Tensor) -> torch.Tensor:
-    """Mixup or cutmix, one contiguous mix group at a time (groups share λ and box)."""
+def _mix(x: torch.Tensor, plan: BatchPlan, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mixup or cutmix of every row with its partner."""
+    if x.device.type == "cpu":
+        return mix_groups(x, plan, inputs["partner"])
+    return mix_whole(x, inputs)
+
+
+def mix_whole(x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every row at once (a GPU's way: a fixed number of kernels, where group by group would
+    launch a few per group): blend with the partner by the row's weight, then the cutmix rows
+    take their box from the partner."""
+    xp = x[inputs["partner"]]
+    lam = inputs["mix_lam"].view(-1, 1, 1, 1)
+    blend = x * lam + xp * (1 - lam)
+    return torch.where(_box_mask(inputs["mix_box"], x.shape[-1]), xp, blend)
+
+
+def mix_groups(x: torch.Tensor, plan: BatchPlan, partner: torch.Tensor) -> torch.Tensor:
+    """One contiguous mix group at a time (groups share λ and box; a CPU's way: each pass
+    touches only what its group needs)."""
     xp = x[partner]
     out = torch.empty_like(x)
     for g0 in range(0, len(plan), plan.group):
@@ -162,7 +193,7 @@ def apply_tail(images: torch.Tensor, labels: torch.Tensor, plan: BatchPlan, num_
     _erase(x, plan, inputs)
     y = smooth_one_hot(inputs["labels"], num_classes, smoothing)
     if (plan.lam < 1).any():
-        x = _mix(x, plan, inputs["partner"])
+        x = _mix(x, plan, inputs)
         lam = inputs["lam"].view(-1, 1)
         y = lam * y + (1 - lam) * y[inputs["partner"]]
     return TailOutput(images=x.to(dtype), soft_labels=y)

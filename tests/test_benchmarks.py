@@ -214,3 +214,19 @@ def test_the_soak_kills_and_resumes_a_training_that_ends_as_its_reference(tmp_pa
     assert len(train["kills"]) >= 1 and train["restarts"] <= len(train["kills"])  # a late kill may find it done
     assert train["differences"] == train["defects"] == [] and train["max_abs_weight_difference"] == 0.0
     assert train["steps"] == 6 and report["versions"]["torch"] and report["command"].startswith("benchmarks/soak.py")
+
+
+def test_the_loop_benchmark_times_the_trainer_loop_by_part(tmp_path):
+    """benchmarks/loop.py at toy size: every target source it times runs the real Trainer loop
+    (a metrics line per step written, the cache's rows read), each size at the same steps."""
+    out = tmp_path / "loop.json"
+    rc = load("loop").main(["--batch", "128", "--steps", "2", "--repeats", "1", "--sizes", "1,2", "--log-every", "1",
+                            "--targets", "none,replay,labelmap", "--tail", "gpu,cpu", "--root", str(tmp_path / "data"),
+                            "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0 and len(rows) == 2 * 3 * 2
+    assert [r["train_images"] for r in rows[::6]] == [256, 512]  # the data set grows, the timed steps do not
+    for r in rows:
+        parts = r["profile_ms_per_step"]
+        assert r["host_ms_per_step"] > 0 and r["update_ms"] > 0 and parts["log_step (sync, all-reduce, metrics line)"] > 0
+        assert (r["targets"] == "none") == ("targets: host (cache rows, pooling inputs)" not in parts)

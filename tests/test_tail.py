@@ -116,3 +116,23 @@ def test_box_noise_is_the_full_noise_cropped():
     full = erase_noise(3, 4, torch.tensor([17]), (3, 32, 32))[0]
     box = erase_box_noise(3, 4, 17, 3, 32, (5, 7, 10, 12), torch.device("cpu"))
     assert torch.equal(box, full[:, 5:15, 7:19])
+
+
+def test_the_gpus_one_pass_ways_equal_the_cpus_row_by_row_ways():
+    """erase_whole and mix_whole (what a GPU runs: a fixed number of kernels) against
+    erase_boxes and mix_groups (what a CPU runs), on the same batch and plan, mixup and cutmix
+    groups both present: the same pixels."""
+    from fastdeit.pipelines.tail import erase_boxes, erase_whole, mix_groups, mix_whole, tail_inputs
+    from fastdeit.runtime.device import to_device
+
+    x, y = batch(b=64, s=32)
+    plan = plan_for(b=64, s=32, reprob=0.5, mixup=0.8, cutmix=1.0, mix_group=8)
+    assert plan.cutmix.any() and not plan.cutmix.all() and (plan.erase[:, 2] > 0).sum() > 10
+    inputs = to_device(tail_inputs(plan, y.numpy()), torch.device("cpu"))
+    by_row, whole = normalize(x), normalize(x)
+    erase_boxes(by_row, plan)
+    erase_whole(whole, plan, inputs)
+    assert torch.allclose(by_row, whole, atol=1e-5, rtol=0)  # log and cos of another SIMD width
+    mixed = mix_whole(by_row, inputs)
+    assert torch.allclose(mix_groups(by_row, plan, inputs["partner"]), mixed, atol=1e-5, rtol=0)
+    assert not torch.allclose(mixed, by_row)
