@@ -37,6 +37,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from startup import make_tree  # a sibling script
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdeit.api import build_train_config
 from fastdeit.distill.cache_build import build_labelmap, build_replay
@@ -81,6 +82,19 @@ class Profile:
             finally:
                 self.seconds[name] += time.perf_counter() - t0
         return timed
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the operator calls made under it: on a GPU each is a kernel launch or a view the
+    host pays for, whatever the device does, so the count is the host's share anywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
 
 
 class TimedSource:
@@ -162,6 +176,9 @@ def measure(cfg, steps: int, repeats: int, quiet: Console, tail: str = "cpu") ->
                 t0 = time.perf_counter()
                 trainer.train_epoch(bar)
                 per_step.append((time.perf_counter() - t0) / steps)
+        seconds = dict(profile.seconds)
+        with OpCount() as ops:  # one more prepare, untimed
+            parts.step.prepare(batches[0])
     finally:
         for name, fn in originals.items():  # the module's own functions again
             setattr(step_module, name, fn)
@@ -169,12 +186,13 @@ def measure(cfg, steps: int, repeats: int, quiet: Console, tail: str = "cpu") ->
         tail_module._mix = mix
     per_step = per_step[1:]
     total = statistics.median(per_step)
-    update = profile.seconds["update (the null student: forward, loss, backward, AdamW)"] / (steps * repeats)
+    update = seconds["update (the null student: forward, loss, backward, AdamW)"] / (steps * repeats)
     return {"ms_per_step": total * 1e3, "ms_per_step_runs": [t * 1e3 for t in per_step],
             "update_ms": update * 1e3, "host_ms_per_step": (total - update) * 1e3,
+            "prepare_operator_calls": ops.calls,
             "host_ms_per_1000_images": (total - update) * 1e3 * 1000 / cfg.run.batch_size,
             "profile_ms_per_step": {k: v * 1e3 / (steps * repeats) for k, v in
-                                    sorted(profile.seconds.items(), key=lambda kv: -kv[1])},
+                                    sorted(seconds.items(), key=lambda kv: -kv[1])},
             "train_images": len(parts.data.train), "steps_per_epoch": parts.steps_per_epoch}
 
 
@@ -234,13 +252,13 @@ def main(argv: list[str] | None = None) -> int:
 def print_rows(rows: list[dict], title: str) -> None:
     table = Table(title=title)
     for col in ("size", "targets", "log every", "tail", "images", "step ms", "update ms", "host ms", "host ms / 1k img",
-                "top parts (ms)"):
+                "prepare ops", "top parts (ms)"):
         table.add_column(col, justify="left" if col in ("targets", "top parts (ms)") else "right")
     for r in rows:
         top = ", ".join(f"{k.split(' (')[0]} {v:.2f}" for k, v in list(r["profile_ms_per_step"].items())[:4])
         table.add_row(f"x{r['size']}", r["targets"], str(r["log_every"]), r["tail"], f"{r['train_images']:,}",
                       f"{r['ms_per_step']:.2f}", f"{r['update_ms']:.2f}", f"{r['host_ms_per_step']:.2f}",
-                      f"{r['host_ms_per_1000_images']:.2f}", top)
+                      f"{r['host_ms_per_1000_images']:.2f}", str(r["prepare_operator_calls"]), top)
     Console(width=200).print(table)
 
 
