@@ -230,3 +230,18 @@ def test_the_loop_benchmark_times_the_trainer_loop_by_part(tmp_path):
         parts = r["profile_ms_per_step"]
         assert r["host_ms_per_step"] > 0 and r["update_ms"] > 0 and parts["log_step (sync, all-reduce, metrics line)"] > 0
         assert (r["targets"] == "none") == ("targets: host (cache rows, pooling inputs)" not in parts)
+
+
+def test_the_startup_benchmark_times_each_start_and_the_real_command(tmp_path):
+    """benchmarks/startup.py at toy size: every start in a fresh process, `fastdeit train`
+    itself to its first metrics line (in its own process group, then stopped), a prepared set."""
+    out = tmp_path / "startup.json"
+    rc = load("startup").main(["--files", "2000", "--small", "0", "--val-files", "1000", "--seed-px", "16,24",
+                               "--repeats", "1", "--img-size", "32", "--root", str(tmp_path / "trees"),
+                               "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["files"] == {"2000": 3000}
+    for start in ("first scan (every header read)", "start with the stored index",
+                  "fastdeit train to its first step, with the stored index",
+                  "fastdeit train to its first step, prepared data set"):
+        assert report["results"][start]["seconds"]["3000"] > 0, start
