@@ -165,20 +165,19 @@ def mix_whole(x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def mix_groups(x: torch.Tensor, plan: BatchPlan, partner: torch.Tensor) -> torch.Tensor:
-    """One contiguous mix group at a time (groups share λ and box; a CPU's way: each pass
-    touches only what its group needs)."""
-    xp = x[partner]
-    out = torch.empty_like(x)
+    """In place, one contiguous mix group at a time (groups share λ and box, and a row's
+    partner is in its group; a CPU's way: each group reads only what it needs of its partners,
+    the box alone under cutmix). Partners are gathered (copied) before their group is written."""
     for g0 in range(0, len(plan), plan.group):
         rows = slice(g0, g0 + plan.group)
+        mates = partner[rows]
         if plan.cutmix[g0]:
             y0, y1, x0, x1 = (int(v) for v in plan.box[g0])
-            out[rows] = x[rows]
-            out[rows, :, y0:y1, x0:x1] = xp[rows, :, y0:y1, x0:x1]
+            x[rows, :, y0:y1, x0:x1] = x[mates, :, y0:y1, x0:x1]
         else:
             lam = float(plan.lam[g0])
-            torch.add(x[rows] * lam, xp[rows], alpha=1.0 - lam, out=out[rows])
-    return out
+            torch.add(x[rows] * lam, x[mates], alpha=1.0 - lam, out=x[rows])
+    return x
 
 
 def apply_tail(images: torch.Tensor, labels: torch.Tensor, plan: BatchPlan, num_classes: int,
