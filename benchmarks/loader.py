@@ -133,11 +133,14 @@ def fastdeit_rate(kind: str, cfg: TrainConfig, index: ImageIndex, device: torch.
     dali-hw (as dali, with nvJPEG's hardware decoder taking its share: A100/H100 class GPUs) or
     dali-inline (as dali, with the plan and the file reads in the training thread instead of
     cfg.data.read_workers processes). Each batch is prepared by the run's Step (device
-    transfer and the tail), as training does."""
+    transfer and the tail, which a CPU run's torch loader runs in its workers), as training
+    does."""
     data = replace(cfg.data, workers=workers, roi_decode=kind != "dali-full", hw_decode=kind == "dali-hw",
                    read_workers=0 if kind == "dali-inline" else cfg.data.read_workers)
-    loaders = Loaders("dali" if kind.startswith("dali") else kind, data, PlanSpec.from_config(cfg), device)
     step = make_step(cfg, device, amp_dtype(cfg.run.amp, device), len(index.classes))
+    # As a run builds them: on a CPU the torch loader's workers run the tail too.
+    loaders = Loaders("dali" if kind.startswith("dali") else kind, data, PlanSpec.from_config(cfg), device,
+                      tail=step.tail)
     return timed_rate(loaders.train(index, 0, 0), lambda b: len(step.prepare(b).soft_labels),
                       warmup_for(kind, workers, warmup), steps, device)
 

@@ -110,7 +110,9 @@ def _command(data: Path, cache: Path, img_size: int = 224) -> dict:
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
                                 env={**os.environ, "FASTDEIT_CACHE": str(cache)})  # the stored index's folder
-    metrics = run / "metrics.jsonl"
+    from fastdeit.training.rundir import RunDir
+
+    metrics = RunDir(run).metrics
     try:
         while not (metrics.exists() and '"kind": "step"' in metrics.read_text()):
             if proc.poll() is not None:

@@ -1,7 +1,8 @@
 """The batch contract both training pipelines keep (pipelines/reference.py, pipelines/dali/).
 
 A pipeline executes a BatchPlan and hands over a `LoadedBatch`: uint8 [b, 3, S, S] images,
-int64 labels, the plan, and the files that could not be decoded. Shapes stay static when a
+int64 labels, the plan, and the files that could not be decoded (or, where the loader ran the
+batch tail itself, as a CPU run's workers do, the tail's output: see `LoadedBatch`). Shapes stay static when a
 file is unreadable: its row takes the inputs and label of another row of the same batch, by
 the one rule in `substitutes`, so the reference and DALI replace the same rows alike.
 """
@@ -24,12 +25,15 @@ FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 @dataclass
 class LoadedBatch:
     """A decoded batch: uint8 [b, 3, S, S] images, int64 labels, the plan it executes, and the
-    files that failed to decode (their rows hold a copy of another sample of the batch)."""
+    files that failed to decode (their rows hold a copy of another sample of the batch). Where
+    the loader ran the tail (pipelines/tail.TailSpec), `soft_labels` is set and `images` are the
+    tail's output, the student's input in the compute dtype."""
 
     images: torch.Tensor
     labels: torch.Tensor
     plan: BatchPlan
     bad: tuple[str, ...]
+    soft_labels: torch.Tensor | None = None  # [b, classes] float32, where the tail has run
 
     def pin_memory(self) -> LoadedBatch:
         """A copy in pinned memory (DataLoader calls it with pin_memory=True): the step's

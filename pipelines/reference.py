@@ -21,6 +21,7 @@ from torchvision.transforms import functional as TF
 from fastdeit.data.folder import ImageIndex
 from fastdeit.data.plan import SRC_PAD, THREE_OPS, BatchPlan, PlanSpec, make_plan, src_resized, steps_per_epoch
 from fastdeit.pipelines.batch import FILL, LoadedBatch, substitutes
+from fastdeit.pipelines.tail import TailSpec
 from fastdeit.runtime.signals import quiet_worker, workers_start_quiet
 
 _INTERP = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -144,17 +145,20 @@ class TrainBatches(torch.utils.data.Dataset):
     """Item k is this rank's shard of the plan of step `start_step + k` of `epoch`.
 
     Workers compute the plan themselves (it is a pure function), so nothing but the spec and
-    the image sizes is shipped to them, and batches decode in parallel across workers.
+    the image sizes is shipped to them, and batches decode in parallel across workers. With
+    `tail`, the workers run the batch tail too (a CPU run: the training process then only
+    trains).
     """
 
     def __init__(self, index: ImageIndex, spec: PlanSpec, epoch: int, start_step: int = 0,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, tail: TailSpec | None = None) -> None:
         self.index = index
         self.spec = spec
         self.epoch = epoch
         self.start_step = start_step
         self.rank = rank
         self.world = world
+        self.tail = tail
         self.steps = steps_per_epoch(spec, len(index))
 
     def __len__(self) -> int:
@@ -162,7 +166,8 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> LoadedBatch:
         plan = make_plan(self.spec, self.index.sizes, self.epoch, self.start_step + k)
-        return load_plan_rows(self.index, self.spec, plan.shard(self.rank, self.world))
+        batch = load_plan_rows(self.index, self.spec, plan.shard(self.rank, self.world))
+        return self.tail.apply(batch) if self.tail is not None else batch
 
 
 def _as_is(batch: LoadedBatch) -> LoadedBatch:
@@ -185,10 +190,11 @@ class QuietLoader(torch.utils.data.DataLoader):
             return super().__iter__()
 
 
-def train_loader(index: ImageIndex, spec: PlanSpec, epoch: int, start_step: int, workers: int,
-                 rank: int = 0, world: int = 1, pin: bool = False) -> Iterator[LoadedBatch]:
-    """Batches of one epoch from `start_step`, in plan order; in pinned memory with `pin`."""
-    data = TrainBatches(index, spec, epoch, start_step, rank, world)
+def train_loader(index: ImageIndex, spec: PlanSpec, epoch: int, start_step: int, workers: int, rank: int = 0,
+                 world: int = 1, pin: bool = False, tail: TailSpec | None = None) -> Iterator[LoadedBatch]:
+    """Batches of one epoch from `start_step`, in plan order; in pinned memory with `pin`;
+    through the tail with `tail`."""
+    data = TrainBatches(index, spec, epoch, start_step, rank, world, tail)
     if workers == 0:
         return (data[k].pin_memory() if pin else data[k] for k in range(len(data)))
     loader = QuietLoader(

@@ -10,13 +10,14 @@ to the last bit of log and cos).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from fastdeit.config.schema import IMAGENET_MEAN, IMAGENET_STD
 from fastdeit.data.plan import BatchPlan
+from fastdeit.pipelines.batch import LoadedBatch
 from fastdeit.runtime.device import to_device
 
 _M32 = 0xFFFFFFFF
@@ -26,6 +27,21 @@ _M32 = 0xFFFFFFFF
 class TailOutput:
     images: torch.Tensor  # [b, 3, S, S] in the compute dtype, normalized, erased, mixed
     soft_labels: torch.Tensor  # [b, classes] float32: smoothed one-hot labels mixed with the plan's λ
+
+
+@dataclass(frozen=True)
+class TailSpec:
+    """What the tail needs besides a batch, so that a loader can run it where the batch is made:
+    a CPU run's loader workers, in parallel and off the training process. The output is the
+    one Step.prepare would make of the same batch."""
+
+    num_classes: int
+    smoothing: float
+    dtype: torch.dtype  # the compute dtype
+
+    def apply(self, batch: LoadedBatch) -> LoadedBatch:
+        out = apply_tail(batch.images, batch.labels, batch.plan, self.num_classes, self.smoothing, self.dtype)
+        return replace(batch, images=out.images, soft_labels=out.soft_labels)
 
 
 _MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

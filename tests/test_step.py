@@ -301,3 +301,25 @@ def test_k_micro_batches_update_like_one_batch(accum):
         assert a.keys() == b.keys() and all(b[n] == pytest.approx(a[n], abs=1e-5) for n in a)
     assert max(float((pa[n] - pb[n]).abs().max()) for n in pa) < 1e-5
     assert all(torch.allclose(ga[n], gb[n], atol=1e-6, rtol=1e-4) for n in ga)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_cpu_runs_tail_in_the_loader_workers_gives_the_steps_tensors(tiny_data, tmp_path, workers):
+    """On a CPU the torch loader runs the batch tail where it makes the batch (in its worker
+    processes with workers > 0, forked as a run forks them): Step.prepare takes that batch as
+    it is, and the images, soft labels and teacher targets equal those of the tail run by the
+    step on the plain batch, bit for bit (erasing, mixup and cutmix all in the plan)."""
+    steps, plain = _sources(tiny_data, tmp_path)
+    step = steps["live"]
+    cfg = build_train_config("demo", {"data.path": tiny_data, "data.img_size": 32, "run.batch_size": 16,
+                                      "run.out": tmp_path / "run"},
+                             ["aug.mix_group=8", "aug.mixup=0.8", "aug.cutmix=1.0", "aug.reprob=0.5",
+                              f"data.workers={workers}"])
+    loaders = Loaders("torch", cfg.data, PlanSpec.from_config(cfg), torch.device("cpu"), tail=step.tail)
+    tailed = next(iter(loaders.train(load_data(cfg).train, 0, 0)))
+    assert tailed.soft_labels is not None and tailed.images.dtype == torch.float32
+    ours, want = step.prepare(tailed), step.prepare(plain)
+    assert torch.equal(ours.images, want.images) and torch.equal(ours.soft_labels, want.soft_labels)
+    assert torch.equal(ours.teacher, want.teacher)
+    gpu = Loaders("torch", cfg.data, PlanSpec.from_config(cfg), torch.device("meta"), tail=step.tail)
+    assert gpu.tail is None  # elsewhere the step runs the tail on its device

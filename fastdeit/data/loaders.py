@@ -21,6 +21,7 @@ from fastdeit.pipelines import dali
 from fastdeit.pipelines.batch import LoadedBatch
 from fastdeit.pipelines.dali import decode as dali_decode
 from fastdeit.pipelines.reference import eval_loader, train_loader
+from fastdeit.pipelines.tail import TailSpec
 
 
 def choose_loader(name: Loader, device: torch.device) -> tuple[str, str]:
@@ -137,9 +138,13 @@ class Loaders:
     """The trainer's data source for one run: train batches per epoch and eval batches."""
 
     def __init__(self, kind: Loader, data: DataConfig, spec: PlanSpec | None, device: torch.device,
-                 rank: int = 0, world: int = 1, epochs: int | None = None) -> None:
+                 rank: int = 0, world: int = 1, epochs: int | None = None, tail: TailSpec | None = None) -> None:
         """`spec`: the plan of training batches; None for a loader that only evaluates.
-        `epochs`: how many epochs the run trains, when known; DALI reads nothing past them."""
+        `epochs`: how many epochs the run trains, when known; DALI reads nothing past them.
+        `tail`: the batch tail the torch loader runs in its workers on a CPU device (the
+        training process then only trains); ignored elsewhere, where the step runs it on the
+        device."""
+        self.tail = tail if kind == "torch" and device.type == "cpu" else None
         self.kind = kind
         self.data = data
         self.spec = spec
@@ -159,7 +164,7 @@ class Loaders:
                                                   self.data.read_workers, self.epochs)
             return self._dali.epoch(epoch, start_step)
         return train_loader(index, self.spec, epoch, start_step, self.data.workers, self.rank, self.world,
-                            pin=self.device.type == "cuda")
+                            pin=self.device.type == "cuda", tail=self.tail)
 
     def eval(self, index: ImageIndex, rows: np.ndarray | None = None) -> Iterable:
         d = self.data

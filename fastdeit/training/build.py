@@ -144,9 +144,10 @@ def build_run(cfg: TrainConfig, world: World, console: Console) -> RunParts:
     scheduler = make_scheduler(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     ema = ModelEmaV3(model, decay=cfg.model.ema_decay) if cfg.model.ema else None
-    loaders = Loaders(loader, cfg.data, PlanSpec.from_config(cfg), device, world.rank, world.size, cfg.sched.epochs)
     step = make_step(cfg, device, amp, len(data.classes), teacher, model=trained, optimizer=optimizer,
                      scaler=scaler, ema=ema, rank=world.rank)
+    loaders = Loaders(loader, cfg.data, PlanSpec.from_config(cfg), device, world.rank, world.size, cfg.sched.epochs,
+                      step.tail)
     return RunParts(cfg, world, device, amp, data, steps, model, optimizer, scheduler, scaler, ema, loaders, step,
                     {"loader": f"{loader} ({loader_why})", "attention": attn or "-", "compile": compiled,
                      "teacher": teacher_why})

@@ -27,7 +27,7 @@ from fastdeit.data.plan import BatchPlan
 from fastdeit.distill.loss import DistillationLoss
 from fastdeit.distill.sources import TeacherSource
 from fastdeit.pipelines.batch import LoadedBatch
-from fastdeit.pipelines.tail import apply_tail, tail_inputs
+from fastdeit.pipelines.tail import TailOutput, TailSpec, apply_tail, tail_inputs
 from fastdeit.runtime.device import autocast, to_device
 from fastdeit.runtime.distributed import step_seed
 
@@ -66,16 +66,27 @@ class Step:
     def prepare(self, batch: LoadedBatch) -> Prepared:
         """Device transfer, the tail and the teacher's outputs for the batch's plan. What the
         tail and the teacher need of the plan and the cache crosses to the device as one
-        buffer, in one asynchronous copy; nothing here waits for the device."""
-        host = tail_inputs(batch.plan, batch.labels.numpy())
+        buffer, in one asynchronous copy; nothing here waits for the device. A batch whose
+        loader ran the tail (`soft_labels` set: a CPU run's workers) goes on as it is."""
+        tailed = batch.soft_labels is not None
+        host = {} if tailed else tail_inputs(batch.plan, batch.labels.numpy())
         if self.teacher is not None:
             host.update(self.teacher.inputs(batch.plan))
         inputs = to_device(host, self.device)
         x = batch.images.to(self.device, non_blocking=True)
-        tail = apply_tail(x, batch.labels, batch.plan, self.num_classes, self.smoothing, self.amp or torch.float32,
-                          inputs)
+        if tailed:
+            tail = TailOutput(images=x, soft_labels=batch.soft_labels.to(self.device, non_blocking=True))
+        else:
+            tail = apply_tail(x, batch.labels, batch.plan, self.num_classes, self.smoothing,
+                              self.amp or torch.float32, inputs)
         teacher = self.teacher(tail.images, batch.plan, inputs) if self.teacher is not None else None
         return Prepared(tail.images, tail.soft_labels, teacher, batch.plan, batch.bad)
+
+    @property
+    def tail(self) -> TailSpec:
+        """This step's tail, for a loader to run where it makes the batch (Step.prepare then
+        takes the batch as it is)."""
+        return TailSpec(self.num_classes, self.smoothing, self.amp or torch.float32)
 
     def update(self, batch: Prepared, number: int) -> dict[str, torch.Tensor]:
         """Forward, loss, backward, optimizer (and EMA) step: the run's update `number`
