@@ -184,6 +184,50 @@ def baseline_rate(root: Path, img_size: int, batch: int, device: torch.device, w
     return timed_rate(loader, consume, warmup_for("baseline", workers, warmup), steps, device)
 
 
+def profile_reference(cfg: TrainConfig, index: ImageIndex, images: int) -> dict[str, float]:
+    """Where the reference pipeline's time goes, in ms per image on one thread: each stage of
+    `augment` timed alone over the first `images` rows of epoch 0's plans, then the batch tail
+    (which a CPU run's loader workers run) per image of a batch."""
+    from PIL import Image
+
+    from fastdeit.data.plan import make_plan
+    from fastdeit.pipelines import reference as ref
+    from fastdeit.pipelines.tail import apply_tail
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    spec = PlanSpec.from_config(cfg)
+    plan = make_plan(spec, index.sizes, 0, 0)
+    seconds = dict.fromkeys(("read", "decode", "crop + resize", "flip", "RandAugment", "to array"), 0.0)
+    rows = [i % len(plan) for i in range(images)]
+    for i in rows:
+        t = [time.perf_counter()]
+        source = index.open(plan.index[i])
+        t.append(time.perf_counter())
+        img = ref.decode(source)
+        t.append(time.perf_counter())
+        left, top, w, h = (int(v) for v in plan.crop[i])
+        img = img.crop((left, top, left + w, top + h)).resize((spec.img_size,) * 2, Image.Resampling.BICUBIC)
+        t.append(time.perf_counter())
+        img = ImageOps.mirror(img) if plan.flip[i] else img
+        t.append(time.perf_counter())
+        for op, arg in zip(plan.ra_op[i], plan.ra_arg[i]):
+            img = ref.rand_augment_op(img, spec.ra_ops[op], float(arg)) if op >= 0 else img
+        t.append(time.perf_counter())
+        np.asarray(img)
+        t.append(time.perf_counter())
+        for name, a, b in zip(seconds, t, t[1:]):
+            seconds[name] += b - a
+    out = {name: v * 1e3 / len(rows) for name, v in seconds.items()}
+    batch = ref.load_plan_rows(index, spec, plan)
+    apply_tail(batch.images, batch.labels, plan, len(index.classes), cfg.aug.smoothing)  # warm
+    t0 = time.perf_counter()
+    apply_tail(batch.images, batch.labels, plan, len(index.classes), cfg.aug.smoothing)
+    out["the batch tail"] = (time.perf_counter() - t0) * 1e3 / len(plan)
+    torch.set_num_threads(threads)
+    return out
+
+
 def make_data(n: int, root: Path | None) -> Path:
     """N ImageNet-sized synthetic JPEGs (375-500 px, quality 90) in 10 classes, written once."""
     synthetic = SyntheticSet(classes=10, train_per_class=max(1, n // 10), val_per_class=1, min_size=375, max_size=500)
@@ -248,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the prepared copies are made (once)")
     p.add_argument("--augment", default="rand", help="comma-separated: rand (the deit recipe's RandAugment), "
                                                      "three (DeiT III's 3-Augment), each against its official twin")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also time the reference pipeline's stages on N images, one thread (ms per image)")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -317,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
             starts[name].append(rate.epoch_start_s)
             write_results(make_report(), a.out)  # a call cut short keeps what it measured
     report = make_report()
+    if a.profile:
+        report["reference_profile_ms_per_image"] = profile = profile_reference(cfgs[augments[0]], index, a.profile)
+        console.print("reference pipeline, ms per image on one thread: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in profile.items()))
     print_table(report, f"train pipeline, {report['device']}, {a.img_size} px, batch {a.batch_size}, "
                         f"{a.workers} workers")
     write_results(report, a.out)

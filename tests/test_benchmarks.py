@@ -13,7 +13,7 @@ def test_loader_benchmark_runs_and_writes_json(tiny_data, tmp_path):
     rc = load("loader").main(["--data", str(tiny_data), "--device", "cpu", "--workers", "1", "--batch-size", "8",
                               "--img-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "1",
                               "--prepared", "24", "--prepared-dir", str(tmp_path), "--augment", "rand,three",
-                              "--out", str(out)])
+                              "--profile", "8", "--out", str(out)])
     report = json.loads(out.read_text())
     assert rc == 0 and report["device"] and report["versions"]["torch"]
     assert set(report["img_per_s"]) >= {"torch", "torch, prepared 24px", "baseline"}
@@ -24,6 +24,8 @@ def test_loader_benchmark_runs_and_writes_json(tiny_data, tmp_path):
     assert report["ratios"]["torch, 3-Augment/baseline, 3-Augment"] > 0  # 3-Augment against its official twin
     assert set(report["epoch_start_s"]) == set(report["img_per_s"]) and all(
         v > 0 for v in report["epoch_start_s"].values())  # an epoch's start, timed apart from the window
+    profile = report["reference_profile_ms_per_image"]  # where the reference's time goes
+    assert set(profile) >= {"decode", "crop + resize", "RandAugment", "the batch tail"} and profile["decode"] > 0
 
 
 def test_plot_redraws_the_committed_results(tmp_path):
