@@ -1,7 +1,11 @@
-"""The batch tail, on the device: normalize, random erasing, mixup/cutmix, smoothed soft labels, cast.
+"""The batch tail: normalize, random erasing, mixup/cutmix, smoothed soft labels, cast.
 
-Shared by every pipeline (they all hand over a uint8 batch and its plan). The order follows
-DeiT: erasing is a per-sample transform after normalization, mixing is batch-level after it.
+Shared by every pipeline (they all hand over a uint8 batch and its plan). It runs on the
+device, in Step.prepare, except in a CPU run, whose torch loader workers run it (`TailSpec`).
+Erasing and mixing each have a GPU branch (one vectorised pass: a fixed number of kernels)
+and a CPU branch (by row and by group, touching only what each needs); a test holds them
+equal. The order follows DeiT: erasing is a per-sample transform after normalization, mixing
+is batch-level after it.
 Erasing's per-pixel noise comes from a counter-based hash of (seed, epoch, position, pixel),
 not from a device RNG, so the same plan gives the same pixels on the CPU and on a GPU (up
 to the last bit of log and cos).
