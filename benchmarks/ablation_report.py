@@ -45,6 +45,9 @@ def print_table(report: dict[str, Any], console: Console) -> None:
 
 def _label(arm: str, run: dict[str, Any], teachers: dict[str, Any]) -> str:
     kind = {"none": "none (DeiT-tiny)", "soft": "soft (τ 3, α 0.1)", "hard": "hard"}[run["distill"]]
+    if run["question"] == "recipe":
+        return "DeiT III's recipe, " + ("LayerScale DeiT-tiny, no teacher" if run["distill"] == "none" else
+                                        "DeiT-tiny-distilled, hard")
     if run["fraction"] != 100:
         return f"{kind.split(' ')[0]}, {run['fraction']}% of the images ({100 / run['fraction']:.3g}× the epochs)"
     if run["targets"] != "live":
