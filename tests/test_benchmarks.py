@@ -233,6 +233,7 @@ def test_the_loop_benchmark_times_the_trainer_loop_by_part(tmp_path):
         assert r["host_ms_per_step"] > 0 and r["update_ms"] > 0
         assert parts["log_step (sync, all-reduce, metrics line)"] > 0
         assert (r["targets"] == "none") == ("targets: host (cache rows, pooling inputs)" not in parts)
+        assert parts["prepare: apply_tail"] > 0 and r["prepare_operator_calls"] > 50  # the tail runs in the step
 
 
 def test_the_startup_benchmark_times_each_start_and_the_real_command(tmp_path):
