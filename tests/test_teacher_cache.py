@@ -234,6 +234,20 @@ def test_writer_rewrites_a_short_last_shard_when_extended(tmp_path):
     assert not w2.shard_done(0, 4) and w2.rebuilt == ["shard-00000.npy"]  # a mismatching shard is rebuilt
 
 
+def test_rows_in_any_order_across_shards_come_back_in_their_order(tmp_path):
+    """A label map's batch asks for rows in the plan's order, spread over every shard, with
+    repeats (repeated augmentation): each comes back where it was asked for."""
+    dtype = replay_dtype(2, 4)
+    w = CacheWriter(tmp_path, {"format": 1, "mode": "replay", "shard_rows": 8}, dtype)
+    rows = np.zeros(37, dtype)
+    rows["label"] = np.arange(37)
+    for k in range(5):
+        w.write_shard(k, rows[8 * k:8 * k + 8])
+    asked = np.random.default_rng(0).integers(0, 37, 100)
+    assert CacheReader(tmp_path).rows(asked)["label"].tolist() == asked.tolist()
+    assert len(CacheReader(tmp_path).rows(np.array([], np.int64))) == 0
+
+
 def test_two_ranks_build_the_bytes_of_one(tiny_data, teacher, tmp_path):
     """cache-teacher --gpus 0 --procs 2: each rank builds every other shard; replay and label
     maps equal a one-process build byte for byte."""

@@ -179,7 +179,19 @@ def test_the_deit3_recipes_train_end_to_end(tiny_data, teacher, tmp_path, loader
     res = runner.invoke(app, ["train", "--recipe", "deit3-finetune", *small, "--model", "deit3_small",
                               "--out", str(tmp_path / "ft"), "--set", f"model.init={pre}"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["train", "--recipe", "deit3", *small, "--model", "deit_tiny_distilled",
-                              "--distill", "hard", "--teacher", "resnet10t", "--teacher-ckpt", str(teacher),
-                              "--out", str(tmp_path / "hard")])
+    hard = ["train", "--recipe", "deit3", *small, "--model", "deit_tiny_distilled", "--distill", "hard",
+            "--teacher", "resnet10t", "--teacher-ckpt", str(teacher)]
+    res = runner.invoke(app, [*hard, "--out", str(tmp_path / "hard")])
     assert res.exit_code == 0, res.output
+    # ... and with the teacher's targets replayed from a cache of the recipe's plan: the live run's losses.
+    plan = ["--data", str(tiny_data), "--img-size", "32", "--batch-size", "16", "--loader", loader,
+            "--set", "data.workers=0", "--set", "aug.mix_group=8"]  # what the plan depends on, as the runs have it
+    res = runner.invoke(app, ["cache-teacher", "--recipe", "deit3", *plan, "--teacher", "resnet10t", "--teacher-ckpt",
+                              str(teacher), "--out", str(tmp_path / "cache"), "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*hard, "--targets", "replay", "--teacher-cache", str(tmp_path / "cache"),
+                              "--out", str(tmp_path / "replay")])
+    assert res.exit_code == 0, res.output
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["kind"] == "step"] for run in ("hard", "replay")]
+    assert losses[0] and losses[0] == losses[1]

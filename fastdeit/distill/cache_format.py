@@ -254,18 +254,24 @@ class CacheReader:
         return total
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The records of `rows`, in their order. The rows are sorted once and each shard they
+        touch is read with one gather of its run of them: a few calls per shard, none over the
+        whole batch per shard (a label map's batch touches every shard of the cache)."""
         rows = np.asarray(rows, np.int64)
-        shard = rows // self.shard_rows
-        out = None
-        for s in np.unique(shard):
-            sel = shard == s
-            data = self._shard(int(s))
-            local = rows[sel] - s * self.shard_rows
-            if local.max() >= len(data):
-                raise UserError(f"teacher cache {self.root} ends before row {int(rows[sel].max())}: "
+        if not len(rows):
+            return self._shard(0)[:0].copy()
+        order = np.argsort(rows, kind="stable")
+        ranked = rows[order]
+        cuts = np.flatnonzero(np.diff(ranked // self.shard_rows)) + 1
+        parts = []
+        for run in np.split(ranked, cuts):
+            s = int(run[0]) // self.shard_rows
+            data = self._shard(s)
+            local = run - s * self.shard_rows
+            if local[-1] >= len(data):
+                raise UserError(f"teacher cache {self.root} ends before row {int(run[-1])}: "
                                 f"the build did not get that far; resume it with fastdeit cache-teacher")
-            part = np.asarray(data[local])
-            if out is None:
-                out = np.empty(len(rows), part.dtype)
-            out[sel] = part
+            parts.append(data[local])
+        out = np.empty(len(rows), parts[0].dtype)
+        out[order] = np.concatenate(parts)
         return out
