@@ -185,7 +185,8 @@ def test_the_deit3_recipes_train_end_to_end(tiny_data, teacher, tmp_path, loader
     assert res.exit_code == 0, res.output
     # ... and with the teacher's targets replayed from a cache of the recipe's plan: the live run's losses.
     plan = ["--data", str(tiny_data), "--img-size", "32", "--batch-size", "16", "--loader", loader,
-            "--set", "data.workers=0", "--set", "aug.mix_group=8"]  # what the plan depends on, as the runs have it
+            "--set", "data.workers=0", "--set", "aug.mix_group=8",  # what the plan depends on, as the runs have it
+            "--set", "sched.warmup_epochs=0"]  # (--epochs 1 here: the recipe's 5 warm-up epochs would not fit)
     res = runner.invoke(app, ["cache-teacher", "--recipe", "deit3", *plan, "--teacher", "resnet10t", "--teacher-ckpt",
                               str(teacher), "--out", str(tmp_path / "cache"), "--epochs", "1"])
     assert res.exit_code == 0, res.output
