@@ -138,10 +138,11 @@ def ready_batches(parts, steps: int) -> list:
 
 
 def measure(cfg, steps: int, repeats: int, quiet: Console, tail: str = "cpu") -> dict[str, Any]:
-    """ms per step of the loop (median over `repeats` passes over the same ready batches) and
-    its profile by part, summed over the passes. `tail` "gpu": the tail erases and mixes as on
-    a GPU (one vectorised pass each: the op sequence whose launches a GPU's host pays), "cpu":
-    as on a CPU (by row and by mix group: what a CPU run pays)."""
+    """ms per step of the loop (median and mean over `repeats` passes over the same ready
+    batches) and its profile by part, summed over the passes; the host shares are of the mean.
+    `tail` "gpu": the tail erases and mixes as on a GPU (one vectorised pass each: the op
+    sequence whose launches a GPU's host pays), "cpu": as on a CPU (by row and by mix group:
+    what a CPU run pays)."""
     parts = build_run(cfg, SINGLE, quiet)
     if cfg.distill.mode != "none" and cfg.distill.targets == "live":
         parts.step.teacher.teacher = NullTeacher(len(parts.data.classes))
@@ -188,12 +189,15 @@ def measure(cfg, steps: int, repeats: int, quiet: Console, tail: str = "cpu") ->
         tail_module._erase = erase
         tail_module._mix = mix
     per_step = per_step[1:]
-    total = statistics.median(per_step)
+    # The parts are sums over the passes: the host shares take the mean pass as well (a median
+    # less mean parts could fall below zero on a noisy pass).
+    total = statistics.fmean(per_step)
     update = seconds["update (the null student: forward, loss, backward, AdamW)"] / (steps * repeats)
     # What a GPU would run as kernels: the tail's arithmetic and the targets' (teacher, lookup, pooling).
     kernels = ("prepare: apply_tail", "targets: device (teacher, lookup, pooling)")
     device_side = sum(seconds.get(k, 0.0) for k in kernels) / (steps * repeats)
-    return {"ms_per_step": total * 1e3, "ms_per_step_runs": [t * 1e3 for t in per_step],
+    return {"ms_per_step": statistics.median(per_step) * 1e3, "ms_per_step_mean": total * 1e3,
+            "ms_per_step_runs": [t * 1e3 for t in per_step],
             "update_ms": update * 1e3, "host_ms_per_step": (total - update) * 1e3,
             "prepare_operator_calls": ops.calls,
             "host_only_ms_per_step": (total - update - device_side) * 1e3,

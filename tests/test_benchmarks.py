@@ -230,7 +230,7 @@ def test_the_loop_benchmark_times_the_trainer_loop_by_part(tmp_path):
     assert [r["train_images"] for r in rows[::6]] == [256, 512]  # the data set grows, the timed steps do not
     for r in rows:
         parts = r["profile_ms_per_step"]
-        assert r["host_ms_per_step"] > 0 and r["update_ms"] > 0
+        assert r["host_ms_per_step"] > 0 and r["update_ms"] > 0 and r["host_only_ms_per_step"] > 0
         assert parts["log_step (sync, all-reduce, metrics line)"] > 0
         assert (r["targets"] == "none") == ("targets: host (cache rows, pooling inputs)" not in parts)
         assert parts["prepare: apply_tail"] > 0 and r["prepare_operator_calls"] > 50  # the tail runs in the step
