@@ -249,3 +249,17 @@ def test_the_startup_benchmark_times_each_start_and_the_real_command(tmp_path):
                   "fastdeit train to its first step, with the stored index",
                   "fastdeit train to its first step, prepared data set"):
         assert report["results"][start]["seconds"]["3000"] > 0, start
+
+
+def test_the_cache_rows_benchmark_times_each_layout(tmp_path):
+    """benchmarks/cache_rows.py at toy size: both shard layouts written by the real writer,
+    looked up by the real reader, with the shards each batch touched."""
+    out = tmp_path / "rows.json"
+    rc = load("cache_rows").main(["--rows", "300", "--batches", "64", "--shard-rows", "16,labelmap", "--draws", "3",
+                                  "--root", str(tmp_path), "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shard_rows"], r["shards"]) for r in rows] == [(16, 19), (rows[1]["shard_rows"], 1)]
+    assert rows[0]["shards_touched"] > 1 and rows[1]["shards_touched"] == 1
+    assert all(r["ms_per_batch"] > 0 for r in rows)
+    assert not list(tmp_path.glob("fastdeit-cache-rows-*"))  # the caches are removed

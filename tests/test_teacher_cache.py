@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from fastdeit.cli.commands import app
 from fastdeit.config.schema import CacheMode, TeacherTargets, choices
 from fastdeit.distill.cache_build import BUILDS
-from fastdeit.distill.cache_format import CacheReader, CacheWriter
+from fastdeit.distill.cache_format import CacheReader, CacheWriter, dtype_text
 from fastdeit.distill.sources import TARGETS, LiveTeacher, pooled_scores, replay_dtype, topk_log_probs
 
 from tiny import TINY_MODEL, TINY_RUN
@@ -325,3 +325,42 @@ def test_a_3_augment_plan_replays_exactly_and_a_randaugment_cache_is_refused(tin
                                      "--teacher-cache", str(replay)))
     line = res.stderr.strip().splitlines()[-1]
     assert res.exit_code == 2 and "built for another plan" in line, res.output
+
+
+def test_labelmap_shards_are_sized_by_bytes_and_a_resumed_cache_keeps_its_own(tmp_path):
+    """A label map batch touches about every shard of its cache: ImageNet's maps (7 x 7 cells,
+    top-5, 1,000 classes) come in shards of LABELMAP_SHARD_BYTES, 38 of them, not 313 of
+    4,096 rows; a smaller distill.cache_shard_rows wins, and a cache built with another size
+    (an older fastdeit's 4,096) resumes with its own."""
+    from fastdeit.distill.cache_build import LABELMAP_SHARD_BYTES, labelmap_shard_rows
+    from fastdeit.distill.sources import labelmap_dtype
+
+    dtype = labelmap_dtype(5, 1000, 49)
+    rows = labelmap_shard_rows(tmp_path, dtype, 65536)
+    assert rows * dtype.itemsize <= LABELMAP_SHARD_BYTES < (rows + 1) * dtype.itemsize
+    assert -(-1_281_167 // rows) == 38
+    assert labelmap_shard_rows(tmp_path, dtype, 16) == 16
+    CacheWriter(tmp_path, {"format": 2, "mode": "labelmap", "shard_rows": 4096,
+                           "record_dtype": dtype_text(dtype)}, dtype)
+    assert labelmap_shard_rows(tmp_path, dtype, 65536) == 4096
+    other = labelmap_dtype(3, 1000, 49)  # another cache's records: the writer refuses it, by name
+    assert labelmap_shard_rows(tmp_path, other, 65536) == LABELMAP_SHARD_BYTES // other.itemsize
+
+
+@pytest.mark.parametrize("classes", [1000, 40000])  # class indices stored as int16, and as int32
+def test_label_map_records_cross_as_their_bytes_and_widen_on_the_device(classes):
+    """The host ships a record's bytes as the cache stores them; the device's classes and
+    scores are the fields the host would have widened, value for value."""
+    from fastdeit.distill.sources import labelmap_dtype, pooling_inputs, record_fields
+
+    dtype = labelmap_dtype(3, classes, 4)
+    rng = np.random.default_rng(0)
+    rec = np.zeros(6, dtype)
+    rec["idx"] = rng.integers(0, classes, rec["idx"].shape)
+    rec["val"] = rng.random(rec["val"].shape)
+    raw = pooling_inputs(rec[::-1], np.ones((6, 4), np.int32), np.full((6, 2), 8), 2)["labelmap.rec"]
+    assert raw.dtype == np.uint8 and raw.shape == (6, dtype.itemsize)
+    idx, val = record_fields(torch.from_numpy(raw), 2, classes)
+    assert idx.dtype == torch.int64 and val.dtype == torch.float32
+    assert np.array_equal(idx.numpy(), rec["idx"][::-1].astype(np.int64))
+    assert np.array_equal(val.numpy(), rec["val"][::-1].astype(np.float32))

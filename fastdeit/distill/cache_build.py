@@ -25,7 +25,7 @@ from fastdeit.config.schema import CacheMode, TrainConfig
 from fastdeit.data.folder import ImageIndex, load_dataset
 from fastdeit.data.loaders import Loaders, choose_loader, read_skip_list
 from fastdeit.data.plan import PlanSpec, steps_per_epoch
-from fastdeit.distill.cache_format import CacheReader, CacheWriter, TeacherId, dtype_text, read_manifest
+from fastdeit.distill.cache_format import MANIFEST, CacheReader, CacheWriter, TeacherId, dtype_text, read_manifest
 from fastdeit.distill.sources import (
     TARGETS,
     agreement,
@@ -168,8 +168,8 @@ def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Cons
     k = _topk(cfg, index)
     dtype = labelmap_dtype(k, len(index.classes), grid * grid)
     manifest = {**TARGETS["labelmap"].identity(cfg, index, TeacherId.of(teacher, cfg)), "topk": k, "grid": grid,
-                "shard_rows": min(4096, cfg.distill.cache_shard_rows), "record_dtype": dtype_text(dtype),
-                "built_with": {"device": str(device), "amp": str(amp)}}
+                "shard_rows": labelmap_shard_rows(out, dtype, cfg.distill.cache_shard_rows),
+                "record_dtype": dtype_text(dtype), "built_with": {"device": str(device), "amp": str(amp)}}
     writer = _open_writer(out, manifest, dtype, world)
 
     def make(first: int, last: int, tick: Callable[[int], None]) -> np.ndarray:
@@ -184,6 +184,25 @@ def build_labelmap(cfg: TrainConfig, index: ImageIndex, out: Path, console: Cons
         return np.concatenate(parts)
 
     return _build(writer, _owned(writer, len(index), world), len(index), make, "label maps", device, world, console)
+
+
+# A label map shard's bytes at most. A training batch's rows are spread over the whole cache,
+# so its lookup touches about every shard, at a few microseconds each (CacheReader.rows):
+# ImageNet's maps (7 x 7 cells, top-5) are 38 shards of this size, not 313 of 4,096 rows.
+# Shards stay the unit of resuming and of the split over ranks, so they are not one file.
+LABELMAP_SHARD_BYTES = 32 * 2**20
+
+
+def labelmap_shard_rows(out: Path, dtype: np.dtype, asked: int) -> int:
+    """Rows per label map shard: `distill.cache_shard_rows`, at most LABELMAP_SHARD_BYTES a
+    shard; a cache being resumed keeps its own (caches built before this rule had 4,096)."""
+    if (out / MANIFEST).exists():
+        old = read_manifest(out)
+        kept = old.get("shard_rows") if isinstance(old, dict) else None
+        same = isinstance(old, dict) and old.get("mode") == "labelmap" and old.get("record_dtype") == dtype_text(dtype)
+        if same and isinstance(kept, int) and kept >= 1:  # anything else: the writer names what differs
+            return kept
+    return max(1, min(asked, LABELMAP_SHARD_BYTES // dtype.itemsize))
 
 
 def _replay_for_the_run(cfg: TrainConfig, index: ImageIndex, out: Path, console: Console, world: World = SINGLE,

@@ -242,7 +242,8 @@ class CacheReader:
                 raise UserError(f"teacher cache shard {path} is corrupted or belongs to another cache (checksum "
                                 f"mismatch): run fastdeit cache-teacher again on this cache to rebuild it")
             _shard_length(path)  # a clear line for a truncated file
-            self._shards[i] = np.load(path, mmap_mode="r", allow_pickle=False)
+            # A plain ndarray over the mapping: np.memmap's own indexing costs microseconds a call.
+            self._shards[i] = np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
         return self._shards[i]
 
     def rows_available(self) -> int:
@@ -255,23 +256,27 @@ class CacheReader:
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """The records of `rows`, in their order. The rows are sorted once and each shard they
-        touch is read with one gather of its run of them: a few calls per shard, none over the
-        whole batch per shard (a label map's batch touches every shard of the cache)."""
+        touch gives its run of them with one `take` into the output: a few microseconds per
+        shard touched (a label map's batch touches most shards of its cache, hence their size:
+        `labelmap_shard_rows`), nothing over the whole batch per shard."""
         rows = np.asarray(rows, np.int64)
         if not len(rows):
             return self._shard(0)[:0].copy()
         order = np.argsort(rows, kind="stable")
         ranked = rows[order]
-        cuts = np.flatnonzero(np.diff(ranked // self.shard_rows)) + 1
-        parts = []
-        for run in np.split(ranked, cuts):
-            s = int(run[0]) // self.shard_rows
+        shard = ranked // self.shard_rows
+        local = ranked - shard * self.shard_rows
+        cuts = (np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist()
+        starts = [0, *cuts]
+        gathered = None
+        for s, a, b in zip(shard[starts].tolist(), starts, [*cuts, len(ranked)]):
             data = self._shard(s)
-            local = run - s * self.shard_rows
-            if local[-1] >= len(data):
-                raise UserError(f"teacher cache {self.root} ends before row {int(run[-1])}: "
+            if local[b - 1] >= len(data):
+                raise UserError(f"teacher cache {self.root} ends before row {int(ranked[b - 1])}: "
                                 f"the build did not get that far; resume it with fastdeit cache-teacher")
-            parts.append(data[local])
-        out = np.empty(len(rows), parts[0].dtype)
-        out[order] = np.concatenate(parts)
+            if gathered is None:
+                gathered = np.empty(len(rows), data.dtype)
+            np.take(data, local[a:b], axis=0, out=gathered[a:b])
+        out = np.empty_like(gathered)
+        out[order] = gathered
         return out
