@@ -184,12 +184,27 @@ def baseline_rate(root: Path, img_size: int, batch: int, device: torch.device, w
     return timed_rate(loader, consume, warmup_for("baseline", workers, warmup), steps, device)
 
 
-def profile_reference(cfg: TrainConfig, index: ImageIndex, images: int) -> dict[str, float]:
-    """Where the reference pipeline's time goes, in ms per image on one thread: each stage of
-    `augment` timed alone over the first `images` rows of epoch 0's plans, then the batch tail
-    (which a CPU run's loader workers run) per image of a batch."""
-    from PIL import Image
+class StageClock:
+    """Seconds per stage: each call ends the stage it names (from the previous call's end)."""
 
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start()
+
+    def start(self) -> None:
+        self.at = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.at
+        self.at = now
+
+
+def profile_reference(cfg: TrainConfig, index: ImageIndex, images: int) -> dict[str, float]:
+    """Where the reference pipeline's time goes, in ms per image on one thread: the first
+    `images` rows of epoch 0's plans read, decoded, through `augment` (its own stage marks)
+    and to an array as the loader does each, then the batch tail (which a CPU run's loader
+    workers run) per image of a batch."""
     from fastdeit.data.plan import make_plan
     from fastdeit.pipelines import reference as ref
     from fastdeit.pipelines.tail import apply_tail
@@ -198,26 +213,17 @@ def profile_reference(cfg: TrainConfig, index: ImageIndex, images: int) -> dict[
     torch.set_num_threads(1)
     spec = PlanSpec.from_config(cfg)
     plan = make_plan(spec, index.sizes, 0, 0)
-    seconds = dict.fromkeys(("read", "decode", "crop + resize", "flip", "RandAugment", "to array"), 0.0)
+    clock = StageClock()
     rows = [i % len(plan) for i in range(images)]
     for i in rows:
-        t = [time.perf_counter()]
+        clock.start()
         source = index.open(plan.index[i])
-        t.append(time.perf_counter())
+        clock("read")
         img = ref.decode(source)
-        t.append(time.perf_counter())
-        left, top, w, h = (int(v) for v in plan.crop[i])
-        img = img.crop((left, top, left + w, top + h)).resize((spec.img_size,) * 2, Image.Resampling.BICUBIC)
-        t.append(time.perf_counter())
-        img = ImageOps.mirror(img) if plan.flip[i] else img
-        t.append(time.perf_counter())
-        for op, arg in zip(plan.ra_op[i], plan.ra_arg[i]):
-            img = ref.rand_augment_op(img, spec.ra_ops[op], float(arg)) if op >= 0 else img
-        t.append(time.perf_counter())
-        np.asarray(img)
-        t.append(time.perf_counter())
-        for name, a, b in zip(seconds, t, t[1:]):
-            seconds[name] += b - a
+        clock("decode")
+        np.asarray(ref.augment_row(img, spec, plan, i, mark=clock))
+        clock("to array")
+    seconds = clock.seconds
     out = {name: v * 1e3 / len(rows) for name, v in seconds.items()}
     batch = ref.load_plan_rows(index, spec, plan)
     apply_tail(batch.images, batch.labels, plan, len(index.classes), cfg.aug.smoothing)  # warm

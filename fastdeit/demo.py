@@ -32,7 +32,7 @@ from fastdeit.config.schema import (
 )
 from fastdeit.data.synthetic import SyntheticSet, is_complete, write_synthetic
 from fastdeit.distill.cache_build import BUILDS
-from fastdeit.distill.sources import TARGETS
+from fastdeit.distill.targets import TARGETS
 from fastdeit.pipelines import dali
 from fastdeit.report.provenance import git_commit
 from fastdeit.report.run_report import write_report

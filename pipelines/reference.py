@@ -10,7 +10,7 @@ uint8 batch; the batch tail (pipelines/tail.py) does the rest on the device.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -71,23 +71,43 @@ def simple_crop(img: Image.Image, window: np.ndarray, size: int, interpolation: 
     return Image.fromarray(padded[top:top + size, left:left + size])
 
 
+def _unmarked(stage: str) -> None:
+    """`augment`'s stage marks when nobody times them."""
+
+
 def augment(img: Image.Image, crop: np.ndarray, flip: bool, ops: list[tuple[str, float]],
-            size: int, interpolation: str, three: tuple | None = None, src: np.ndarray | None = None) -> Image.Image:
+            size: int, interpolation: str, three: tuple | None = None, src: np.ndarray | None = None,
+            mark: Callable[[str], None] = _unmarked) -> Image.Image:
     """Crop (left, top, width, height) and resize to size x size (or the simple random crop's
     `src` window), flip, then the RandAugment ops (or 3-Augment: `three` holds its draws for
-    `three_augment`)."""
+    `three_augment`). `mark(stage)` is called as each stage ends (benchmarks/loader.py's
+    profile times the stages of this very function)."""
     left, top, w, h = (int(v) for v in crop)
     if src is not None and src[0] >= 0:
         img = simple_crop(img, src, size, interpolation)
     else:
         img = img.crop((left, top, left + w, top + h)).resize((size, size), _INTERP[interpolation])
+    mark("crop + resize")
     if flip:
         img = ImageOps.mirror(img)
+    mark("flip")
     for name, arg in ops:
         img = rand_augment_op(img, name, arg, interpolation)
+    mark("RandAugment")
     if three is not None:
         img = three_augment(img, *three)
+        mark("3-Augment")
     return img
+
+
+def augment_row(img: Image.Image, spec: PlanSpec, plan: BatchPlan, i: int,
+                mark: Callable[[str], None] = _unmarked) -> Image.Image:
+    """`augment` of row `i` of `plan`, with the row's draws."""
+    ops = [(spec.ra_ops[o], float(a)) for o, a in zip(plan.ra_op[i], plan.ra_arg[i]) if o >= 0]
+    three = (int(plan.three_op[i]), plan.blur[i], plan.jitter[i], plan.jitter_order[i]) \
+        if plan.three_op[i] >= 0 else None
+    return augment(img, plan.crop[i], bool(plan.flip[i]), ops, spec.img_size, spec.aug.interpolation, three,
+                   plan.src[i], mark)
 
 
 # What PIL raises on a corrupt, truncated or unknown file.
@@ -120,11 +140,10 @@ def load_plan_rows(index: ImageIndex, spec: PlanSpec, plan: BatchPlan) -> Loaded
     """Decode and augment every row of `plan`. A file that fails to decode is reported in
     `bad`, and its row takes the image and label of another row (batch.substitutes), so
     shapes stay static and the run goes on."""
-    s, names = spec.img_size, spec.ra_ops
+    s = spec.img_size
     out = np.empty((len(plan), s, s, 3), np.uint8)
     ok = np.ones(len(plan), bool)
     for i, idx in enumerate(plan.index):
-        ops = [(names[o], float(a)) for o, a in zip(plan.ra_op[i], plan.ra_arg[i]) if o >= 0]
         try:
             if idx in index.skip:
                 raise OSError("listed as unreadable")
@@ -132,10 +151,7 @@ def load_plan_rows(index: ImageIndex, spec: PlanSpec, plan: BatchPlan) -> Loaded
         except DECODE_ERRORS:  # a corrupt file must not end a long run; it is reported by name
             ok[i] = False
             continue
-        three = (int(plan.three_op[i]), plan.blur[i], plan.jitter[i], plan.jitter_order[i]) \
-            if plan.three_op[i] >= 0 else None
-        out[i] = np.asarray(augment(img, plan.crop[i], bool(plan.flip[i]), ops, s, spec.aug.interpolation, three,
-                                    plan.src[i]))
+        out[i] = np.asarray(augment_row(img, spec, plan, i))
     take = substitutes(plan, ~ok, index)
     out[~ok] = out[take[~ok]]  # bad rows take good ones: the copy never reads a bad row
     return LoadedBatch.of(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), index, plan, ~ok)

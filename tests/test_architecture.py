@@ -48,6 +48,14 @@ def test_every_module_is_on_the_map():
     assert set(_package_modules()) == mapped
 
 
+def test_every_benchmark_script_is_on_the_map():
+    """The map's "outside" rows name every script of benchmarks/ (loop.py once went missing)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`benchmarks/(\w+\.(?:py|sh))`", text))
+    scripts = {f.name for f in (ROOT / "benchmarks").iterdir() if f.suffix in (".py", ".sh")}
+    assert scripts <= named, sorted(scripts - named)
+
+
 def test_the_folders_are_the_maps():
     """The folder table of docs/architecture.md names every folder that holds a module, and
     every folder it names exists: `ls fastdeit/*/` and the map tell the same story."""

@@ -14,7 +14,8 @@ from fastdeit.cli.commands import app
 from fastdeit.config.schema import CacheMode, TeacherTargets, choices
 from fastdeit.distill.cache_build import BUILDS
 from fastdeit.distill.cache_format import CacheReader, CacheWriter, dtype_text
-from fastdeit.distill.sources import TARGETS, LiveTeacher, pooled_scores, replay_dtype, topk_log_probs
+from fastdeit.distill.sources import LiveTeacher, pooled_scores, replay_dtype, topk_log_probs
+from fastdeit.distill.targets import TARGETS
 
 from tiny import TINY_MODEL, TINY_RUN
 

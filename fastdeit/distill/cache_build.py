@@ -6,7 +6,7 @@ replay:   the teacher runs once over exactly the augmented, mixed views the plan
 labelmap: the teacher runs once per image on the whole image; the class probabilities at
           every cell of its last feature map are stored (top-k per cell).
 
-The cache format is distill/cache_format.py's; opening a cache for a run is distill/sources.py's.
+The cache format is distill/cache_format.py's; opening a cache for a run is distill/targets.py's.
 """
 
 from __future__ import annotations
@@ -27,16 +27,15 @@ from fastdeit.data.loaders import Loaders, choose_loader, read_skip_list
 from fastdeit.data.plan import PlanSpec, steps_per_epoch
 from fastdeit.distill.cache_format import MANIFEST, CacheReader, CacheWriter, TeacherId, dtype_text, read_manifest
 from fastdeit.distill.sources import (
-    TARGETS,
     agreement,
     cell_probs,
     labelmap_dtype,
     labelmap_records,
     load_live,
-    reading,
     replay_dtype,
     replay_records,
 )
+from fastdeit.distill.targets import TARGETS, reading
 from fastdeit.errors import Requeue, Stopped, UserError
 from fastdeit.pipelines.reference import square_loader
 from fastdeit.pipelines.tail import normalize
@@ -211,7 +210,7 @@ def _replay_for_the_run(cfg: TrainConfig, index: ImageIndex, out: Path, console:
 
 
 # How each kind of teacher cache is built for a run's config (into `out`, resuming what is
-# there), by the kind teachers.TARGETS names: `cache-teacher --mode`, a run that builds its own
+# there), by the kind targets.TARGETS names: `cache-teacher --mode`, a run that builds its own
 # cache (build.prepare_cache) and the demo all build through this table.
 BUILDS: dict[str, Callable[..., dict]] = {"replay": _replay_for_the_run, "labelmap": build_labelmap}
 

@@ -8,7 +8,7 @@ the RNG streams, so it is part of what makes runs reproducible):
                 remembered) -> DDP (students only; the teacher is frozen) -> torch.compile
     teacher     loaded; a cache the run builds for itself (label maps) built first when it
                 does not exist (an explicit phase with its own progress bar), then the
-                teacher source opened (teachers.TARGETS says what each source needs)
+                teacher source opened (distill/targets.TARGETS says what each source needs)
     optimizer   timm's factory, the per-update cosine schedule, the fp16 grad scaler, EMA
     loaders     DALI or the torch reference, executing the plan
     step        the Step (training/step.py) that prepares batches and updates the student
@@ -37,7 +37,8 @@ from fastdeit.data.loaders import Loaders, choose_loader, read_skip_list
 from fastdeit.data.plan import PlanSpec, steps_per_epoch
 from fastdeit.distill.cache_build import BUILDS
 from fastdeit.distill.cache_format import TeacherId, is_complete, read_manifest
-from fastdeit.distill.sources import TARGETS, Targets, TeacherSource, cache_folder, load_live, open_teacher_source
+from fastdeit.distill.sources import TeacherSource, load_live
+from fastdeit.distill.targets import TARGETS, Targets, cache_folder, open_teacher_source
 from fastdeit.errors import ConfigError
 from fastdeit.models.factory import (
     build_model,
