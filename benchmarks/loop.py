@@ -141,7 +141,7 @@ def measure(cfg, steps: int, repeats: int, quiet: Console, tail: str = "cpu") ->
     """ms per step of the loop (median and mean over `repeats` passes over the same ready
     batches) and its profile by part, summed over the passes; the host shares are of the mean.
     `tail` "gpu": the tail erases and mixes as on a GPU (one vectorised pass each: the op
-    sequence whose launches a GPU's host pays), "cpu": as on a CPU (by row and by mix group:
+    sequence whose launches a GPU's host pays), "cpu": as on a CPU (a row and its partner at a time:
     what a CPU run pays)."""
     parts = build_run(cfg, SINGLE, quiet)
     if cfg.distill.mode != "none" and cfg.distill.targets == "live":
@@ -158,11 +158,9 @@ def measure(cfg, steps: int, repeats: int, quiet: Console, tail: str = "cpu") ->
     originals = {name: getattr(step_module, name) for name in ("tail_inputs", "apply_tail", "to_device")}
     for name, fn in originals.items():
         setattr(step_module, name, profile.wrap(f"prepare: {name}", fn))
-    erase, mix = tail_module._erase, tail_module._mix
-    if tail == "gpu":  # the tail's GPU branches, on the CPU
-        tail_module._erase = lambda x, plan, inputs: tail_module.erase_whole(x, plan, inputs) \
-            if (plan.erase[:, 2] > 0).any() else None
-        tail_module._mix = lambda x, plan, inputs: tail_module.mix_whole(x, inputs)
+    images = tail_module._images
+    if tail == "gpu":  # the tail's GPU branch, on the CPU
+        tail_module._images = tail_module.images_whole
     parts.scheduler.step_update = profile.wrap("scheduler", parts.scheduler.step_update)
     run_dir = RunDir(cfg.run.out)
     run_dir.create()
@@ -186,8 +184,7 @@ def measure(cfg, steps: int, repeats: int, quiet: Console, tail: str = "cpu") ->
     finally:
         for name, fn in originals.items():  # the module's own functions again
             setattr(step_module, name, fn)
-        tail_module._erase = erase
-        tail_module._mix = mix
+        tail_module._images = images
     per_step = per_step[1:]
     # The parts are sums over the passes: the host shares take the mean pass as well (a median
     # less mean parts could fall below zero on a noisy pass).
@@ -215,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="none,live,replay,labelmap")
     p.add_argument("--sizes", default="1,4", help="comma-separated multiples of the data set (and the caches)")
     p.add_argument("--log-every", default="1,50", help="comma-separated logging intervals, in steps")
-    p.add_argument("--tail", default="gpu,cpu", help="comma-separated: erase as on a GPU (one pass) or a CPU (by row)")
+    p.add_argument("--tail", default="gpu,cpu", help="comma-separated: the tail as on a GPU (a pass per stage) or a CPU (by pairs)")
     p.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     p.add_argument("--root", type=Path, default=None, help="where the data sets go (default: a temp folder)")
     p.add_argument("--out", type=Path, default=None)

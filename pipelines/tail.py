@@ -2,8 +2,9 @@
 
 Shared by every pipeline (they all hand over a uint8 batch and its plan). It runs on the
 device, in Step.prepare, except in a CPU run, whose torch loader workers run it (`TailSpec`).
-Erasing and mixing each have a GPU branch (one vectorised pass: a fixed number of kernels)
-and a CPU branch (by row and by group, touching only what each needs); a test holds them
+Normalizing, erasing and mixing have a GPU branch (`images_whole`: a vectorised pass per
+stage, a fixed number of kernels) and a CPU branch (`images_by_pairs`: every stage for one row
+and its partner at a time, in the core's cache, erasing only the boxes); a test holds them
 equal. The order follows DeiT: erasing is a per-sample transform after normalization, mixing
 is batch-level after it.
 Erasing's per-pixel noise comes from a counter-based hash of (seed, epoch, position, pixel),
@@ -51,12 +52,17 @@ class TailSpec:
 _MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std x 255, [1, 3, 1, 1]: made once per device, no copy in the step."""
+    if device not in _MEAN_STD:
+        _MEAN_STD[device] = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255,
+                             torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
+    return _MEAN_STD[device]
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [b, 3, H, W] -> (x / 255 - mean) / std, in float32 then cast."""
-    if images.device not in _MEAN_STD:  # made once per device: no copy in the step
-        _MEAN_STD[images.device] = (torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255,
-                                    torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255)
-    mean, std = _MEAN_STD[images.device]
+    mean, std = _mean_std(images.device)
     return images.float().sub_(mean).div_(std).to(dtype)  # in place on the fresh float copy
 
 
@@ -138,66 +144,97 @@ def tail_inputs(plan: BatchPlan, labels: np.ndarray) -> dict[str, np.ndarray]:
             "mix_box": (plan.box * plan.cutmix[:, None]).astype(np.int64)}
 
 
-def _erase(x: torch.Tensor, plan: BatchPlan, inputs: dict[str, torch.Tensor]) -> None:
-    """Random erasing in place, with per-pixel noise (timm's 'pixel' mode)."""
-    if not (plan.erase[:, 2] > 0).any():
-        return
-    if x.device.type == "cpu":
-        erase_boxes(x, plan)
-    else:
+def _images(images: torch.Tensor, plan: BatchPlan, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """uint8 images -> normalized, erased, mixed float32: a GPU's way on a GPU, a CPU's on a CPU."""
+    if images.device.type == "cpu":
+        return images_by_pairs(images, plan)
+    return images_whole(images, plan, inputs)
+
+
+def images_whole(images: torch.Tensor, plan: BatchPlan, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each stage in one vectorised pass over the batch (a GPU's way: a fixed number of
+    kernels, where row by row would launch hundreds)."""
+    x = normalize(images)
+    if (plan.erase[:, 2] > 0).any():
         erase_whole(x, plan, inputs)
-
-
-def erase_boxes(x: torch.Tensor, plan: BatchPlan) -> None:
-    """Erasing row by row, hashing only the boxes' pixels (a CPU's way: a few percent of the
-    work of hashing whole images, at a few ops per erased row)."""
-    _, c, s, _ = x.shape
-    for i in np.flatnonzero(plan.erase[:, 2] > 0):
-        top, left, h, w = (int(v) for v in plan.erase[i])
-        x[i, :, top:top + h, left:left + w] = erase_box_noise(plan.seed, plan.epoch, int(plan.pos[i]), c, s,
-                                                               (top, left, h, w), x.device)
+    if (plan.lam < 1).any():
+        x = mix_whole(x, inputs)
+    return x
 
 
 def erase_whole(x: torch.Tensor, plan: BatchPlan, inputs: dict[str, torch.Tensor]) -> None:
-    """Erasing in one vectorised pass over the erased rows' whole images (a GPU's way: a fixed
-    number of kernels, where row by row would launch hundreds)."""
+    """Erasing in place, with timm's per-pixel noise, hashed over the erased rows' whole images."""
     _, c, s, _ = x.shape
     noise = erase_noise(plan.seed, plan.epoch, inputs["erase_pos"], (c, s, s))
     r = inputs["erase_rows"]
     x[r] = torch.where(_box_mask(inputs["erase_box"], s), noise, x[r])
 
 
-def _mix(x: torch.Tensor, plan: BatchPlan, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mixup or cutmix of every row with its partner."""
-    if x.device.type == "cpu":
-        return mix_groups(x, plan, inputs["partner"])
-    return mix_whole(x, inputs)
-
-
 def mix_whole(x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Every row at once (a GPU's way: a fixed number of kernels, where group by group would
-    launch a few per group): blend with the partner by the row's weight, then the cutmix rows
-    take their box from the partner."""
+    """Every row at once: blend with the partner by the row's weight, then the cutmix rows take
+    their box from the partner."""
     xp = x[inputs["partner"]]
     lam = inputs["mix_lam"].view(-1, 1, 1, 1)
     blend = x * lam + xp * (1 - lam)
     return torch.where(_box_mask(inputs["mix_box"], x.shape[-1]), xp, blend)
 
 
-def mix_groups(x: torch.Tensor, plan: BatchPlan, partner: torch.Tensor) -> torch.Tensor:
-    """In place, one contiguous mix group at a time (groups share λ and box, and a row's
-    partner is in its group; a CPU's way: each group reads only what it needs of its partners,
-    the box alone under cutmix). Partners are gathered (copied) before their group is written."""
-    for g0 in range(0, len(plan), plan.group):
-        rows = slice(g0, g0 + plan.group)
-        mates = partner[rows]
-        if plan.cutmix[g0]:
-            y0, y1, x0, x1 = (int(v) for v in plan.box[g0])
-            x[rows, :, y0:y1, x0:x1] = x[mates, :, y0:y1, x0:x1]
-        else:
-            lam = float(plan.lam[g0])
-            torch.add(x[rows] * lam, x[mates], alpha=1.0 - lam, out=x[rows])
+def images_by_pairs(images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+    """The same stages, one row and its partner at a time (a CPU's way). A pair's two images
+    (1.2 MB at 224 px) stay in the core's cache from the uint8 pixels to the mixed floats,
+    where a pass per stage over the batch goes through memory each time; erasing hashes only
+    the boxes' pixels. Partners are their group reversed (plan._mixing), so a row's partner
+    has it as its partner. The output is allocated in shared memory inside a loader worker,
+    so handing it to the training process copies nothing."""
+    b = len(images)
+    x = torch.empty(images.shape, dtype=torch.float32)
+    if torch.utils.data.get_worker_info() is not None:
+        x.share_memory_()
+    mixing = bool((plan.lam < 1).any())
+    partner = plan.partner if mixing else np.arange(b)
+    if not np.array_equal(partner[partner], np.arange(b)):
+        raise ValueError("images_by_pairs needs partners in pairs (each group reversed)")
+    for i, j in enumerate(partner.tolist()):
+        if j < i:
+            continue
+        for r in (i,) if j == i else (i, j):
+            _normalize_row(images[r], x[r])
+            if plan.erase[r, 2] > 0:
+                _erase_row(x[r], plan, r)
+        if mixing:
+            _mix_pair(x, plan, i, j)
     return x
+
+
+def _normalize_row(image: torch.Tensor, out: torch.Tensor) -> None:
+    """`normalize` of one image into `out`: the same float32 operations, so the same bits."""
+    mean, std = _mean_std(image.device)
+    torch.sub(image, mean[0], out=out)
+    out.div_(std[0])
+
+
+def _erase_row(x: torch.Tensor, plan: BatchPlan, r: int) -> None:
+    """Row r's box in place with `erase_noise`'s values there (`erase_box_noise`)."""
+    c, s, _ = x.shape
+    top, left, h, w = (int(v) for v in plan.erase[r])
+    x[:, top:top + h, left:left + w] = erase_box_noise(plan.seed, plan.epoch, int(plan.pos[r]), c, s,
+                                                       (top, left, h, w), x.device)
+
+
+def _mix_pair(x: torch.Tensor, plan: BatchPlan, i: int, j: int) -> None:
+    """Rows i and j, each other's partner, mixed in place: under cutmix each takes the other's
+    box; under mixup each becomes lam * itself + (1 - lam) * the other (a row that is its own
+    partner, the middle of an odd group, too: as mix_whole computes it)."""
+    if plan.cutmix[i]:
+        y0, y1, x0, x1 = (int(v) for v in plan.box[i])
+        mine = x[i, :, y0:y1, x0:x1].clone()
+        x[i, :, y0:y1, x0:x1] = x[j, :, y0:y1, x0:x1]
+        x[j, :, y0:y1, x0:x1] = mine
+        return
+    lam = float(plan.lam[i])
+    rows = [i, j] if i != j else [i]
+    pair = x[rows]
+    x[rows] = torch.add(pair * lam, pair.flip(0), alpha=1.0 - lam)
 
 
 def apply_tail(images: torch.Tensor, labels: torch.Tensor, plan: BatchPlan, num_classes: int,
@@ -208,11 +245,9 @@ def apply_tail(images: torch.Tensor, labels: torch.Tensor, plan: BatchPlan, num_
     plan's host arrays, never device tensors: no device sync."""
     if inputs is None:
         inputs = to_device(tail_inputs(plan, labels.numpy()), images.device)
-    x = normalize(images)
-    _erase(x, plan, inputs)
+    x = _images(images, plan, inputs)
     y = smooth_one_hot(inputs["labels"], num_classes, smoothing)
     if (plan.lam < 1).any():
-        x = _mix(x, plan, inputs)
         lam = inputs["lam"].view(-1, 1)
         y = lam * y + (1 - lam) * y[inputs["partner"]]
     return TailOutput(images=x.to(dtype), soft_labels=y)

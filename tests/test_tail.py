@@ -118,22 +118,48 @@ def test_box_noise_is_the_full_noise_cropped():
     assert torch.equal(box, full[:, 5:15, 7:19])
 
 
-def test_the_gpus_one_pass_ways_equal_the_cpus_row_by_row_ways():
-    """erase_whole and mix_whole (what a GPU runs: a fixed number of kernels) against
-    erase_boxes and mix_groups (what a CPU runs), on the same batch and plan, mixup and cutmix
-    groups both present: the same pixels."""
-    from fastdeit.pipelines.tail import erase_boxes, erase_whole, mix_groups, mix_whole, tail_inputs
+def test_the_gpus_one_pass_ways_equal_the_cpus_pair_by_pair_way():
+    """images_whole (what a GPU runs: a pass per stage, a fixed number of kernels) against
+    images_by_pairs (what a CPU runs: a row and its partner at a time), on the same batch and
+    plan, mixup and cutmix groups both present, and an odd group whose middle row is its own
+    partner: the same pixels up to the last bits (erasing's log and cos of another SIMD width;
+    the blend's weight a float32 tensor on one side, a Python float on the other)."""
+    from fastdeit.pipelines.tail import images_by_pairs, images_whole, tail_inputs
     from fastdeit.runtime.device import to_device
 
-    x, y = batch(b=64, s=32)
-    plan = plan_for(b=64, s=32, reprob=0.5, mixup=0.8, cutmix=1.0, mix_group=8)
-    assert plan.cutmix.any() and not plan.cutmix.all() and (plan.erase[:, 2] > 0).sum() > 10
-    inputs = to_device(tail_inputs(plan, y.numpy()), torch.device("cpu"))
-    by_row, whole = normalize(x), normalize(x)
-    erase_boxes(by_row, plan)
-    erase_whole(whole, plan, inputs)
-    assert torch.allclose(by_row, whole, atol=1e-5, rtol=0)  # log and cos of another SIMD width
-    erased = by_row.clone()
-    mixed = mix_whole(by_row, inputs)
-    assert torch.allclose(mix_groups(by_row, plan, inputs["partner"]), mixed, atol=1e-5, rtol=0)
-    assert (mixed - erased).abs().amax(dim=(1, 2, 3)).min() > 0.1  # every row took something of its partner
+    for b, group in ((64, 8), (45, 9)):
+        x, y = batch(b=b, s=32)
+        plan = plan_for(b=b, s=32, reprob=0.5, mixup=0.8, cutmix=1.0, mix_group=group)
+        assert plan.cutmix.any() and not plan.cutmix.all() and (plan.erase[:, 2] > 0).sum() > 5
+        inputs = to_device(tail_inputs(plan, y.numpy()), torch.device("cpu"))
+        whole = images_whole(x, plan, inputs)
+        by_pairs = images_by_pairs(x, plan)
+        assert torch.allclose(by_pairs, whole, atol=1e-5, rtol=0)
+        moved = (by_pairs - normalize(x)).abs().amax(dim=(1, 2, 3))
+        paired = plan.partner != np.arange(b)  # an odd group's middle row is its own partner
+        assert moved[paired].min() > 0.1 and (~paired).sum() == (b // group) * (group % 2)
+
+
+def test_the_cpus_tail_is_bit_for_bit_a_pass_per_stage():
+    """images_by_pairs does per pair what normalize, erasing by box and mixing by group do over
+    the batch, with the same float32 operations: the same bits, not nearly."""
+    from fastdeit.pipelines.tail import erase_box_noise, images_by_pairs
+
+    x, _ = batch(b=32, s=32)
+    for cutmix in (0.0, 1.0):
+        plan = plan_for(b=32, s=32, reprob=0.5, mixup=0.0 if cutmix else 0.8, cutmix=cutmix, mix_group=8)
+        ref = normalize(x)
+        for i in np.flatnonzero(plan.erase[:, 2] > 0):
+            top, left, h, w = (int(v) for v in plan.erase[i])
+            ref[i, :, top:top + h, left:left + w] = erase_box_noise(plan.seed, plan.epoch, int(plan.pos[i]), 3, 32,
+                                                                    (top, left, h, w), x.device)
+        mates = torch.from_numpy(plan.partner)
+        for g0 in range(0, 32, 8):
+            rows = slice(g0, g0 + 8)
+            if plan.cutmix[g0]:
+                y0, y1, x0, x1 = (int(v) for v in plan.box[g0])
+                ref[rows, :, y0:y1, x0:x1] = ref[mates[rows], :, y0:y1, x0:x1]
+            else:
+                lam = float(plan.lam[g0])
+                ref[rows] = torch.add(ref[rows] * lam, ref[mates[rows]], alpha=1.0 - lam)
+        assert torch.equal(images_by_pairs(x, plan), ref)
