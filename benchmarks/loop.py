@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="none,live,replay,labelmap")
     p.add_argument("--sizes", default="1,4", help="comma-separated multiples of the data set (and the caches)")
     p.add_argument("--log-every", default="1,50", help="comma-separated logging intervals, in steps")
-    p.add_argument("--tail", default="gpu,cpu", help="comma-separated: the tail as on a GPU (a pass per stage) or a CPU (by pairs)")
+    p.add_argument("--tail", default="gpu,cpu",
+                   help="comma-separated: the tail as on a GPU (a pass per stage) or as on a CPU (by pairs)")
     p.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     p.add_argument("--root", type=Path, default=None, help="where the data sets go (default: a temp folder)")
     p.add_argument("--out", type=Path, default=None)
