@@ -26,6 +26,7 @@ def test_loader_benchmark_runs_and_writes_json(tiny_data, tmp_path):
         v > 0 for v in report["epoch_start_s"].values())  # an epoch's start, timed apart from the window
     profile = report["reference_profile_ms_per_image"]  # where the reference's time goes
     assert set(profile) >= {"decode", "crop + resize", "RandAugment", "the batch tail"} and profile["decode"] > 0
+    assert 0 < report["crops_at_least_twice_the_output"] < 1  # 64 to 96 px images, 32 px crops: some are
 
 
 def test_plot_redraws_the_committed_results(tmp_path):
