@@ -16,6 +16,7 @@ from fastdeit.distill.cache_build import BUILDS
 from fastdeit.distill.cache_format import CacheReader, CacheWriter, dtype_text
 from fastdeit.distill.sources import LiveTeacher, pooled_scores, replay_dtype, topk_log_probs
 from fastdeit.distill.targets import TARGETS
+from fastdeit.errors import UserError
 
 from tiny import TINY_MODEL, TINY_RUN
 
@@ -344,6 +345,13 @@ def test_labelmap_shards_are_sized_by_bytes_and_a_resumed_cache_keeps_its_own(tm
     CacheWriter(tmp_path, {"format": 2, "mode": "labelmap", "shard_rows": 4096,
                            "record_dtype": dtype_text(dtype)}, dtype)
     assert labelmap_shard_rows(tmp_path, dtype, 65536) == 4096
+    for odd in (True, "8", -1, None):  # a manifest edited by hand: not kept, and the writer names the difference
+        (tmp_path / "manifest.json").write_text(json.dumps({"format": 2, "mode": "labelmap", "shard_rows": odd,
+                                                            "record_dtype": dtype_text(dtype)}))
+        assert labelmap_shard_rows(tmp_path, dtype, 65536) == rows
+        with pytest.raises(UserError, match="another shard_rows"):
+            CacheWriter(tmp_path, {"format": 2, "mode": "labelmap", "shard_rows": rows,
+                                   "record_dtype": dtype_text(dtype)}, dtype)
     other = labelmap_dtype(3, 1000, 49)  # another cache's records: the writer refuses it, by name
     assert labelmap_shard_rows(tmp_path, other, 65536) == LABELMAP_SHARD_BYTES // other.itemsize
 

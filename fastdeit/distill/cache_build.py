@@ -199,7 +199,7 @@ def labelmap_shard_rows(out: Path, dtype: np.dtype, asked: int) -> int:
         old = read_manifest(out)
         kept = old.get("shard_rows") if isinstance(old, dict) else None
         same = isinstance(old, dict) and old.get("mode") == "labelmap" and old.get("record_dtype") == dtype_text(dtype)
-        if same and isinstance(kept, int) and kept >= 1:  # anything else: the writer names what differs
+        if same and type(kept) is int and kept >= 1:  # anything else (true, "8", -1): the writer names it
             return kept
     return max(1, min(asked, LABELMAP_SHARD_BYTES // dtype.itemsize))
 
